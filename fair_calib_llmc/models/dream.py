@@ -1,0 +1,136 @@
+"""Native transformers-5 implementation of Dream (Dream-org/Dream-v0-*-7B).
+
+Dream is Qwen2.5 with bidirectional attention, trained as a masked diffusion LM from an
+autoregressive initialisation. Its hub code breaks under transformers 5 (rope init registry,
+``_tied_weights_keys`` as a list, ``inv_freq`` left uninitialised after ``from_pretrained``, a
+2-D long mask handed to SDPA). Here the layers are transformers' own Qwen2 modules with
+``is_causal=False``, so rotary init, attention kernels and weight names are first-party:
+``model.embed_tokens``, ``model.layers.N.{self_attn,mlp,input_layernorm,post_attention_layernorm}``,
+``model.norm``, ``lm_head``.
+
+Logit alignment: like its AR parent, ``logits[:, i]`` predicts the token at ``i + 1``; the
+samplers shift by one (see :func:`fair_calib_llmc.models.family.align_logits`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2DecoderLayer,
+    Qwen2PreTrainedModel,
+    Qwen2RMSNorm,
+    Qwen2RotaryEmbedding,
+)
+
+from fair_calib_llmc.models.masking import bidirectional_attention_mask
+
+# Recorded as a single call by torch.fx (llm-compressor's sequential tracer).
+torch.fx.wrap("bidirectional_attention_mask")
+
+__all__ = ["DreamConfig", "DreamModel", "DreamDecoderLayer", "DREAM_MASK_TOKEN_ID"]
+
+#: Mask token of the public Dream-v0 tokenizer.
+DREAM_MASK_TOKEN_ID = 151666
+
+
+class DreamConfig(Qwen2Config):
+    """Qwen2 configuration plus Dream's ``mask_token_id`` (``model_type`` is ``"Dream"``)."""
+
+    model_type = "Dream"
+    mask_token_id: int | None = DREAM_MASK_TOKEN_ID
+
+
+class DreamDecoderLayer(Qwen2DecoderLayer):
+    """A Qwen2 decoder layer whose attention is bidirectional."""
+
+    def __init__(self, config: DreamConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn.is_causal = False
+
+
+class DreamPreTrainedModel(Qwen2PreTrainedModel):
+    config_class = DreamConfig
+    config: DreamConfig
+    _no_split_modules = ["DreamDecoderLayer"]
+    _can_record_outputs = None
+
+
+class DreamBaseModel(DreamPreTrainedModel):
+    def __init__(self, config: DreamConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            DreamDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen2RotaryEmbedding(config=config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+            position_ids = position_ids.unsqueeze(0)
+        mask = bidirectional_attention_mask(attention_mask, inputs_embeds)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states, attention_mask=mask, position_embeddings=position_embeddings
+            )
+            if output_hidden_states:
+                all_hidden = all_hidden + (hidden_states,)
+        return self.norm(hidden_states), all_hidden
+
+
+class DreamModel(DreamPreTrainedModel):
+    """Dream masked-diffusion LM (class name as in the hub's ``architectures``)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DreamConfig):
+        super().__init__(config)
+        self.model = DreamBaseModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        hidden_states, all_hidden = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=bool(output_hidden_states),
+        )
+        return CausalLMOutputWithPast(logits=self.lm_head(hidden_states), hidden_states=all_hidden)

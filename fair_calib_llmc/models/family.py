@@ -1,0 +1,90 @@
+"""What the samplers, metrics and calibration need to know about a dLLM family.
+
+A diffusion LM differs from a causal LM in two ways that matter here: which token id means
+"masked", and which logit column predicts which position (LLaDA: the same position; Dream:
+the next one, inherited from its autoregressive parent). :func:`diffusion_spec` reads both off
+a model (and its tokenizer) and rejects anything that is not a supported dLLM before any
+expensive work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fair_calib_llmc.models.dream import DreamConfig
+from fair_calib_llmc.models.llada import LLaDAConfig
+
+__all__ = ["DiffusionLMSpec", "diffusion_spec", "align_logits", "denoiser_logits"]
+
+_FAMILIES = {LLaDAConfig: ("llada", False), DreamConfig: ("dream", True)}
+
+
+@dataclass(frozen=True)
+class DiffusionLMSpec:
+    """Family facts of one model: its name, mask token and logit alignment."""
+
+    family: str
+    mask_token_id: int
+    shift_logits: bool
+
+
+def diffusion_spec(model: nn.Module, tokenizer=None) -> DiffusionLMSpec:
+    """Return the :class:`DiffusionLMSpec` of ``model`` or raise a ``ValueError`` naming the fix."""
+    config = getattr(model, "config", None)
+    family = next((v for k, v in _FAMILIES.items() if isinstance(config, k)), None)
+    if family is None:
+        kind = getattr(config, "model_type", None)
+        raise ValueError(
+            f"{type(model).__name__} (model_type={kind!r}) is not a diffusion language model. "
+            "fair_calib_llmc quantizes masked-diffusion LMs (LLaDA: model_type 'llada', "
+            "Dream: model_type 'Dream'); causal (autoregressive) LMs decode left to right and "
+            "have no write frontier. Load a LLaDA or Dream checkpoint (import fair_calib_llmc "
+            "first so AutoModel knows these types), or use llm-compressor's own recipes for "
+            "causal models."
+        )
+    name, shift = family
+    mask_id = getattr(config, "mask_token_id", None)
+    if mask_id is None and tokenizer is not None:
+        mask_id = getattr(tokenizer, "mask_token_id", None)
+    if mask_id is None:
+        raise ValueError(
+            f"{type(model).__name__} has no mask token: neither config.mask_token_id nor the "
+            "tokenizer's mask_token is set. Set config.mask_token_id to the id the model was "
+            "trained with (LLaDA-8B: 126336, Dream-7B: 151666) or add a mask_token to the "
+            "tokenizer."
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    if not 0 <= int(mask_id) < vocab:
+        raise ValueError(
+            f"mask_token_id={mask_id} is outside the embedding table (size {vocab}); "
+            "set config.mask_token_id to the model's real mask token."
+        )
+    return DiffusionLMSpec(family=name, mask_token_id=int(mask_id), shift_logits=shift)
+
+
+def align_logits(logits: torch.Tensor, spec: DiffusionLMSpec) -> torch.Tensor:
+    """Make ``logits[:, i]`` the prediction for position ``i`` (Dream's shift by one)."""
+    if not spec.shift_logits:
+        return logits
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+@torch.no_grad()
+def denoiser_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    spec: DiffusionLMSpec,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One denoising call: float32 logits aligned so column ``i`` predicts position ``i``.
+
+    The mask token is never a valid answer, so its logit is set to ``-inf``; otherwise an
+    untrained or quantized model could "commit" a mask and a position would be decided twice.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = align_logits(logits.float(), spec)
+    logits[..., spec.mask_token_id] = float("-inf")
+    return logits

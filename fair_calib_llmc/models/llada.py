@@ -1,0 +1,306 @@
+"""Native transformers-5 implementation of LLaDA (GSAI-ML/LLaDA-8B-*).
+
+The public checkpoints ship OLMo-derived remote code that no longer runs under transformers 5.
+This module re-implements the ``block_type="llama"`` variant they use, keeping the checkpoint
+contract unchanged so that a real LLaDA checkpoint directory loads with zero missing/unexpected
+keys and no ``trust_remote_code``:
+
+* config fields are LLaDA's own (``d_model``, ``n_heads``, ``mlp_hidden_size``, ...), with the
+  standard transformers names mapped onto them;
+* parameters are named ``model.transformer.{wte,blocks.N.*,ln_f,ff_out}``; note that the LM head
+  ``model.transformer.ff_out`` and every block's down projection ``blocks.N.ff_out`` share a leaf
+  name, so ignore lists must use ``re:^model\\.transformer\\.ff_out$`` (see :data:`LM_HEAD`);
+* attention is bidirectional; a 2-D padding mask is turned into a 4-D mask SDPA accepts.
+
+Rotary embedding, RMSNorm and the attention kernels are transformers' own (Llama's), so the
+rotary ``inv_freq`` buffer is rebuilt by ``PreTrainedModel._init_weights`` after
+``from_pretrained`` like any first-party model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from fair_calib_llmc.models.masking import bidirectional_attention_mask
+
+# Recorded as a single call by torch.fx (llm-compressor's sequential tracer).
+torch.fx.wrap("bidirectional_attention_mask")
+
+__all__ = ["LLaDAConfig", "LLaDAModelLM", "LLaDABlock", "LM_HEAD", "LLADA_MASK_TOKEN_ID"]
+
+#: Mask token of the public LLaDA-8B tokenizer.
+LLADA_MASK_TOKEN_ID = 126336
+#: Regex naming the LM head only (not the blocks' down projections, also called ``ff_out``).
+LM_HEAD = r"re:^model\.transformer\.ff_out$"
+
+_SUPPORTED = {
+    "block_type": ("llama",),
+    "layer_norm_type": ("rms",),
+    "activation_type": ("silu", "gelu", "relu"),
+}
+
+
+class LLaDAConfig(PreTrainedConfig):
+    """LLaDA configuration with the field names of the public ``config.json``."""
+
+    model_type = "llada"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "n_heads",
+        "num_hidden_layers": "n_layers",
+        "intermediate_size": "mlp_hidden_size",
+        "max_position_embeddings": "max_sequence_length",
+    }
+
+    def __init__(
+        self,
+        d_model: int = 4096,
+        n_heads: int = 32,
+        n_kv_heads: int | None = None,
+        n_layers: int = 32,
+        mlp_ratio: int = 4,
+        mlp_hidden_size: int | None = None,
+        activation_type: str = "silu",
+        block_type: str = "llama",
+        layer_norm_type: str = "rms",
+        rms_norm_eps: float = 1e-5,
+        rope: bool = True,
+        rope_theta: float = 500000.0,
+        alibi: bool = False,
+        max_sequence_length: int = 4096,
+        include_bias: bool = False,
+        include_qkv_bias: bool = False,
+        scale_logits: bool = False,
+        vocab_size: int = 126464,
+        embedding_size: int | None = 126464,
+        weight_tying: bool = False,
+        init_std: float = 0.02,
+        mask_token_id: int | None = LLADA_MASK_TOKEN_ID,
+        eos_token_id: int | None = 126081,
+        pad_token_id: int | None = 126081,
+        use_cache: bool = False,
+        **kwargs,
+    ):
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads if n_kv_heads is not None else n_heads
+        self.n_layers = n_layers
+        self.mlp_ratio = mlp_ratio
+        self.mlp_hidden_size = mlp_hidden_size if mlp_hidden_size else mlp_ratio * d_model
+        self.activation_type = activation_type
+        self.block_type = block_type
+        self.layer_norm_type = layer_norm_type
+        self.rms_norm_eps = rms_norm_eps
+        self.rope = rope
+        self.rope_theta = rope_theta
+        self.alibi = alibi
+        self.max_sequence_length = max_sequence_length
+        self.include_bias = include_bias
+        self.include_qkv_bias = include_qkv_bias
+        self.scale_logits = scale_logits
+        self.vocab_size = vocab_size
+        self.embedding_size = embedding_size
+        self.weight_tying = weight_tying
+        self.init_std = init_std
+        self.mask_token_id = mask_token_id
+        self.use_cache = use_cache
+        # What transformers' Llama rotary embedding reads.
+        self.rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
+        self.head_dim = d_model // n_heads
+        kwargs.setdefault("tie_word_embeddings", weight_tying)
+        super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+        self._check_supported()
+
+    def _check_supported(self) -> None:
+        for field, allowed in _SUPPORTED.items():
+            value = getattr(self, field)
+            if value not in allowed:
+                raise ValueError(
+                    f"LLaDAConfig.{field}={value!r} is not supported by fair_calib_llmc; "
+                    f"use one of {allowed} (the public LLaDA-8B checkpoints use "
+                    f"{allowed[0]!r})."
+                )
+        if not self.rope or self.alibi:
+            raise ValueError(
+                "LLaDAConfig: only rotary position embeddings are supported "
+                "(set rope=True, alibi=False, as in the public LLaDA checkpoints)."
+            )
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"LLaDAConfig: d_model ({self.d_model}) must be divisible by n_heads "
+                f"({self.n_heads}) and n_heads by n_kv_heads ({self.n_kv_heads})."
+            )
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.embedding_size or self.vocab_size
+
+
+class LLaDABlock(nn.Module):
+    """One LLaDA ``llama`` block: pre-norm bidirectional attention and a gated MLP.
+
+    Linear names are LLaDA's: ``q_proj k_proj v_proj attn_out`` (attention) and
+    ``ff_proj`` (gate), ``up_proj``, ``ff_out`` (down).
+    """
+
+    def __init__(self, config: LLaDAConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.n_heads // config.n_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        qkv_bias = config.include_bias or config.include_qkv_bias
+        kv_dim = config.n_kv_heads * self.head_dim
+        self.attn_norm = LlamaRMSNorm(config.d_model, eps=config.rms_norm_eps)
+        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, kv_dim, bias=qkv_bias)
+        self.attn_out = nn.Linear(config.d_model, config.d_model, bias=config.include_bias)
+        self.ff_norm = LlamaRMSNorm(config.d_model, eps=config.rms_norm_eps)
+        self.ff_proj = nn.Linear(config.d_model, config.mlp_hidden_size, bias=config.include_bias)
+        self.up_proj = nn.Linear(config.d_model, config.mlp_hidden_size, bias=config.include_bias)
+        self.ff_out = nn.Linear(config.mlp_hidden_size, config.d_model, bias=config.include_bias)
+        self.act = ACT2FN[config.activation_type]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        x = self.attn_norm(hidden_states)
+        q = self.q_proj(x).view(hidden_shape).transpose(1, 2)
+        k = self.k_proj(x).view(hidden_shape).transpose(1, 2)
+        v = self.v_proj(x).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        att, _ = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling)
+        hidden_states = hidden_states + self.attn_out(att.reshape(*input_shape, -1))
+
+        x = self.ff_norm(hidden_states)
+        x = self.act(self.ff_proj(x)) * self.up_proj(x)
+        return hidden_states + self.ff_out(x)
+
+
+class LLaDAPreTrainedModel(PreTrainedModel):
+    config_class = LLaDAConfig
+    config: LLaDAConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["LLaDABlock"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+
+class LLaDAModel(LLaDAPreTrainedModel):
+    """The ``model`` attribute of :class:`LLaDAModelLM`: holds ``transformer`` (a ModuleDict)."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__(config)
+        vocab = config.padded_vocab_size
+        modules = {
+            "wte": nn.Embedding(vocab, config.d_model),
+            "blocks": nn.ModuleList(LLaDABlock(config, i) for i in range(config.n_layers)),
+            "ln_f": LlamaRMSNorm(config.d_model, eps=config.rms_norm_eps),
+        }
+        if not config.weight_tying:
+            modules["ff_out"] = nn.Linear(config.d_model, vocab, bias=config.include_bias)
+        self.transformer = nn.ModuleDict(modules)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        if inputs_embeds is None:
+            inputs_embeds = self.transformer.wte(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+            position_ids = position_ids.unsqueeze(0)
+        mask = bidirectional_attention_mask(attention_mask, inputs_embeds)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        for block in self.transformer.blocks:
+            hidden_states = block(hidden_states, position_embeddings, mask)
+            if output_hidden_states:
+                all_hidden = all_hidden + (hidden_states,)
+        hidden_states = self.transformer.ln_f(hidden_states)
+        return hidden_states, all_hidden
+
+
+class LLaDAModelLM(LLaDAPreTrainedModel):
+    """LLaDA masked-diffusion LM. ``logits[:, i]`` predicts the token at position ``i``."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__(config)
+        self.model = LLaDAModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return None if self.config.weight_tying else self.model.transformer.ff_out
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        hidden_states, all_hidden = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=bool(output_hidden_states),
+        )
+        if self.config.weight_tying:
+            logits = nn.functional.linear(hidden_states, self.model.transformer.wte.weight)
+        else:
+            logits = self.model.transformer.ff_out(hidden_states)
+        if self.config.scale_logits:
+            logits = logits * (1.0 / self.config.d_model**0.5)
+        return CausalLMOutputWithPast(logits=logits, hidden_states=all_hidden)
