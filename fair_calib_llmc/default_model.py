@@ -1,0 +1,52 @@
+"""The built-in default model: a small LLaDA-architecture dLLM shipped with the package.
+
+It was trained by ``integration/build_default_model.py`` (deterministic, CPU, a few minutes) on
+Python standard-library sources with LLaDA's objective, so it has real, non-uniform
+predictions and a real write frontier, unlike a random-init model. Its calibration and
+held-out text ship beside it (``assets/data``), so the main job runs offline on any machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from fair_calib_llmc.corpus import ASSETS, shipped_texts
+
+__all__ = ["DEFAULT_MODEL_DIR", "load_default_model", "default_prompts", "default_heldout"]
+
+DEFAULT_MODEL_DIR = ASSETS / "default-llada"
+
+
+def load_default_model(path: str | Path = DEFAULT_MODEL_DIR, dtype=torch.float32):
+    """Load (model, tokenizer) of the built-in default model (or another local checkpoint)."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}; rebuild the default model with "
+            "`python integration/build_default_model.py`"
+        )
+    model = AutoModel.from_pretrained(path, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def default_prompts(tokenizer, n: int, prompt_tokens: int, split: str = "calibration"):
+    """``n`` prompts of exactly ``prompt_tokens`` tokens cut from the shipped ``split`` text."""
+    prompts = []
+    for text in shipped_texts(split):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= prompt_tokens:
+            prompts.append(torch.tensor(ids[:prompt_tokens]))
+        if len(prompts) == n:
+            break
+    if len(prompts) < n:
+        raise ValueError(f"only {len(prompts)} shipped {split} texts have {prompt_tokens} tokens")
+    return prompts
+
+
+def default_heldout(tokenizer, n: int, length: int) -> list[torch.Tensor]:
+    """``n`` held-out token windows of ``length`` tokens for ELBO perplexity."""
+    return default_prompts(tokenizer, n, length, split="heldout")

@@ -1,0 +1,127 @@
+"""FAIR-Calib Stage I: the frontier position prior.
+
+From the full-precision teacher's sampler traces we estimate, for every answer position ``i``
+and masked stage ``s`` (a bucket of the answer's masking ratio):
+
+* ``frontier_hits[i, s]``: how strongly ``(i, s)`` sits at the write frontier, averaged over
+  traces. A position scores 1 at the step it is committed, ``decay**k`` when it will be
+  committed in ``k <= lookahead`` steps, and ``decay**k`` when it was committed ``k <=
+  stability_lag`` steps ago (a fresh commit stays fragile: the stability lag);
+* ``instability[i, s]``: how unreliable the teacher is there while the position is masked,
+  ``margin_mix * (1 - margin) + (1 - margin_mix) * (1 - agreement)``, with ``margin`` the
+  top-1/top-2 probability margin and ``agreement`` whether the teacher's current top-1 already
+  equals the token it finally commits.
+
+A token of a masked-stage state then weighs
+``1 + frontier_weight * hits * (1 + instability_weight * instability)`` (prompt tokens weigh
+1), normalised to mean 1 over the calibration set and floored at ``min_weight`` so no token is
+ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fair_calib_llmc.sampling import DiffusionTrace
+
+__all__ = ["PriorSettings", "PositionPrior", "estimate_prior", "normalise_weights"]
+
+
+class PriorSettings(BaseModel):
+    """Coefficients of the Stage I prior (all documented in the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    frontier_weight: float = Field(4.0, ge=0.0, description="extra weight of frontier states")
+    instability_weight: float = Field(1.0, ge=0.0, description="boost of unstable frontier states")
+    lookahead: int = Field(2, ge=0, description="steps before a commit counted as frontier")
+    stability_lag: int = Field(2, ge=0, description="steps after a commit still fragile")
+    decay: float = Field(0.5, gt=0.0, le=1.0, description="per-step decay away from the commit")
+    num_stages: int = Field(4, ge=1, description="masking-ratio buckets")
+    margin_mix: float = Field(0.5, ge=0.0, le=1.0, description="margin vs agreement in instability")
+    min_weight: float = Field(0.1, gt=0.0, le=1.0, description="floor of a normalised weight")
+
+
+@dataclass
+class PositionPrior:
+    """``(gen_length, num_stages)`` tables estimated from teacher traces."""
+
+    frontier_hits: torch.Tensor
+    instability: torch.Tensor
+    settings: PriorSettings
+
+    def raw_weights(self, trace: DiffusionTrace, step: int) -> torch.Tensor:
+        """Unnormalised ``(B, L)`` weights of the state before ``step`` of ``trace``."""
+        s = self.settings
+        stage = stage_index(trace, step, s.num_stages)  # (B,)
+        hits = self.frontier_hits[:, stage].T  # (B, gen)
+        unstable = self.instability[:, stage].T
+        answer = 1 + s.frontier_weight * hits * (1 + s.instability_weight * unstable)
+        prompt = torch.ones(answer.shape[0], trace.prompt_length)
+        return torch.cat([prompt, answer], dim=1)
+
+
+def stage_index(trace: DiffusionTrace, step: int, num_stages: int) -> torch.Tensor:
+    """``(B,)`` masked-stage bucket of each row before ``step`` (stage 0 = fully masked)."""
+    answer = trace.masked[step, :, trace.prompt_length :].float()
+    ratio = answer.mean(dim=1)  # 1.0 = fully masked
+    return ((1 - ratio) * num_stages).long().clamp(0, num_stages - 1).cpu()
+
+
+def frontier_hits(trace: DiffusionTrace, step: int, settings: PriorSettings) -> torch.Tensor:
+    """``(B, gen)`` frontier score of every answer position of the state before ``step``."""
+    when = trace.commit_step()[:, trace.prompt_length :].cpu()  # (B, gen)
+    distance = when - step  # > 0: committed later; < 0: committed earlier
+    ahead = (distance >= 0) & (distance <= settings.lookahead)
+    behind = (distance < 0) & (-distance <= settings.stability_lag)
+    score = settings.decay ** distance.abs().float()
+    return torch.where(ahead | behind, score, torch.zeros_like(score))
+
+
+def estimate_prior(traces: list[DiffusionTrace], settings: PriorSettings) -> PositionPrior:
+    """Average frontier hits and instability per (answer position, masked stage)."""
+    if not traces:
+        raise ValueError("Stage I needs at least one teacher trace; the calibration set is empty")
+    gen = traces[0].generated.shape[1]
+    n_stages = settings.num_stages
+    hit_sum = torch.zeros(gen, n_stages)
+    hit_n = torch.zeros(gen, n_stages)
+    unstable_sum = torch.zeros(gen, n_stages)
+    unstable_n = torch.zeros(gen, n_stages)
+    for trace in traces:
+        trace = trace.to("cpu")
+        final = trace.generated  # (B, gen)
+        for step in range(trace.steps):
+            stage = stage_index(trace, step, n_stages)  # (B,)
+            one_hot = torch.nn.functional.one_hot(stage, n_stages).float()  # (B, S)
+            hits = frontier_hits(trace, step, settings)  # (B, gen)
+            hit_sum += hits.T @ one_hot
+            hit_n += torch.ones_like(hits).T @ one_hot
+
+            answer = slice(trace.prompt_length, None)
+            masked = trace.masked[step][:, answer].float()
+            margin = trace.margin[step][:, answer].nan_to_num(0.0)
+            agree = (trace.prediction[step][:, answer] == final).float()
+            mix = settings.margin_mix
+            unstable = mix * (1 - margin) + (1 - mix) * (1 - agree)
+            unstable_sum += (unstable * masked).T @ one_hot
+            unstable_n += masked.T @ one_hot
+    return PositionPrior(
+        frontier_hits=hit_sum / hit_n.clamp(min=1),
+        instability=unstable_sum / unstable_n.clamp(min=1),
+        settings=settings,
+    )
+
+
+def normalise_weights(weights: list[torch.Tensor], min_weight: float) -> list[torch.Tensor]:
+    """Scale all token weights to mean 1 jointly, then floor them at ``min_weight``."""
+    if not weights:
+        raise ValueError("no calibration tokens to weight; the calibration set is empty")
+    flat = torch.cat([w.flatten() for w in weights])
+    if not torch.isfinite(flat).all() or (flat < 0).any():
+        raise ValueError("token weights must be finite and non-negative")
+    mean = flat.mean().clamp(min=1e-12)
+    return [(w / mean).clamp(min=min_weight) for w in weights]
