@@ -98,16 +98,6 @@ class FAIRCalibModifier(GPTQModifier):
             )
         return super().on_initialize(state, **kwargs)
 
-    def on_calibration_start(self, state: State, event: Event, **kwargs):
-        if self.require_token_weights and not state.loss_masks:
-            raise ValueError(
-                "FAIRCalibModifier got no per-token frontier weights. Build masked-stage "
-                "calibration data with fair_calib_llmc.build_calibration_dataset and call "
-                "oneshot(..., use_loss_mask=True), or use fair_calib_llmc.quantize which does "
-                "both; set require_token_weights: false to calibrate unweighted."
-            )
-        super().on_calibration_start(state, event, **kwargs)
-
     def calibrate_module(self, module, args, _output):
         inp = args[0]
         if not torch.isfinite(inp).all():
@@ -116,6 +106,15 @@ class FAIRCalibModifier(GPTQModifier):
                 "check the checkpoint and the calibration inputs (dtype overflow in fp16?)"
             )
         weights = _current_token_weights()
+        if weights is None and self.require_token_weights:
+            # checked here: the sequential pipeline fills state.loss_masks after
+            # CALIBRATION_START, right before the first calibration batch
+            raise ValueError(
+                "FAIRCalibModifier got no per-token frontier weights. Build masked-stage "
+                "calibration data with fair_calib_llmc.build_calibration_dataset and call "
+                "oneshot(..., use_loss_mask=True), or use fair_calib_llmc.quantize which does "
+                "both; set require_token_weights: false to calibrate unweighted."
+            )
         if weights is not None:
             if weights.shape != inp.shape[:-1]:
                 raise ValueError(

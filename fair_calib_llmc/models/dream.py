@@ -25,10 +25,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2RotaryEmbedding,
 )
 
-from fair_calib_llmc.models.masking import bidirectional_attention_mask
-
-# Recorded as a single call by torch.fx (llm-compressor's sequential tracer).
-torch.fx.wrap("bidirectional_attention_mask")
+from fair_calib_llmc.models.masking import BidirectionalMask
 
 __all__ = ["DreamConfig", "DreamModel", "DreamDecoderLayer", "DREAM_MASK_TOKEN_ID"]
 
@@ -67,6 +64,7 @@ class DreamBaseModel(DreamPreTrainedModel):
         )
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=config)
+        self.attention_mask = BidirectionalMask()
         self.post_init()
 
     def forward(
@@ -82,7 +80,7 @@ class DreamBaseModel(DreamPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
             position_ids = position_ids.unsqueeze(0)
-        mask = bidirectional_attention_mask(attention_mask, inputs_embeds)
+        mask = self.attention_mask(attention_mask, inputs_embeds)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds

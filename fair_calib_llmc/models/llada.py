@@ -32,10 +32,7 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
-from fair_calib_llmc.models.masking import bidirectional_attention_mask
-
-# Recorded as a single call by torch.fx (llm-compressor's sequential tracer).
-torch.fx.wrap("bidirectional_attention_mask")
+from fair_calib_llmc.models.masking import BidirectionalMask
 
 __all__ = ["LLaDAConfig", "LLaDAModelLM", "LLaDABlock", "LM_HEAD", "LLADA_MASK_TOKEN_ID"]
 
@@ -235,6 +232,7 @@ class LLaDAModel(LLaDAPreTrainedModel):
             modules["ff_out"] = nn.Linear(config.d_model, vocab, bias=config.include_bias)
         self.transformer = nn.ModuleDict(modules)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.attention_mask = BidirectionalMask()
         self.post_init()
 
     def forward(
@@ -250,7 +248,7 @@ class LLaDAModel(LLaDAPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
             position_ids = position_ids.unsqueeze(0)
-        mask = bidirectional_attention_mask(attention_mask, inputs_embeds)
+        mask = self.attention_mask(attention_mask, inputs_embeds)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds

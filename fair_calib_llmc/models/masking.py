@@ -6,14 +6,16 @@ integer or bool dtype), or an already prepared 4-D mask, or nothing. SDPA reject
 mask, so it becomes an additive float mask ``(batch, 1, 1, seq)`` that works for both the eager
 and the SDPA kernels (llm-compressor forces eager attention during calibration).
 
-Modeling modules that call it register it with ``torch.fx.wrap`` (which patches the caller's
-globals), so llm-compressor's sequential tracer records one call instead of tracing its
-data-dependent branches.
+Models call it through the parameter-free module :class:`BidirectionalMask`: llm-compressor's
+sequential tracer treats modules that contain no sequential target as leaves, so the mask is
+built at run time instead of being traced through its data-dependent branches (``torch.fx.wrap``
+does not survive llm-compressor's re-compiled forwards).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def bidirectional_attention_mask(
@@ -40,3 +42,12 @@ def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
     return mask.masked_fill(~keep, torch.finfo(dtype).min)
 
+
+
+class BidirectionalMask(nn.Module):
+    """Module form of :func:`bidirectional_attention_mask` (a leaf for torch.fx tracing)."""
+
+    def forward(
+        self, attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor
+    ) -> torch.Tensor | None:
+        return bidirectional_attention_mask(attention_mask, inputs_embeds)

@@ -1,0 +1,178 @@
+"""Side-by-side W4A4 comparison: quantize -> save -> reload -> generate -> compare.
+
+For every method (a recipe in ``recipes/``) the same model, calibration text, held-out prompts
+and sampler are used. Each quantized model is saved as a compressed-tensors checkpoint,
+reloaded with plain ``AutoModel.from_pretrained`` (its logits are checked against the
+in-memory model), and compared decision by decision with the full-precision teacher. Results
+go next to the checkpoints: ``results.json``, ``results.md`` and ``flips.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from loguru import logger
+from transformers import AutoModel
+
+from fair_calib_llmc.calibration import prompts_from_texts
+from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity, teacher_traces
+from fair_calib_llmc.models.family import diffusion_spec
+from fair_calib_llmc.pipeline import default_sampler_settings, quantize, save_atomically
+from fair_calib_llmc.sampling import sampler_for
+
+__all__ = ["METHOD_RECIPES", "BenchmarkSettings", "run_benchmark", "write_report"]
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+METHOD_RECIPES = {
+    "rtn": "rtn_w4a4.yaml",
+    "gptq": "gptq_w4a4.yaml",
+    "spinquant+gptq": "spinquant_gptq_w4a4.yaml",
+    "fair-calib": "fair_calib_w4a4.yaml",
+    "spinquant+fair-calib": "spinquant_fair_calib_w4a4.yaml",
+}
+COLUMNS = [
+    "method", "frontier_flip_rate", "post_commit_mismatch", "first_divergence",
+    "kl_frontier", "kl_non_frontier", "elbo_ppl", "calib_seconds", "peak_gpu_mib",
+    "checkpoint_mib",
+]
+
+
+@dataclass
+class BenchmarkSettings:
+    methods: tuple[str, ...] = ("rtn", "gptq", "fair-calib")
+    calibration_prompts: int = 32
+    eval_prompts: int = 16
+    prompt_length: int = 32
+    gen_length: int = 32
+    heldout_texts: int = 32
+    heldout_length: int = 128
+    seeds: tuple[int, ...] = (0,)
+
+
+def _probe_logits(model, device) -> torch.Tensor:
+    probe = torch.arange(3, 35, device=device)[None] % model.config.vocab_size
+    with torch.no_grad():
+        return model(probe).logits.float().cpu()
+
+
+def _checkpoint_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+
+
+def run_benchmark(
+    load_model: Callable[[], tuple[torch.nn.Module, object]],
+    calibration_texts: list[str],
+    heldout_texts: list[str],
+    out_dir: str | Path,
+    settings: BenchmarkSettings = BenchmarkSettings(),
+    recipes_dir: Path = RECIPES_DIR,
+) -> list[dict]:
+    """Run every method of ``settings`` and return one row per (method, seed)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher, tokenizer = load_model()
+    device = next(teacher.parameters()).device
+    spec = diffusion_spec(teacher, tokenizer)
+    sampler = sampler_for(spec, **default_sampler_settings(spec, settings.gen_length))
+    eval_prompts = prompts_from_texts(
+        heldout_texts, tokenizer, settings.prompt_length, settings.eval_prompts
+    )
+    heldout = [
+        torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"][: settings.heldout_length])
+        for t in heldout_texts[: settings.heldout_texts]
+    ]
+    rows = [{"method": "fp16" if device.type == "cuda" else "fp32", "seed": None,
+             "frontier_flip_rate": 0.0, "post_commit_mismatch": 0.0,
+             "first_divergence": float(settings.gen_length), "kl_frontier": 0.0,
+             "kl_non_frontier": 0.0, "elbo_ppl": elbo_perplexity(teacher, heldout),
+             "calib_seconds": 0.0, "peak_gpu_mib": 0.0, "checkpoint_mib": None}]
+    per_step = {}
+    for seed in settings.seeds:
+        traces = teacher_traces(teacher, sampler, eval_prompts, seed=seed)
+        for method in settings.methods:
+            logger.info(f"=== {method} (seed {seed}) ===")
+            model, tokenizer = load_model()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            start = time.monotonic()
+            result = quantize(
+                model, tokenizer, recipes_dir / METHOD_RECIPES[method], calibration_texts,
+                max_prompts=settings.calibration_prompts, seed=seed,
+            )
+            seconds = time.monotonic() - start
+            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
+            expected = _probe_logits(result.model, device)
+            path = save_atomically(result.model, tokenizer, out_dir / f"{method}-seed{seed}")
+            del model, result
+            student = AutoModel.from_pretrained(path, dtype=teacher.dtype).to(device).eval()
+            reload_error = float((_probe_logits(student, device) - expected).abs().max())
+            report = compare_decisions(teacher, student, sampler, eval_prompts,
+                                       seed=seed, traces=traces)
+            per_step[method] = report.flips_per_step
+            row = {"method": method, "seed": seed, **report.as_row(),
+                   "elbo_ppl": elbo_perplexity(student, heldout), "calib_seconds": seconds,
+                   "peak_gpu_mib": peak, "checkpoint_mib": _checkpoint_mib(path),
+                   "reload_max_abs_logit_diff": reload_error}
+            logger.info(f"{method}: {row}")
+            rows.append(row)
+            del student
+    (out_dir / "results.json").write_text(json.dumps({"rows": rows, "flips_per_step": per_step,
+                                                      "settings": vars(settings)}, indent=1))
+    write_report(rows, per_step, out_dir)
+    return rows
+
+
+def _summarise(rows: list[dict]) -> list[dict]:
+    """Mean and spread (min-max half range) over seeds, per method, in input order."""
+    summary = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        group = [r for r in rows if r["method"] == method]
+        entry = {"method": method, "seeds": len(group)}
+        for col in COLUMNS[1:]:
+            values = [r[col] for r in group if r.get(col) is not None]
+            if values:
+                mean = sum(values) / len(values)
+                entry[col] = (mean, (max(values) - min(values)) / 2)
+        summary.append(entry)
+    return summary
+
+
+def write_report(rows: list[dict], per_step: dict, out_dir: Path) -> str:
+    """``results.md`` (mean ± half-range over seeds) and ``flips.png``; returns the table."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for entry in _summarise(rows):
+        cells = [entry["method"]]
+        for col in COLUMNS[1:]:
+            if col not in entry:
+                cells.append("-")
+                continue
+            mean, spread = entry[col]
+            cells.append(f"{mean:.4g}" + (f" ± {spread:.2g}" if entry["seeds"] > 1 else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    (Path(out_dir) / "results.md").write_text(table + "\n")
+    _plot(per_step, Path(out_dir) / "flips.png")
+    return table
+
+
+def _plot(per_step: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, values in per_step.items():
+        ax.plot(range(1, len(values) + 1), values, label=method, marker=".")
+    ax.set_xlabel("sampler step")
+    ax.set_ylabel("frontier flip rate")
+    ax.set_title("Frontier decision flips vs. FP teacher (W4A4)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
