@@ -36,7 +36,17 @@ from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.prior import PriorSettings
 from fair_calib_llmc.schemes import check_scheme_name
 
-__all__ = ["FAIRCalibModifier"]
+__all__ = ["FAIRCalibModifier", "check_finite_weights"]
+
+
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Raise a ValueError naming the parameters that hold NaN or Inf."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(
+            f"the model has NaN/Inf weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+            "fix or re-download the checkpoint before quantizing"
+        )
 
 
 class FAIRCalibModifier(GPTQModifier):
@@ -73,7 +83,7 @@ class FAIRCalibModifier(GPTQModifier):
     quantized_propagation: bool = True
     require_token_weights: bool = True
 
-    @field_validator("scheme")
+    @field_validator("scheme", mode="before")
     @classmethod
     def _known_scheme(cls, value):
         if isinstance(value, str):
@@ -90,12 +100,7 @@ class FAIRCalibModifier(GPTQModifier):
     # --- lifecycle ------------------------------------------------------------------------
     def on_initialize(self, state: State, **kwargs) -> bool:
         diffusion_spec(state.model)  # a causal or mask-less model fails here, before any work
-        bad = [n for n, p in state.model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise ValueError(
-                f"the model has NaN/Inf weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
-                "fix or re-download the checkpoint before quantizing"
-            )
+        check_finite_weights(state.model)
         return super().on_initialize(state, **kwargs)
 
     def calibrate_module(self, module, args, _output):

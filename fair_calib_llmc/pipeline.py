@@ -27,7 +27,7 @@ from loguru import logger
 
 from fair_calib_llmc.calibration import build_calibration_dataset, load_texts
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
-from fair_calib_llmc.modifier import FAIRCalibModifier
+from fair_calib_llmc.modifier import FAIRCalibModifier, check_finite_weights
 from fair_calib_llmc.prior import PositionPrior
 from fair_calib_llmc.sampling import sampler_for
 
@@ -108,6 +108,7 @@ def quantize(
     """Stage I + ``oneshot`` + atomic compressed save. See the module docstring."""
     recipe = load_recipe(recipe)
     spec = diffusion_spec(model, tokenizer)
+    check_finite_weights(model)
     fair = next((m for m in recipe.modifiers if isinstance(m, FAIRCalibModifier)), None)
     stage1 = fair or FAIRCalibModifier(scheme="W4A4")  # baselines: same states, same settings
     sampler = sampler_for(spec, **(stage1.sampler or default_sampler_settings(spec)))

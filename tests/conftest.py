@@ -68,3 +68,18 @@ def save_with_tokenizer(model, tokenizer, path: Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def calibration_texts():
+    """Real text the tokenizer knows: this package's sources, in 400-character pieces."""
+    text = "\n".join(p.read_text() for p in PACKAGE_SOURCES)
+    return [text[i : i + 400] for i in range(0, 400 * 12, 400)]
+
+
+def saved(model, tokenizer, path: Path):
+    """Save and reload (llm-compressor re-reads the config from ``name_or_path``)."""
+    from transformers import AutoModel
+
+    save_with_tokenizer(model, tokenizer, path)
+    return AutoModel.from_pretrained(path, dtype=torch.float32).eval()

@@ -1,0 +1,247 @@
+"""FAIR-Calib Stage II: weighted Hessian, quantized propagation, clipping, fail-fast errors."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from llmcompressor import oneshot
+from llmcompressor.core import active_session
+from llmcompressor.modifiers.gptq import GPTQModifier
+from pydantic import ValidationError
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fair_calib_llmc import FAIRCalibModifier, build_calibration_dataset, quantize
+from fair_calib_llmc.models import diffusion_spec
+from fair_calib_llmc.pipeline import check_recipe_shape, default_sampler_settings
+from fair_calib_llmc.sampling import sampler_for
+
+from .conftest import llada_config, saved
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _hessian(modifier, linear, x, weights):
+    state = active_session().state
+    state.loss_masks, state.current_batch_idx = ([weights] if weights is not None else None), 0
+    modifier._module_names[linear] = "probe"
+    modifier.calibrate_module(linear, (x,), None)
+    return modifier._hessians[linear] / modifier._num_samples[linear]
+
+
+def test_weighted_hessian_matches_reference():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8)
+    x = torch.randn(2, 5, 16)
+    weights = torch.rand(2, 5) * 3
+    fair = FAIRCalibModifier(scheme="W4A4")
+    got = _hessian(fair, linear, x, weights)
+    flat, w = x.reshape(-1, 16).double(), weights.reshape(-1).double()
+    expected = 2 * (flat.T * w) @ flat / 2  # sum_t w_t x_t x_t^T, GPTQ's 2/n scaling
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unit_weights_equal_gptq_hessian():
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(16, 8)
+    x = torch.randn(1, 7, 16)
+    fair = _hessian(FAIRCalibModifier(scheme="W4A4"), linear, x, torch.ones(1, 7))
+    gptq = GPTQModifier(scheme="W4A4")
+    gptq.calibrate_module(linear, (x,), None)
+    torch.testing.assert_close(fair, gptq._hessians[linear] / gptq._num_samples[linear])
+
+
+def test_zero_weight_token_has_no_effect():
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(16, 8)
+    x = torch.randn(1, 6, 16)
+    weights = torch.ones(1, 6)
+    weights[0, 3] = 0
+    other = x.clone()
+    other[0, 3] = torch.randn(16) * 100
+    a = _hessian(FAIRCalibModifier(scheme="W4A4"), linear, x, weights)
+    b = _hessian(FAIRCalibModifier(scheme="W4A4"), linear, other, weights)
+    torch.testing.assert_close(a, b)
+
+
+def test_missing_token_weights_fail_with_the_fix():
+    with pytest.raises(ValueError, match="use_loss_mask=True"):
+        _hessian(FAIRCalibModifier(scheme="W4A4"), torch.nn.Linear(4, 4), torch.ones(1, 2, 4), None)
+
+
+def _calibration(model, tokenizer, texts):
+    spec = diffusion_spec(model, tokenizer)
+    sampler = sampler_for(spec, **default_sampler_settings(spec, gen_length=16))
+    dataset, _ = build_calibration_dataset(model, tokenizer, texts, sampler=sampler,
+                                           prompt_length=16, states_per_prompt=2, max_prompts=3)
+    return dataset
+
+
+@pytest.mark.parametrize("propagate", [True, False])
+def test_propagation_feeds_layer_two_what_the_w4a4_model_computes(
+    llada, tokenizer, calibration_texts, tmp_path, propagate
+):
+    model = saved(llada, tokenizer, tmp_path / "fp")
+    dataset = _calibration(model, tokenizer, calibration_texts)
+    seen = []
+    block = model.model.transformer.blocks[1]
+    handle = block.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    modifier = FAIRCalibModifier(scheme="W4A4_G128_PACKED", ignore=[r"re:^model\.transformer\.ff_out$"],
+                                 quantized_propagation=propagate)
+    model = oneshot(model=model, processor=tokenizer, recipe=modifier, dataset=dataset,
+                    use_loss_mask=True, num_calibration_samples=len(dataset),
+                    shuffle_calibration_samples=False)
+    calibrated_input = seen[0]
+    seen.clear()
+    model.config._attn_implementation = "eager"  # the pipeline calibrates with eager attention
+    with torch.no_grad():
+        model(input_ids=torch.tensor([dataset[0]["input_ids"]]))
+    handle.remove()
+    if propagate:
+        torch.testing.assert_close(calibrated_input, seen[0], rtol=0, atol=1e-6)
+    else:
+        assert (calibrated_input - seen[0]).abs().max() > 1e-3
+
+
+def test_clipping_search_never_increases_weighted_error():
+    torch.manual_seed(3)
+    x = torch.randn(64, 128) * torch.linspace(0.1, 3, 128)
+    hessian = 2 * x.T @ x
+    weight = torch.randn(32, 128)
+    weight[:, 0] *= 20  # an outlier column makes min-max scales too coarse
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from llmcompressor.observers import Observer
+
+    args = preset_name_to_scheme("W4A4_CHANNEL_PACKED", ["Linear"]).weights
+    linear = torch.nn.Linear(128, 32, bias=False)
+    linear.weight.data = weight
+    linear.quantization_scheme = preset_name_to_scheme("W4A4_CHANNEL_PACKED", ["Linear"])
+    linear.weight_observer = Observer.load_from_registry("memoryless_minmax", base_name="weight",
+                                                         args=args)
+    linear.weight_observer(linear.weight)
+    fair = FAIRCalibModifier(scheme="W4A4")
+    fair._hessians[linear], fair._num_samples[linear] = hessian, torch.tensor(1.0)
+
+    def error(lo, hi):
+        scale, zp = calculate_qparams(lo, hi, args)
+        e = weight - fake_quantize(weight, scale, zp, args)
+        return ((e @ hessian) * e).sum()
+
+    before = error(linear.weight_observer.min_vals, linear.weight_observer.max_vals)
+    fair._search_clipping(linear)
+    after = error(linear.weight_observer.min_vals, linear.weight_observer.max_vals)
+    assert after < before
+
+
+# --- bad input fails fast, with the fix in the message -------------------------------------
+def test_causal_model_is_rejected(tokenizer):
+    causal = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=1, num_attention_heads=4,
+                                          vocab_size=len(tokenizer)))
+    with pytest.raises(ValueError, match="not a diffusion language model"):
+        diffusion_spec(causal, tokenizer)
+    with pytest.raises(ValueError, match="not a diffusion language model"):
+        quantize(causal, tokenizer, RECIPES / "fair_calib_w4a4.yaml", ["text"])
+
+
+def test_missing_mask_token_is_rejected(tokenizer):
+    from fair_calib_llmc.models import LLaDAModelLM
+
+    model = LLaDAModelLM(llada_config(tokenizer, mask_token_id=None))
+    no_mask = copy.deepcopy(tokenizer)
+    no_mask.mask_token = None
+    with pytest.raises(ValueError, match="no mask token"):
+        diffusion_spec(model, no_mask)
+
+
+def test_empty_or_short_calibration_set(llada, tokenizer):
+    for texts in ([], ["too short"]):
+        with pytest.raises(ValueError, match="calibration set is empty or too short"):
+            quantize(llada, tokenizer, RECIPES / "fair_calib_w4a4.yaml", texts)
+
+
+def test_unknown_scheme_name():
+    with pytest.raises(ValidationError, match="unknown scheme 'W3A5'"):
+        FAIRCalibModifier(scheme="W3A5")
+
+
+def test_unknown_modifier_field_is_rejected():
+    with pytest.raises(ValidationError, match="frontier_wieght"):
+        FAIRCalibModifier(scheme="W4A4", frontier_wieght=2.0)
+
+
+@pytest.mark.parametrize(
+    "recipe,where",
+    [
+        ({"FAIRCalibModifier": {"scheme": "W4A4"}}, "FAIRCalibModifier"),
+        ({"fair_stage": {"FAIRCalibModifier": {"scheme": "W4A4"}}}, "fair_stage.FAIRCalibModifier"),
+        ({"fair_stage": {"fair_modifiers": {}}}, "no modifier"),
+    ],
+)
+def test_recipe_of_the_wrong_shape_fails_loudly(recipe, where):
+    with pytest.raises(ValueError, match=where):
+        check_recipe_shape(recipe)
+
+
+def test_nan_weights_fail_before_calibration(llada, tokenizer, calibration_texts, tmp_path):
+    with torch.no_grad():
+        llada.model.transformer.blocks[0].q_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf weights"):
+        quantize(llada, tokenizer, RECIPES / "fair_calib_w4a4.yaml", calibration_texts,
+                 output_dir=tmp_path / "out", max_prompts=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_save_leaves_no_checkpoint(llada, tokenizer, calibration_texts, tmp_path,
+                                          monkeypatch):
+    model = saved(llada, tokenizer, tmp_path / "fp")
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        quantize(model, tokenizer, RECIPES / "fair_calib_w4a4.yaml", calibration_texts,
+                 output_dir=tmp_path / "out", max_prompts=2)
+    assert sorted(os.listdir(tmp_path)) == ["fp"]
+
+
+def test_nan_activations_fail_with_the_layer_name():
+    with pytest.raises(FloatingPointError, match="NaN/Inf activations enter probe"):
+        _hessian(FAIRCalibModifier(scheme="W4A4"), torch.nn.Linear(4, 4),
+                 torch.full((1, 2, 4), float("nan")), torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("form", ["list", "jsonl", "json", "txt", "datasets"])
+def test_quantize_from_raw_text_forms(dream, tokenizer, calibration_texts, tmp_path, form):
+    """Raw text in any common form + the recipe is all a user needs; the checkpoint reloads."""
+    import json
+
+    from datasets import Dataset
+    from transformers import AutoModel
+
+    texts = [t.replace("\n", " ") for t in calibration_texts[:3]]
+    data = {
+        "list": lambda: texts,
+        "datasets": lambda: Dataset.from_dict({"text": texts}),
+        "jsonl": lambda: _write(tmp_path / "c.jsonl", "\n".join(json.dumps({"text": t}) for t in texts)),
+        "json": lambda: _write(tmp_path / "c.json", json.dumps([{"text": t} for t in texts])),
+        "txt": lambda: _write(tmp_path / "c.txt", "\n".join(texts)),
+    }[form]()
+    model = saved(dream, tokenizer, tmp_path / "fp")
+    result = quantize(model, tokenizer, RECIPES / "fair_calib_w4a4.yaml", data,
+                      output_dir=tmp_path / "q")
+    assert len(result.calibration) == 3 * 4  # prompts x states_per_prompt
+    weights = torch.tensor([w for row in result.calibration["loss_mask"] for w in row])
+    assert abs(weights.mean().item() - 1) < 1e-5 and weights.min() >= 0.1
+    AutoModel.from_pretrained(tmp_path / "q")
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)

@@ -1,0 +1,81 @@
+"""Stage I prior on hand-made traces: known frontier hits give known weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fair_calib_llmc.prior import (
+    PriorSettings,
+    estimate_prior,
+    frontier_hits,
+    normalise_weights,
+)
+from fair_calib_llmc.sampling import DiffusionTrace
+
+
+def _trace() -> DiffusionTrace:
+    """Prompt of 1 token, answer of 3 committed one per step in order (pos 1, 2, 3)."""
+    steps, length = 3, 4
+    committed = torch.zeros(steps, 1, length, dtype=torch.bool)
+    for t in range(steps):
+        committed[t, 0, t + 1] = True
+    masked = torch.zeros_like(committed)
+    for t in range(steps):
+        masked[t, 0, t + 1 :] = True
+    margin = torch.full((steps, 1, length), math.nan)
+    # margins while masked: pos1 {0.8}, pos2 {0.2, 0.6}, pos3 {0.0, 0.5, 1.0}
+    margin[0, 0, 1:] = torch.tensor([0.8, 0.2, 0.0])
+    margin[1, 0, 2:] = torch.tensor([0.6, 0.5])
+    margin[2, 0, 3] = 1.0
+    sequences = torch.tensor([[9, 5, 6, 7]])
+    prediction = sequences.expand(steps, 1, length).clone()
+    prediction[0, 0, 3] = 4  # pos3 disagrees with its final token at step 0
+    trace = DiffusionTrace(1, sequences, masked, committed, prediction, margin)
+    trace.validate()
+    return trace
+
+
+SETTINGS = PriorSettings(lookahead=1, stability_lag=1, decay=0.5, num_stages=1,
+                         frontier_weight=2.0, instability_weight=0.0, margin_mix=1.0)
+
+
+def test_frontier_hits_per_step():
+    trace = _trace()
+    expected = [[1.0, 0.5, 0.0], [0.5, 1.0, 0.5], [0.0, 0.5, 1.0]]
+    for step, row in enumerate(expected):
+        assert frontier_hits(trace, step, SETTINGS)[0].tolist() == row
+
+
+def test_prior_tables_and_weights():
+    prior = estimate_prior([_trace()], SETTINGS)
+    torch.testing.assert_close(prior.frontier_hits[:, 0], torch.tensor([0.5, 2 / 3, 0.5]))
+    # instability with margin_mix=1 is 1 - mean margin while masked
+    torch.testing.assert_close(prior.instability[:, 0], torch.tensor([0.2, 0.6, 0.5]))
+    weights = prior.raw_weights(_trace(), step=0)
+    torch.testing.assert_close(weights[0], torch.tensor([1.0, 2.0, 1 + 4 / 3, 2.0]))
+
+
+def test_agreement_enters_instability():
+    prior = estimate_prior([_trace()], SETTINGS.model_copy(update={"margin_mix": 0.0}))
+    # only pos3 ever disagrees (once in its three masked steps)
+    torch.testing.assert_close(prior.instability[:, 0], torch.tensor([0.0, 0.0, 1 / 3]))
+
+
+def test_instability_boosts_frontier_weight():
+    settings = SETTINGS.model_copy(update={"instability_weight": 1.0})
+    weights = estimate_prior([_trace()], settings).raw_weights(_trace(), step=0)[0]
+    torch.testing.assert_close(weights, torch.tensor([1.0, 1 + 2 * 0.5 * 1.2,
+                                                      1 + 2 * (2 / 3) * 1.6, 1 + 2 * 0.5 * 1.5]))
+
+
+def test_normalise_to_mean_one_with_floor():
+    out = normalise_weights([torch.tensor([1.0, 3.0]), torch.tensor([0.0, 4.0])], 0.1)
+    flat = torch.cat(out)
+    torch.testing.assert_close(flat, torch.tensor([0.5, 1.5, 0.1, 2.0]))
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        normalise_weights([], 0.1)
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        estimate_prior([], SETTINGS)
