@@ -36,8 +36,15 @@ METHOD_RECIPES = {
     "spinquant+fair-calib": "spinquant_fair_calib_w4a4.yaml",
 }
 COLUMNS = [
-    "method", "frontier_flip_rate", "post_commit_mismatch", "first_divergence",
-    "kl_frontier", "kl_non_frontier", "elbo_ppl", "calib_seconds", "peak_gpu_mib",
+    "method",
+    "frontier_flip_rate",
+    "post_commit_mismatch",
+    "first_divergence",
+    "kl_frontier",
+    "kl_non_frontier",
+    "elbo_ppl",
+    "calib_seconds",
+    "peak_gpu_mib",
     "checkpoint_mib",
 ]
 
@@ -86,11 +93,21 @@ def run_benchmark(
         torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"][: settings.heldout_length])
         for t in heldout_texts[: settings.heldout_texts]
     ]
-    rows = [{"method": "fp16" if device.type == "cuda" else "fp32", "seed": None,
-             "frontier_flip_rate": 0.0, "post_commit_mismatch": 0.0,
-             "first_divergence": float(settings.gen_length), "kl_frontier": 0.0,
-             "kl_non_frontier": 0.0, "elbo_ppl": elbo_perplexity(teacher, heldout),
-             "calib_seconds": 0.0, "peak_gpu_mib": 0.0, "checkpoint_mib": None}]
+    rows = [
+        {
+            "method": "fp16" if device.type == "cuda" else "fp32",
+            "seed": None,
+            "frontier_flip_rate": 0.0,
+            "post_commit_mismatch": 0.0,
+            "first_divergence": float(settings.gen_length),
+            "kl_frontier": 0.0,
+            "kl_non_frontier": 0.0,
+            "elbo_ppl": elbo_perplexity(teacher, heldout),
+            "calib_seconds": 0.0,
+            "peak_gpu_mib": 0.0,
+            "checkpoint_mib": None,
+        }
+    ]
     per_step = {}
     for seed in settings.seeds:
         traces = teacher_traces(teacher, sampler, eval_prompts, seed=seed)
@@ -101,8 +118,12 @@ def run_benchmark(
                 torch.cuda.reset_peak_memory_stats()
             start = time.monotonic()
             result = quantize(
-                model, tokenizer, recipes_dir / METHOD_RECIPES[method], calibration_texts,
-                max_prompts=settings.calibration_prompts, seed=seed,
+                model,
+                tokenizer,
+                recipes_dir / METHOD_RECIPES[method],
+                calibration_texts,
+                max_prompts=settings.calibration_prompts,
+                seed=seed,
             )
             seconds = time.monotonic() - start
             peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
@@ -111,18 +132,26 @@ def run_benchmark(
             del model, result
             student = AutoModel.from_pretrained(path, dtype=teacher.dtype).to(device).eval()
             reload_error = float((_probe_logits(student, device) - expected).abs().max())
-            report = compare_decisions(teacher, student, sampler, eval_prompts,
-                                       seed=seed, traces=traces)
+            report = compare_decisions(
+                teacher, student, sampler, eval_prompts, seed=seed, traces=traces
+            )
             per_step[method] = report.flips_per_step
-            row = {"method": method, "seed": seed, **report.as_row(),
-                   "elbo_ppl": elbo_perplexity(student, heldout), "calib_seconds": seconds,
-                   "peak_gpu_mib": peak, "checkpoint_mib": _checkpoint_mib(path),
-                   "reload_max_abs_logit_diff": reload_error}
+            row = {
+                "method": method,
+                "seed": seed,
+                **report.as_row(),
+                "elbo_ppl": elbo_perplexity(student, heldout),
+                "calib_seconds": seconds,
+                "peak_gpu_mib": peak,
+                "checkpoint_mib": _checkpoint_mib(path),
+                "reload_max_abs_logit_diff": reload_error,
+            }
             logger.info(f"{method}: {row}")
             rows.append(row)
             del student
-    (out_dir / "results.json").write_text(json.dumps({"rows": rows, "flips_per_step": per_step,
-                                                      "settings": vars(settings)}, indent=1))
+    (out_dir / "results.json").write_text(
+        json.dumps({"rows": rows, "flips_per_step": per_step, "settings": vars(settings)}, indent=1)
+    )
     write_report(rows, per_step, out_dir)
     return rows
 

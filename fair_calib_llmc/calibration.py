@@ -124,8 +124,9 @@ def build_calibration_dataset(
             input_ids.extend(states[step])
             weights.extend(raw)
     weights = normalise_weights(weights, settings.min_weight)
+    max_weight = max(float(w.max()) for w in weights)
     logger.info(
-        f"Stage I: {len(input_ids)} masked-stage states; weight max {max(float(w.max()) for w in weights):.2f}, "
+        f"Stage I: {len(input_ids)} masked-stage states; weight max {max_weight:.2f}, "
         f"mean frontier hit {float(prior.frontier_hits.mean()):.3f}, "
         f"mean instability {float(prior.instability.mean()):.3f}"
     )

@@ -25,8 +25,9 @@ def main(argv=None) -> None:
     demo = sub.add_parser("demo", help="FAIR-Calib vs RTN / GPTQ W4A4 on a dLLM, side by side")
     demo.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="LLaDA/Dream checkpoint dir")
     demo.add_argument("--out", default="outputs/default")
-    demo.add_argument("--methods", nargs="+", default=["rtn", "gptq", "fair-calib"],
-                      choices=list(METHOD_RECIPES))
+    demo.add_argument(
+        "--methods", nargs="+", default=["rtn", "gptq", "fair-calib"], choices=list(METHOD_RECIPES)
+    )
     demo.add_argument("--seeds", nargs="+", type=int, default=[0])
     demo.add_argument("--calibration-prompts", type=int, default=32)
     demo.add_argument("--eval-prompts", type=int, default=16)
@@ -35,18 +36,27 @@ def main(argv=None) -> None:
     quant = sub.add_parser("quantize", help="quantize one checkpoint with one recipe")
     quant.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     quant.add_argument("--recipe", required=True)
-    quant.add_argument("--dataset", help="local .json/.jsonl/.txt (default: shipped calibration text)")
+    quant.add_argument(
+        "--dataset", help="local .json/.jsonl/.txt (default: shipped calibration text)"
+    )
     quant.add_argument("--output-dir", required=True)
     quant.add_argument("--max-prompts", type=int, default=64)
 
     args = parser.parse_args(argv)
     if args.command == "demo":
         settings = BenchmarkSettings(
-            methods=tuple(args.methods), seeds=tuple(args.seeds),
-            calibration_prompts=args.calibration_prompts, eval_prompts=args.eval_prompts,
+            methods=tuple(args.methods),
+            seeds=tuple(args.seeds),
+            calibration_prompts=args.calibration_prompts,
+            eval_prompts=args.eval_prompts,
         )
-        run_benchmark(partial(_load, args.model, args.device), shipped_texts("calibration"),
-                      shipped_texts("heldout"), args.out, settings)
+        run_benchmark(
+            partial(_load, args.model, args.device),
+            shipped_texts("calibration"),
+            shipped_texts("heldout"),
+            args.out,
+            settings,
+        )
         print((Path(args.out) / "results.md").read_text())
         print(f"checkpoints, results.json, results.md and flips.png are in {args.out}")
     else:
@@ -55,8 +65,14 @@ def main(argv=None) -> None:
 
         model, tokenizer = load_default_model(args.model)
         texts = load_texts(args.dataset) if args.dataset else shipped_texts("calibration")
-        result = quantize(model, tokenizer, args.recipe, texts, output_dir=args.output_dir,
-                          max_prompts=args.max_prompts)
+        result = quantize(
+            model,
+            tokenizer,
+            args.recipe,
+            texts,
+            output_dir=args.output_dir,
+            max_prompts=args.max_prompts,
+        )
         print(f"saved compressed checkpoint to {result.output_dir}")
 
 

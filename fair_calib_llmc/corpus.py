@@ -47,5 +47,7 @@ def shipped_texts(split: str) -> list[str]:
     """Calibration or held-out chunks shipped with the package (``assets/data/<split>.jsonl``)."""
     path = ASSETS / "data" / f"{split}.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; rebuild it with integration/build_default_model.py")
+        raise FileNotFoundError(
+            f"{path} is missing; rebuild it with integration/build_default_model.py"
+        )
     return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]

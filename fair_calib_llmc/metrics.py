@@ -107,7 +107,7 @@ def compare_decisions(
 
     for batch, t_trace in tqdm(traces, desc="student vs teacher", leave=False):
 
-        def on_step(step: int, state: torch.Tensor, student_logits: torch.Tensor) -> None:
+        def on_step(step: int, state, student_logits, t_trace=t_trace) -> None:
             teacher_logits = denoiser_logits(teacher, state, spec)
             kl = _kl(teacher_logits, student_logits)
             masked = t_trace.masked[step]
@@ -130,7 +130,9 @@ def compare_decisions(
         mismatches += int(differ.sum())
         tokens += differ.numel()
         any_diff = differ.any(dim=1)
-        first = torch.where(any_diff, differ.float().argmax(dim=1), torch.full_like(any_diff, gen, dtype=torch.long))
+        first = torch.where(
+            any_diff, differ.float().argmax(dim=1), torch.full_like(any_diff, gen, dtype=torch.long)
+        )
         first_div.extend(first.tolist())
 
     decisions = int(count_step.sum())

@@ -24,13 +24,13 @@ from compressed_tensors.quantization import enable_quantization
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.quantization.utils import calculate_qparams, is_module_quantized
 from compressed_tensors.utils import getattr_chain
-from loguru import logger
-from pydantic import Field, field_validator
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization.calibration import observe, update_qparams
 from llmcompressor.observers import ACTIVATION_OBS
+from loguru import logger
+from pydantic import Field, field_validator
 
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.prior import PriorSettings

@@ -31,8 +31,14 @@ from fair_calib_llmc.modifier import FAIRCalibModifier, check_finite_weights
 from fair_calib_llmc.prior import PositionPrior
 from fair_calib_llmc.sampling import sampler_for
 
-__all__ = ["check_recipe_shape", "load_recipe", "default_sampler_settings", "quantize",
-           "QuantizeResult", "save_atomically"]
+__all__ = [
+    "check_recipe_shape",
+    "load_recipe",
+    "default_sampler_settings",
+    "quantize",
+    "QuantizeResult",
+    "save_atomically",
+]
 
 
 def check_recipe_shape(recipe: dict) -> None:
@@ -116,9 +122,15 @@ def quantize(
 
     start = time.monotonic()
     calibration, prior = build_calibration_dataset(
-        model, tokenizer, texts, sampler=sampler, prior_settings=stage1.prior,
-        prompt_length=stage1.prompt_length, states_per_prompt=stage1.states_per_prompt,
-        max_prompts=max_prompts, seed=seed,
+        model,
+        tokenizer,
+        texts,
+        sampler=sampler,
+        prior_settings=stage1.prior,
+        prompt_length=stage1.prompt_length,
+        states_per_prompt=stage1.states_per_prompt,
+        max_prompts=max_prompts,
+        seed=seed,
     )
     stage1_seconds = time.monotonic() - start
 

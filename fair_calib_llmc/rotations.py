@@ -35,7 +35,9 @@ LLADA_SPINQUANT = SpinQuantMapping(
 LLADA_NORMS = [
     NormMapping(norm="re:.*attn_norm$", linears=["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"]),
     NormMapping(norm="re:.*ff_norm$", linears=["re:.*up_proj$", "re:.*ff_proj$"]),
-    NormMapping(norm=r"re:^model\.transformer\.ln_f$", linears=[r"re:^model\.transformer\.ff_out$"]),
+    NormMapping(
+        norm=r"re:^model\.transformer\.ln_f$", linears=[r"re:^model\.transformer\.ff_out$"]
+    ),
 ]
 DREAM_SPINQUANT = SpinQuantMapping(
     embedding="re:.*embed_tokens$",
@@ -49,8 +51,12 @@ DREAM_SPINQUANT = SpinQuantMapping(
     lm_head="lm_head",
 )
 DREAM_NORMS = [
-    NormMapping(norm="re:.*input_layernorm$", linears=["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"]),
-    NormMapping(norm="re:.*post_attention_layernorm$", linears=["re:.*up_proj$", "re:.*gate_proj$"]),
+    NormMapping(
+        norm="re:.*input_layernorm$", linears=["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"]
+    ),
+    NormMapping(
+        norm="re:.*post_attention_layernorm$", linears=["re:.*up_proj$", "re:.*gate_proj$"]
+    ),
     NormMapping(norm="model.norm", linears=["lm_head"]),
 ]
 

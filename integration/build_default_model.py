@@ -2,7 +2,8 @@
 
 Deterministic for a seed: trains a byte-level BPE and a small LLaDA-architecture dLLM on the
 running interpreter's standard library (train split) with LLaDA's objective, and writes the
-calibration / held-out chunks the package ships. The shipped weights were built on one H100 (the device tool) in about two minutes::
+calibration / held-out chunks the package ships. The shipped weights were built on one
+H100 (the device tool) in about five minutes::
 
     python integration/build_default_model.py --device cuda --steps 12000 --batch-size 64
 
@@ -55,25 +56,47 @@ def main(argv=None) -> None:
     )
     logger.info(f"{len(train_texts)} train files, {tokens.numel()} tokens")
     config = LLaDAConfig(
-        d_model=128, n_heads=4, n_kv_heads=4, n_layers=4, mlp_hidden_size=384,
-        vocab_size=len(tokenizer), embedding_size=len(tokenizer),
-        mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_sequence_length=512, rope_theta=10000.0,
+        d_model=128,
+        n_heads=4,
+        n_kv_heads=4,
+        n_layers=4,
+        mlp_hidden_size=384,
+        vocab_size=len(tokenizer),
+        embedding_size=len(tokenizer),
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_sequence_length=512,
+        rope_theta=10000.0,
     )
     model = LLaDAModelLM(config).to(args.device)
     start = time.monotonic()
     losses = train_masked_diffusion(
-        model, tokens, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-        seed=args.seed, lr=args.lr,
+        model,
+        tokens,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        lr=args.lr,
     )
-    logger.info(f"trained {len(losses)} steps in {time.monotonic() - start:.0f}s, "
-                f"final loss {sum(losses[-20:]) / 20:.3f}")
+    logger.info(
+        f"trained {len(losses)} steps in {time.monotonic() - start:.0f}s, "
+        f"final loss {sum(losses[-20:]) / 20:.3f}"
+    )
     model.cpu().save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     with open(f"{args.out}/training_log.json", "w") as f:
-        json.dump({"args": vars(args), "python": sys.version.split()[0],
-                   "torch": torch.__version__, "seconds": time.monotonic() - start,
-                   "losses": losses[::10]}, f)
+        json.dump(
+            {
+                "args": vars(args),
+                "python": sys.version.split()[0],
+                "torch": torch.__version__,
+                "seconds": time.monotonic() - start,
+                "losses": losses[::10],
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

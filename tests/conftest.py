@@ -21,20 +21,36 @@ def tokenizer():
 
 def llada_config(tokenizer, **overrides) -> LLaDAConfig:
     fields = dict(
-        d_model=128, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=256,
-        vocab_size=len(tokenizer), embedding_size=len(tokenizer),
-        mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_sequence_length=256, rope_theta=10000.0,
+        d_model=128,
+        n_heads=4,
+        n_kv_heads=2,
+        n_layers=2,
+        mlp_hidden_size=256,
+        vocab_size=len(tokenizer),
+        embedding_size=len(tokenizer),
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_sequence_length=256,
+        rope_theta=10000.0,
     )
     return LLaDAConfig(**{**fields, **overrides})
 
 
 def dream_config(tokenizer, **overrides) -> DreamConfig:
     fields = dict(
-        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-        intermediate_size=256, vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.eos_token_id, max_position_embeddings=256, rope_theta=10000.0,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=256,
+        vocab_size=len(tokenizer),
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
     )
     return DreamConfig(**{**fields, **overrides})
 

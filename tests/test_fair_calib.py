@@ -75,8 +75,15 @@ def test_missing_token_weights_fail_with_the_fix():
 def _calibration(model, tokenizer, texts):
     spec = diffusion_spec(model, tokenizer)
     sampler = sampler_for(spec, **default_sampler_settings(spec, gen_length=16))
-    dataset, _ = build_calibration_dataset(model, tokenizer, texts, sampler=sampler,
-                                           prompt_length=16, states_per_prompt=2, max_prompts=3)
+    dataset, _ = build_calibration_dataset(
+        model,
+        tokenizer,
+        texts,
+        sampler=sampler,
+        prompt_length=16,
+        states_per_prompt=2,
+        max_prompts=3,
+    )
     return dataset
 
 
@@ -89,11 +96,20 @@ def test_propagation_feeds_layer_two_what_the_w4a4_model_computes(
     seen = []
     block = model.model.transformer.blocks[1]
     handle = block.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    modifier = FAIRCalibModifier(scheme="W4A4_G128_PACKED", ignore=[r"re:^model\.transformer\.ff_out$"],
-                                 quantized_propagation=propagate)
-    model = oneshot(model=model, processor=tokenizer, recipe=modifier, dataset=dataset,
-                    use_loss_mask=True, num_calibration_samples=len(dataset),
-                    shuffle_calibration_samples=False)
+    modifier = FAIRCalibModifier(
+        scheme="W4A4_G128_PACKED",
+        ignore=[r"re:^model\.transformer\.ff_out$"],
+        quantized_propagation=propagate,
+    )
+    model = oneshot(
+        model=model,
+        processor=tokenizer,
+        recipe=modifier,
+        dataset=dataset,
+        use_loss_mask=True,
+        num_calibration_samples=len(dataset),
+        shuffle_calibration_samples=False,
+    )
     calibrated_input = seen[0]
     seen.clear()
     model.config._attn_implementation = "eager"  # the pipeline calibrates with eager attention
@@ -121,8 +137,9 @@ def test_clipping_search_never_increases_weighted_error():
     linear = torch.nn.Linear(128, 32, bias=False)
     linear.weight.data = weight
     linear.quantization_scheme = preset_name_to_scheme("W4A4_CHANNEL_PACKED", ["Linear"])
-    linear.weight_observer = Observer.load_from_registry("memoryless_minmax", base_name="weight",
-                                                         args=args)
+    linear.weight_observer = Observer.load_from_registry(
+        "memoryless_minmax", base_name="weight", args=args
+    )
     linear.weight_observer(linear.weight)
     fair = FAIRCalibModifier(scheme="W4A4")
     fair._hessians[linear], fair._num_samples[linear] = hessian, torch.tensor(1.0)
@@ -140,9 +157,15 @@ def test_clipping_search_never_increases_weighted_error():
 
 # --- bad input fails fast, with the fix in the message -------------------------------------
 def test_causal_model_is_rejected(tokenizer):
-    causal = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128,
-                                          num_hidden_layers=1, num_attention_heads=4,
-                                          vocab_size=len(tokenizer)))
+    causal = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=len(tokenizer),
+        )
+    )
     with pytest.raises(ValueError, match="not a diffusion language model"):
         diffusion_spec(causal, tokenizer)
     with pytest.raises(ValueError, match="not a diffusion language model"):
@@ -192,13 +215,20 @@ def test_nan_weights_fail_before_calibration(llada, tokenizer, calibration_texts
     with torch.no_grad():
         llada.model.transformer.blocks[0].q_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf weights"):
-        quantize(llada, tokenizer, RECIPES / "fair_calib_w4a4.yaml", calibration_texts,
-                 output_dir=tmp_path / "out", max_prompts=2)
+        quantize(
+            llada,
+            tokenizer,
+            RECIPES / "fair_calib_w4a4.yaml",
+            calibration_texts,
+            output_dir=tmp_path / "out",
+            max_prompts=2,
+        )
     assert not (tmp_path / "out").exists()
 
 
-def test_failed_save_leaves_no_checkpoint(llada, tokenizer, calibration_texts, tmp_path,
-                                          monkeypatch):
+def test_failed_save_leaves_no_checkpoint(
+    llada, tokenizer, calibration_texts, tmp_path, monkeypatch
+):
     model = saved(llada, tokenizer, tmp_path / "fp")
 
     def broken_save(*args, **kwargs):
@@ -206,15 +236,25 @@ def test_failed_save_leaves_no_checkpoint(llada, tokenizer, calibration_texts, t
 
     monkeypatch.setattr(type(model), "save_pretrained", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        quantize(model, tokenizer, RECIPES / "fair_calib_w4a4.yaml", calibration_texts,
-                 output_dir=tmp_path / "out", max_prompts=2)
+        quantize(
+            model,
+            tokenizer,
+            RECIPES / "fair_calib_w4a4.yaml",
+            calibration_texts,
+            output_dir=tmp_path / "out",
+            max_prompts=2,
+        )
     assert sorted(os.listdir(tmp_path)) == ["fp"]
 
 
 def test_nan_activations_fail_with_the_layer_name():
     with pytest.raises(FloatingPointError, match="NaN/Inf activations enter probe"):
-        _hessian(FAIRCalibModifier(scheme="W4A4"), torch.nn.Linear(4, 4),
-                 torch.full((1, 2, 4), float("nan")), torch.ones(1, 2))
+        _hessian(
+            FAIRCalibModifier(scheme="W4A4"),
+            torch.nn.Linear(4, 4),
+            torch.full((1, 2, 4), float("nan")),
+            torch.ones(1, 2),
+        )
 
 
 @pytest.mark.parametrize("form", ["list", "jsonl", "json", "txt", "datasets"])
@@ -229,13 +269,16 @@ def test_quantize_from_raw_text_forms(dream, tokenizer, calibration_texts, tmp_p
     data = {
         "list": lambda: texts,
         "datasets": lambda: Dataset.from_dict({"text": texts}),
-        "jsonl": lambda: _write(tmp_path / "c.jsonl", "\n".join(json.dumps({"text": t}) for t in texts)),
+        "jsonl": lambda: _write(
+            tmp_path / "c.jsonl", "\n".join(json.dumps({"text": t}) for t in texts)
+        ),
         "json": lambda: _write(tmp_path / "c.json", json.dumps([{"text": t} for t in texts])),
         "txt": lambda: _write(tmp_path / "c.txt", "\n".join(texts)),
     }[form]()
     model = saved(dream, tokenizer, tmp_path / "fp")
-    result = quantize(model, tokenizer, RECIPES / "fair_calib_w4a4.yaml", data,
-                      output_dir=tmp_path / "q")
+    result = quantize(
+        model, tokenizer, RECIPES / "fair_calib_w4a4.yaml", data, output_dir=tmp_path / "q"
+    )
     assert len(result.calibration) == 3 * 4  # prompts x states_per_prompt
     weights = torch.tensor([w for row in result.calibration["loss_mask"] for w in row])
     assert abs(weights.mean().item() - 1) < 1e-5 and weights.min() >= 0.1

@@ -47,9 +47,14 @@ def _reload_and_compare(model, tokenizer, path):
 def test_gptq_w4a16_traces_both_families(dllm, tokenizer, calibration_texts, tmp_path):
     """Plain llm-compressor on raw text: the sequential pipeline traces our models."""
     model = saved(dllm, tokenizer, tmp_path / "fp")
-    model = oneshot(model=model, processor=tokenizer, recipe=GPTQ_W4A16,
-                    dataset=_text_dataset(calibration_texts), num_calibration_samples=4,
-                    max_seq_length=64)
+    model = oneshot(
+        model=model,
+        processor=tokenizer,
+        recipe=GPTQ_W4A16,
+        dataset=_text_dataset(calibration_texts),
+        num_calibration_samples=4,
+        max_seq_length=64,
+    )
     config, _ = _reload_and_compare(model, tokenizer, tmp_path / "q")
     assert config["config_groups"]["group_0"]["weights"]["num_bits"] == 4
     assert config["quantization_status"] == "compressed"
@@ -67,10 +72,23 @@ def test_fair_calib_recipe_through_oneshot(dllm, tokenizer, calibration_texts, t
     embedding = model.get_input_embeddings().weight.clone()
     spec = diffusion_spec(model, tokenizer)
     sampler = sampler_for(spec, **default_sampler_settings(spec, gen_length=16))
-    dataset, _ = build_calibration_dataset(model, tokenizer, calibration_texts, sampler=sampler,
-                                           prompt_length=16, states_per_prompt=2, max_prompts=4)
-    model = oneshot(model=model, processor=tokenizer, recipe=str(RECIPES / recipe),
-                    dataset=dataset, use_loss_mask=True, num_calibration_samples=len(dataset))
+    dataset, _ = build_calibration_dataset(
+        model,
+        tokenizer,
+        calibration_texts,
+        sampler=sampler,
+        prompt_length=16,
+        states_per_prompt=2,
+        max_prompts=4,
+    )
+    model = oneshot(
+        model=model,
+        processor=tokenizer,
+        recipe=str(RECIPES / recipe),
+        dataset=dataset,
+        use_loss_mask=True,
+        num_calibration_samples=len(dataset),
+    )
     config, reloaded = _reload_and_compare(model, tokenizer, tmp_path / "q")
     group = config["config_groups"]["group_0"]
     assert config["format"] == "pack-quantized"

@@ -19,8 +19,9 @@ def _sampler(model):
 
 def _prompts(model, n=3):
     gen = torch.Generator().manual_seed(5)
-    return [torch.randint(3, model.config.vocab_size, (6 + i % 2,), generator=gen)
-            for i in range(n)]
+    return [
+        torch.randint(3, model.config.vocab_size, (6 + i % 2,), generator=gen) for i in range(n)
+    ]
 
 
 def test_model_against_itself_has_no_flips(dllm):

@@ -16,17 +16,29 @@ from .conftest import save_with_tokenizer
 # Key names of the public checkpoints (GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-*-7B),
 # written out here by hand so the test does not derive them from our own modules.
 LLADA_BLOCK_KEYS = {
-    "attn_norm.weight": ("d", None), "q_proj.weight": ("d", "d"), "k_proj.weight": ("kv", "d"),
-    "v_proj.weight": ("kv", "d"), "attn_out.weight": ("d", "d"), "ff_norm.weight": ("d", None),
-    "ff_proj.weight": ("m", "d"), "up_proj.weight": ("m", "d"), "ff_out.weight": ("d", "m"),
+    "attn_norm.weight": ("d", None),
+    "q_proj.weight": ("d", "d"),
+    "k_proj.weight": ("kv", "d"),
+    "v_proj.weight": ("kv", "d"),
+    "attn_out.weight": ("d", "d"),
+    "ff_norm.weight": ("d", None),
+    "ff_proj.weight": ("m", "d"),
+    "up_proj.weight": ("m", "d"),
+    "ff_out.weight": ("d", "m"),
 }
 DREAM_LAYER_KEYS = {
-    "input_layernorm.weight": ("d", None), "post_attention_layernorm.weight": ("d", None),
-    "self_attn.q_proj.weight": ("d", "d"), "self_attn.q_proj.bias": ("d", None),
-    "self_attn.k_proj.weight": ("kv", "d"), "self_attn.k_proj.bias": ("kv", None),
-    "self_attn.v_proj.weight": ("kv", "d"), "self_attn.v_proj.bias": ("kv", None),
-    "self_attn.o_proj.weight": ("d", "d"), "mlp.gate_proj.weight": ("m", "d"),
-    "mlp.up_proj.weight": ("m", "d"), "mlp.down_proj.weight": ("d", "m"),
+    "input_layernorm.weight": ("d", None),
+    "post_attention_layernorm.weight": ("d", None),
+    "self_attn.q_proj.weight": ("d", "d"),
+    "self_attn.q_proj.bias": ("d", None),
+    "self_attn.k_proj.weight": ("kv", "d"),
+    "self_attn.k_proj.bias": ("kv", None),
+    "self_attn.v_proj.weight": ("kv", "d"),
+    "self_attn.v_proj.bias": ("kv", None),
+    "self_attn.o_proj.weight": ("d", "d"),
+    "mlp.gate_proj.weight": ("m", "d"),
+    "mlp.up_proj.weight": ("m", "d"),
+    "mlp.down_proj.weight": ("d", "m"),
 }
 DIMS = {"d": 64, "kv": 32, "m": 96, "v": 300}
 
@@ -38,55 +50,110 @@ def _tensor(shape, gen):
 
 def _public_llada_dir(path, n_layers=2):
     gen = torch.Generator().manual_seed(0)
-    sd = {"model.transformer.wte.weight": _tensor(("v", "d"), gen),
-          "model.transformer.ln_f.weight": _tensor(("d", None), gen) + 1,
-          "model.transformer.ff_out.weight": _tensor(("v", "d"), gen)}
+    sd = {
+        "model.transformer.wte.weight": _tensor(("v", "d"), gen),
+        "model.transformer.ln_f.weight": _tensor(("d", None), gen) + 1,
+        "model.transformer.ff_out.weight": _tensor(("v", "d"), gen),
+    }
     for i in range(n_layers):
         for key, shape in LLADA_BLOCK_KEYS.items():
             sd[f"model.transformer.blocks.{i}.{key}"] = _tensor(shape, gen)
     config = {  # the LLaDA-8B config.json field set, scaled down
-        "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
-        "architectures": ["LLaDAModelLM"], "attention_dropout": 0.0,
-        "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
-        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
-                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
-                     "AutoModel": "modeling_llada.LLaDAModelLM"},
-        "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
-        "d_model": 64, "embedding_dropout": 0.0, "embedding_size": 300, "eos_token_id": 298,
-        "flash_attention": False, "include_bias": False, "include_qkv_bias": False,
-        "init_cutoff_factor": None, "init_device": "meta", "init_fn": "mitchell",
-        "init_std": 0.02, "input_emb_norm": False, "layer_norm_type": "rms",
-        "layer_norm_with_affine": True, "mask_token_id": 299, "max_sequence_length": 4096,
-        "mlp_hidden_size": 96, "mlp_ratio": 4, "model_type": "llada",
-        "multi_query_attention": None, "n_heads": 4, "n_kv_heads": 2, "n_layers": n_layers,
-        "pad_token_id": 298, "precision": "amp_bf16", "residual_dropout": 0.0,
-        "rms_norm_eps": 1e-05, "rope": True, "rope_full_precision": True,
-        "rope_theta": 500000.0, "scale_logits": False, "transformers_version": "4.46.3",
-        "use_cache": False, "vocab_size": 300, "weight_tying": False,
+        "activation_type": "silu",
+        "alibi": False,
+        "alibi_bias_max": 8.0,
+        "architectures": ["LLaDAModelLM"],
+        "attention_dropout": 0.0,
+        "attention_layer_norm": False,
+        "attention_layer_norm_with_affine": True,
+        "auto_map": {
+            "AutoConfig": "configuration_llada.LLaDAConfig",
+            "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+            "AutoModel": "modeling_llada.LLaDAModelLM",
+        },
+        "bias_for_layer_norm": False,
+        "block_group_size": 1,
+        "block_type": "llama",
+        "d_model": 64,
+        "embedding_dropout": 0.0,
+        "embedding_size": 300,
+        "eos_token_id": 298,
+        "flash_attention": False,
+        "include_bias": False,
+        "include_qkv_bias": False,
+        "init_cutoff_factor": None,
+        "init_device": "meta",
+        "init_fn": "mitchell",
+        "init_std": 0.02,
+        "input_emb_norm": False,
+        "layer_norm_type": "rms",
+        "layer_norm_with_affine": True,
+        "mask_token_id": 299,
+        "max_sequence_length": 4096,
+        "mlp_hidden_size": 96,
+        "mlp_ratio": 4,
+        "model_type": "llada",
+        "multi_query_attention": None,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "n_layers": n_layers,
+        "pad_token_id": 298,
+        "precision": "amp_bf16",
+        "residual_dropout": 0.0,
+        "rms_norm_eps": 1e-05,
+        "rope": True,
+        "rope_full_precision": True,
+        "rope_theta": 500000.0,
+        "scale_logits": False,
+        "transformers_version": "4.46.3",
+        "use_cache": False,
+        "vocab_size": 300,
+        "weight_tying": False,
     }
     return _write(path, sd, config)
 
 
 def _public_dream_dir(path, n_layers=2):
     gen = torch.Generator().manual_seed(1)
-    sd = {"model.embed_tokens.weight": _tensor(("v", "d"), gen),
-          "model.norm.weight": _tensor(("d", None), gen) + 1,
-          "lm_head.weight": _tensor(("v", "d"), gen)}
+    sd = {
+        "model.embed_tokens.weight": _tensor(("v", "d"), gen),
+        "model.norm.weight": _tensor(("d", None), gen) + 1,
+        "lm_head.weight": _tensor(("v", "d"), gen),
+    }
     for i in range(n_layers):
         for key, shape in DREAM_LAYER_KEYS.items():
             sd[f"model.layers.{i}.{key}"] = _tensor(shape, gen)
     config = {  # the Dream-v0-Instruct-7B config.json field set, scaled down
-        "architectures": ["DreamModel"], "attention_dropout": 0.0,
-        "auto_map": {"AutoConfig": "configuration_dream.DreamConfig",
-                     "AutoModel": "modeling_dream.DreamModel"},
-        "bos_token_id": 298, "eos_token_id": 298, "hidden_act": "silu", "hidden_size": 64,
-        "initializer_range": 0.02, "intermediate_size": 96, "mask_token_id": 299,
-        "max_position_embeddings": 131072, "max_window_layers": 28, "model_type": "Dream",
-        "num_attention_heads": 4, "num_hidden_layers": n_layers, "num_key_value_heads": 2,
-        "pad_token_id": 298, "rms_norm_eps": 1e-06, "rope_scaling": None,
-        "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "transformers_version": "4.46.2", "use_cache": True,
-        "use_sliding_window": False, "vocab_size": 300,
+        "architectures": ["DreamModel"],
+        "attention_dropout": 0.0,
+        "auto_map": {
+            "AutoConfig": "configuration_dream.DreamConfig",
+            "AutoModel": "modeling_dream.DreamModel",
+        },
+        "bos_token_id": 298,
+        "eos_token_id": 298,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "initializer_range": 0.02,
+        "intermediate_size": 96,
+        "mask_token_id": 299,
+        "max_position_embeddings": 131072,
+        "max_window_layers": 28,
+        "model_type": "Dream",
+        "num_attention_heads": 4,
+        "num_hidden_layers": n_layers,
+        "num_key_value_heads": 2,
+        "pad_token_id": 298,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.46.2",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 300,
     }
     return _write(path, sd, config)
 
@@ -100,10 +167,12 @@ def _write(path, state_dict, config):
 
 @pytest.mark.parametrize(
     "writer,cls,auto",
-    [(_public_llada_dir, LLaDAModelLM, AutoModelForCausalLM),
-     (_public_llada_dir, LLaDAModelLM, AutoModel),
-     (_public_dream_dir, DreamModel, AutoModel),
-     (_public_dream_dir, DreamModel, AutoModelForCausalLM)],
+    [
+        (_public_llada_dir, LLaDAModelLM, AutoModelForCausalLM),
+        (_public_llada_dir, LLaDAModelLM, AutoModel),
+        (_public_dream_dir, DreamModel, AutoModel),
+        (_public_dream_dir, DreamModel, AutoModelForCausalLM),
+    ],
 )
 def test_public_layout_loads_without_missing_or_unexpected_keys(tmp_path, writer, cls, auto):
     path, written = writer(tmp_path / "ckpt")

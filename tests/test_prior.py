@@ -38,8 +38,15 @@ def _trace() -> DiffusionTrace:
     return trace
 
 
-SETTINGS = PriorSettings(lookahead=1, stability_lag=1, decay=0.5, num_stages=1,
-                         frontier_weight=2.0, instability_weight=0.0, margin_mix=1.0)
+SETTINGS = PriorSettings(
+    lookahead=1,
+    stability_lag=1,
+    decay=0.5,
+    num_stages=1,
+    frontier_weight=2.0,
+    instability_weight=0.0,
+    margin_mix=1.0,
+)
 
 
 def test_frontier_hits_per_step():
@@ -67,8 +74,9 @@ def test_agreement_enters_instability():
 def test_instability_boosts_frontier_weight():
     settings = SETTINGS.model_copy(update={"instability_weight": 1.0})
     weights = estimate_prior([_trace()], settings).raw_weights(_trace(), step=0)[0]
-    torch.testing.assert_close(weights, torch.tensor([1.0, 1 + 2 * 0.5 * 1.2,
-                                                      1 + 2 * (2 / 3) * 1.6, 1 + 2 * 0.5 * 1.5]))
+    torch.testing.assert_close(
+        weights, torch.tensor([1.0, 1 + 2 * 0.5 * 1.2, 1 + 2 * (2 / 3) * 1.6, 1 + 2 * 0.5 * 1.5])
+    )
 
 
 def test_normalise_to_mean_one_with_floor():

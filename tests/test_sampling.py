@@ -110,6 +110,7 @@ def test_bad_sampler_arguments_name_the_fix(kwargs, message):
 
 
 def test_sampler_for_picks_family(llada, dream):
-    assert isinstance(sampler_for(diffusion_spec(llada), steps=4, gen_length=8, block_length=8),
-                      LLaDASampler)
+    assert isinstance(
+        sampler_for(diffusion_spec(llada), steps=4, gen_length=8, block_length=8), LLaDASampler
+    )
     assert isinstance(sampler_for(diffusion_spec(dream), steps=4, gen_length=8), DreamSampler)

@@ -43,7 +43,6 @@ def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill(~keep, torch.finfo(dtype).min)
 
 
-
 class BidirectionalMask(nn.Module):
     """Module form of :func:`bidirectional_attention_mask` (a leaf for torch.fx tracing)."""
 
