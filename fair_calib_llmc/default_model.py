@@ -1,6 +1,6 @@
 """The built-in default model: a small LLaDA-architecture dLLM shipped with the package.
 
-It was trained by ``integration/build_default_model.py`` (deterministic, CPU, a few minutes) on
+It was trained by ``integration/train_dllm.py --preset tiny`` (deterministic, CPU, a few minutes) on
 Python standard-library sources with LLaDA's objective, so it has real, non-uniform
 predictions and a real write frontier, unlike a random-init model. Its calibration and
 held-out text ship beside it (``assets/data``), so the main job runs offline on any machine.
@@ -26,7 +26,7 @@ def load_default_model(path: str | Path = DEFAULT_MODEL_DIR, dtype=torch.float32
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"no checkpoint at {path}; rebuild the default model with "
-            "`python integration/build_default_model.py`"
+            "`python integration/train_dllm.py --preset tiny`"
         )
     model = AutoModel.from_pretrained(path, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,79 @@
+"""Side-by-side W4A4 benchmark of every method on one GPU (or CPU), several seeds.
+
+    python integration/benchmark.py --model ref-llada --corpus stdlib --out bench/ref
+
+``--model`` is any LLaDA or Dream checkpoint directory (the reference model from
+``integration/train_dllm.py``, or a real LLaDA-8B / Dream-7B download). Calibration and
+held-out text come from the interpreter's standard library split (``stdlib``: the reference
+model's own held-out files), the package's shipped text (``shipped``), or local files
+(``--calibration F --heldout F``). Results (``results.json``, ``results.md``, ``flips.png``)
+and the compressed checkpoints are written to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from fair_calib_llmc.benchmark import METHOD_RECIPES, BenchmarkSettings, run_benchmark
+from fair_calib_llmc.calibration import load_texts
+from fair_calib_llmc.corpus import chunk_text, shipped_texts, stdlib_split
+from fair_calib_llmc.default_model import load_default_model
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--corpus", choices=["stdlib", "shipped"], default="stdlib")
+    parser.add_argument("--calibration", help="local calibration text file (overrides corpus)")
+    parser.add_argument("--heldout", help="local held-out text file (overrides corpus)")
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_RECIPES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--calibration-prompts", type=int, default=64)
+    parser.add_argument("--eval-prompts", type=int, default=32)
+    parser.add_argument("--gen-length", type=int, default=32)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.corpus == "stdlib":
+        calibration = chunk_text(stdlib_split("calibration", recursive=True), 1200)
+        heldout = chunk_text(stdlib_split("heldout", recursive=True), 1200)
+    else:
+        calibration, heldout = shipped_texts("calibration"), shipped_texts("heldout")
+    calibration = load_texts(args.calibration) if args.calibration else calibration
+    heldout = load_texts(args.heldout) if args.heldout else heldout
+
+    def load():
+        model, tokenizer = load_default_model(args.model, dtype=dtype)
+        return model.to(device), tokenizer
+
+    settings = BenchmarkSettings(
+        methods=tuple(args.methods),
+        seeds=tuple(args.seeds),
+        gen_length=args.gen_length,
+        calibration_prompts=args.calibration_prompts,
+        eval_prompts=args.eval_prompts,
+        heldout_texts=64,
+        heldout_length=256,
+    )
+    start = time.monotonic()
+    run_benchmark(load, calibration, heldout, args.out, settings)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    footer = (
+        f"\nMeasured on {gpu}, {time.strftime('%Y-%m-%d')}, "
+        f"{time.monotonic() - start:.0f}s in all; command: "
+        f"python integration/benchmark.py {' '.join(argv or __import__('sys').argv[1:])}\n"
+    )
+    with open(Path(args.out) / "results.md", "a") as f:
+        f.write(footer)
+    print((Path(args.out) / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
