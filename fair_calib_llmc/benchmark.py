@@ -10,6 +10,7 @@ go next to the checkpoints: ``results.json``, ``results.md`` and ``flips.png``.
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,16 +87,13 @@ def run_benchmark(
     device = next(teacher.parameters()).device
     spec = diffusion_spec(teacher, tokenizer)
     sampler = sampler_for(spec, **default_sampler_settings(spec, settings.gen_length))
-    eval_prompts = prompts_from_texts(
-        heldout_texts, tokenizer, settings.prompt_length, settings.eval_prompts
-    )
     heldout = [
         torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"][: settings.heldout_length])
         for t in heldout_texts[: settings.heldout_texts]
     ]
     rows = [
         {
-            "method": "fp16" if device.type == "cuda" else "fp32",
+            "method": f"fp ({str(teacher.dtype).removeprefix('torch.')})",
             "seed": None,
             "frontier_flip_rate": 0.0,
             "post_commit_mismatch": 0.0,
@@ -110,6 +108,15 @@ def run_benchmark(
     ]
     per_step = {}
     for seed in settings.seeds:
+        # a seed draws its own calibration and evaluation prompts (and sampler noise)
+        rng = random.Random(seed)
+        seed_calibration = rng.sample(calibration_texts, len(calibration_texts))
+        eval_prompts = prompts_from_texts(
+            rng.sample(heldout_texts, len(heldout_texts)),
+            tokenizer,
+            settings.prompt_length,
+            settings.eval_prompts,
+        )
         traces = teacher_traces(teacher, sampler, eval_prompts, seed=seed)
         for method in settings.methods:
             logger.info(f"=== {method} (seed {seed}) ===")
@@ -121,7 +128,7 @@ def run_benchmark(
                 model,
                 tokenizer,
                 recipes_dir / METHOD_RECIPES[method],
-                calibration_texts,
+                seed_calibration,
                 max_prompts=settings.calibration_prompts,
                 seed=seed,
             )

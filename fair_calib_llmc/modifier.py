@@ -30,7 +30,7 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization.calibration import observe, update_qparams
 from llmcompressor.observers import ACTIVATION_OBS
 from loguru import logger
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.prior import PriorSettings
@@ -83,6 +83,8 @@ class FAIRCalibModifier(GPTQModifier):
     quantized_propagation: bool = True
     require_token_weights: bool = True
 
+    _sqrt_weights: dict = PrivateAttr(default_factory=dict)
+
     @field_validator("scheme", mode="before")
     @classmethod
     def _known_scheme(cls, value):
@@ -105,12 +107,7 @@ class FAIRCalibModifier(GPTQModifier):
 
     def calibrate_module(self, module, args, _output):
         inp = args[0]
-        if not torch.isfinite(inp).all():
-            raise FloatingPointError(
-                f"NaN/Inf activations enter {self._module_names.get(module, module)}; "
-                "check the checkpoint and the calibration inputs (dtype overflow in fp16?)"
-            )
-        weights = _current_token_weights()
+        weights = self._token_weights(inp.device)
         if weights is None and self.require_token_weights:
             # checked here: the sequential pipeline fills state.loss_masks after
             # CALIBRATION_START, right before the first calibration batch
@@ -126,11 +123,35 @@ class FAIRCalibModifier(GPTQModifier):
                     f"loss_mask shape {tuple(weights.shape)} does not match the layer input "
                     f"{tuple(inp.shape[:-1])}; keep loss_mask aligned with input_ids"
                 )
-            inp = inp * weights.to(inp.device, inp.dtype).sqrt().unsqueeze(-1)
+            inp = inp * weights.to(inp.dtype).unsqueeze(-1)
         super().calibrate_module(module, (inp, *args[1:]), _output)
+
+    def _token_weights(self, device: torch.device) -> torch.Tensor | None:
+        """``sqrt(loss_mask)`` of the current batch on ``device``, computed once per batch
+        (every hooked linear of a layer sees the same batch)."""
+        state = active_session().state
+        masks = getattr(state, "loss_masks", None)
+        index = getattr(state, "current_batch_idx", -1)
+        if not masks or index is None or index < 0:
+            return None
+        key = (index, device)
+        if key not in self._sqrt_weights:
+            self._sqrt_weights.clear()
+            self._sqrt_weights[key] = masks[index].to(device, torch.float32).sqrt()
+        return self._sqrt_weights[key]
+
+    def _check_finite_hessians(self, modules) -> None:
+        """NaN/Inf activations poison the Hessian: one check per layer, not per batch."""
+        for module in modules:
+            if module in self._hessians and not torch.isfinite(self._hessians[module]).all():
+                raise FloatingPointError(
+                    f"NaN/Inf activations entered {self._module_names.get(module, module)}; "
+                    "check the checkpoint and the calibration inputs (fp16 overflow?)"
+                )
 
     def on_sequential_epoch_end(self, state: State, event: Event, modules, **kwargs):
         modules = [m for m in modules if is_module_quantized(m)]
+        self._check_finite_hessians(modules)
         observe(modules, base_name="weight")
         if self.clip_search:
             for module in modules:
@@ -171,16 +192,6 @@ class FAIRCalibModifier(GPTQModifier):
             f"{self._module_names.get(module)}: clip ratio mean {best.mean():.3f} "
             f"min {best.min():.2f}"
         )
-
-
-def _current_token_weights() -> torch.Tensor | None:
-    """The ``loss_mask`` of the batch the sequential pipeline is calibrating, if any."""
-    state = active_session().state
-    masks = getattr(state, "loss_masks", None)
-    index = getattr(state, "current_batch_idx", -1)
-    if not masks or index is None or index < 0:
-        return None
-    return masks[index]
 
 
 ModifierFactory.register("FAIRCalibModifier", FAIRCalibModifier)
