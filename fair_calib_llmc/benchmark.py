@@ -155,12 +155,16 @@ def run_benchmark(
             }
             logger.info(f"{method}: {row}")
             rows.append(row)
+            _write_results(out_dir, rows, per_step, settings)  # a cut-off run keeps its rows
             del student
-    (out_dir / "results.json").write_text(
-        json.dumps({"rows": rows, "flips_per_step": per_step, "settings": vars(settings)}, indent=1)
-    )
-    write_report(rows, per_step, out_dir)
+    _write_results(out_dir, rows, per_step, settings)
     return rows
+
+
+def _write_results(out_dir: Path, rows, per_step, settings) -> None:
+    payload = {"rows": rows, "flips_per_step": per_step, "settings": vars(settings)}
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
+    write_report(rows, per_step, out_dir)
 
 
 def _summarise(rows: list[dict]) -> list[dict]:
