@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2DecoderLayer,
@@ -25,6 +24,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2RotaryEmbedding,
 )
 
+from fair_calib_llmc.models.backbone import BidirectionalStackMixin, DiffusionLMMixin
 from fair_calib_llmc.models.masking import BidirectionalMask
 
 __all__ = ["DreamConfig", "DreamModel", "DreamDecoderLayer", "DREAM_MASK_TOKEN_ID"]
@@ -47,6 +47,12 @@ class DreamDecoderLayer(Qwen2DecoderLayer):
         super().__init__(config, layer_idx)
         self.self_attn.is_causal = False
 
+    def forward(self, hidden_states, position_embeddings, attention_mask=None):
+        """The call convention of :class:`BidirectionalStackMixin` (no KV cache)."""
+        return super().forward(
+            hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings
+        )
+
 
 class DreamPreTrainedModel(Qwen2PreTrainedModel):
     config_class = DreamConfig
@@ -55,7 +61,7 @@ class DreamPreTrainedModel(Qwen2PreTrainedModel):
     _can_record_outputs = None
 
 
-class DreamBaseModel(DreamPreTrainedModel):
+class DreamBaseModel(BidirectionalStackMixin, DreamPreTrainedModel):
     def __init__(self, config: DreamConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
@@ -67,34 +73,17 @@ class DreamBaseModel(DreamPreTrainedModel):
         self.attention_mask = BidirectionalMask()
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        if position_ids is None:
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
-            position_ids = position_ids.unsqueeze(0)
-        mask = self.attention_mask(attention_mask, inputs_embeds)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
 
-        hidden_states = inputs_embeds
-        all_hidden = (hidden_states,) if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = layer(
-                hidden_states, attention_mask=mask, position_embeddings=position_embeddings
-            )
-            if output_hidden_states:
-                all_hidden = all_hidden + (hidden_states,)
-        return self.norm(hidden_states), all_hidden
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.layers
+
+    def final_norm(self) -> nn.Module:
+        return self.norm
 
 
-class DreamModel(DreamPreTrainedModel):
+class DreamModel(DiffusionLMMixin, DreamPreTrainedModel):
     """Dream masked-diffusion LM (class name as in the hub's ``architectures``)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -114,21 +103,5 @@ class DreamModel(DreamPreTrainedModel):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        hidden_states, all_hidden = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=bool(output_hidden_states),
-        )
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden_states), hidden_states=all_hidden)
+    def lm_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
@@ -32,6 +31,7 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
+from fair_calib_llmc.models.backbone import BidirectionalStackMixin, DiffusionLMMixin
 from fair_calib_llmc.models.masking import BidirectionalMask
 
 __all__ = ["LLaDAConfig", "LLaDAModelLM", "LLaDABlock", "LM_HEAD", "LLADA_MASK_TOKEN_ID"]
@@ -217,7 +217,7 @@ class LLaDAPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
-class LLaDAModel(LLaDAPreTrainedModel):
+class LLaDAModel(BidirectionalStackMixin, LLaDAPreTrainedModel):
     """The ``model`` attribute of :class:`LLaDAModelLM`: holds ``transformer`` (a ModuleDict)."""
 
     def __init__(self, config: LLaDAConfig):
@@ -235,33 +235,17 @@ class LLaDAModel(LLaDAPreTrainedModel):
         self.attention_mask = BidirectionalMask()
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        if inputs_embeds is None:
-            inputs_embeds = self.transformer.wte(input_ids)
-        if position_ids is None:
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
-            position_ids = position_ids.unsqueeze(0)
-        mask = self.attention_mask(attention_mask, inputs_embeds)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
 
-        hidden_states = inputs_embeds
-        all_hidden = (hidden_states,) if output_hidden_states else None
-        for block in self.transformer.blocks:
-            hidden_states = block(hidden_states, position_embeddings, mask)
-            if output_hidden_states:
-                all_hidden = all_hidden + (hidden_states,)
-        hidden_states = self.transformer.ln_f(hidden_states)
-        return hidden_states, all_hidden
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.transformer.blocks
+
+    def final_norm(self) -> nn.Module:
+        return self.transformer.ln_f
 
 
-class LLaDAModelLM(LLaDAPreTrainedModel):
+class LLaDAModelLM(DiffusionLMMixin, LLaDAPreTrainedModel):
     """LLaDA masked-diffusion LM. ``logits[:, i]`` predicts the token at position ``i``."""
 
     def __init__(self, config: LLaDAConfig):
@@ -278,27 +262,11 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
     def get_output_embeddings(self) -> nn.Module | None:
         return None if self.config.weight_tying else self.model.transformer.ff_out
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        hidden_states, all_hidden = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=bool(output_hidden_states),
-        )
+    def lm_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.config.weight_tying:
             logits = nn.functional.linear(hidden_states, self.model.transformer.wte.weight)
         else:
             logits = self.model.transformer.ff_out(hidden_states)
         if self.config.scale_logits:
             logits = logits * (1.0 / self.config.d_model**0.5)
-        return CausalLMOutputWithPast(logits=logits, hidden_states=all_hidden)
+        return logits
