@@ -14,12 +14,11 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from pydantic import ValidationError
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fair_calib_llmc import FAIRCalibModifier, build_calibration_dataset, quantize
+from fair_calib_llmc import FAIRCalibModifier, quantize
 from fair_calib_llmc.models import diffusion_spec
-from fair_calib_llmc.pipeline import check_recipe_shape, default_sampler_settings
-from fair_calib_llmc.sampling import sampler_for
+from fair_calib_llmc.pipeline import check_recipe_shape
 
-from .conftest import llada_config, saved
+from .conftest import llada_config, masked_states, saved
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -72,27 +71,12 @@ def test_missing_token_weights_fail_with_the_fix():
         _hessian(FAIRCalibModifier(scheme="W4A4"), torch.nn.Linear(4, 4), torch.ones(1, 2, 4), None)
 
 
-def _calibration(model, tokenizer, texts):
-    spec = diffusion_spec(model, tokenizer)
-    sampler = sampler_for(spec, **default_sampler_settings(spec, gen_length=16))
-    dataset, _ = build_calibration_dataset(
-        model,
-        tokenizer,
-        texts,
-        sampler=sampler,
-        prompt_length=16,
-        states_per_prompt=2,
-        max_prompts=3,
-    )
-    return dataset
-
-
 @pytest.mark.parametrize("propagate", [True, False])
 def test_propagation_feeds_layer_two_what_the_w4a4_model_computes(
     llada, tokenizer, calibration_texts, tmp_path, propagate
 ):
     model = saved(llada, tokenizer, tmp_path / "fp")
-    dataset = _calibration(model, tokenizer, calibration_texts)
+    dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=3)
     seen = []
     block = model.model.transformer.blocks[1]
     handle = block.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))

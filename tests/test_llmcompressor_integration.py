@@ -11,12 +11,10 @@ import torch
 from llmcompressor import oneshot
 from transformers import AutoModel
 
-from fair_calib_llmc import build_calibration_dataset
 from fair_calib_llmc.models import diffusion_spec
-from fair_calib_llmc.pipeline import default_sampler_settings, save_atomically
-from fair_calib_llmc.sampling import sampler_for
+from fair_calib_llmc.pipeline import save_atomically
 
-from .conftest import saved
+from .conftest import masked_states, saved
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 GPTQ_W4A16 = """
@@ -71,16 +69,7 @@ def test_fair_calib_recipe_through_oneshot(dllm, tokenizer, calibration_texts, t
     model = saved(dllm, tokenizer, tmp_path / "fp")
     embedding = model.get_input_embeddings().weight.clone()
     spec = diffusion_spec(model, tokenizer)
-    sampler = sampler_for(spec, **default_sampler_settings(spec, gen_length=16))
-    dataset, _ = build_calibration_dataset(
-        model,
-        tokenizer,
-        calibration_texts,
-        sampler=sampler,
-        prompt_length=16,
-        states_per_prompt=2,
-        max_prompts=4,
-    )
+    dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=4)
     model = oneshot(
         model=model,
         processor=tokenizer,
