@@ -152,6 +152,7 @@ def run_benchmark(
                 "peak_gpu_mib": peak,
                 "checkpoint_mib": _checkpoint_mib(path),
                 "reload_max_abs_logit_diff": reload_error,
+                "flips_per_position": report.flips_per_position,
             }
             logger.info(f"{method}: {row}")
             rows.append(row)
