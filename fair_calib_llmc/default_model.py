@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from fair_calib_llmc.corpus import ASSETS, shipped_texts
+from fair_calib_llmc.corpus import ASSETS
 
-__all__ = ["DEFAULT_MODEL_DIR", "load_default_model", "default_prompts", "default_heldout"]
+__all__ = ["DEFAULT_MODEL_DIR", "load_default_model"]
 
 DEFAULT_MODEL_DIR = ASSETS / "default-llada"
 
@@ -31,22 +31,3 @@ def load_default_model(path: str | Path = DEFAULT_MODEL_DIR, dtype=torch.float32
     model = AutoModel.from_pretrained(path, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
-
-
-def default_prompts(tokenizer, n: int, prompt_tokens: int, split: str = "calibration"):
-    """``n`` prompts of exactly ``prompt_tokens`` tokens cut from the shipped ``split`` text."""
-    prompts = []
-    for text in shipped_texts(split):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) >= prompt_tokens:
-            prompts.append(torch.tensor(ids[:prompt_tokens]))
-        if len(prompts) == n:
-            break
-    if len(prompts) < n:
-        raise ValueError(f"only {len(prompts)} shipped {split} texts have {prompt_tokens} tokens")
-    return prompts
-
-
-def default_heldout(tokenizer, n: int, length: int) -> list[torch.Tensor]:
-    """``n`` held-out token windows of ``length`` tokens for ELBO perplexity."""
-    return default_prompts(tokenizer, n, length, split="heldout")

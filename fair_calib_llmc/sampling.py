@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -52,7 +52,6 @@ class DiffusionTrace:
     committed: torch.Tensor  # (T, B, L) bool: committed at the step (the write frontier)
     prediction: torch.Tensor  # (T, B, L) long: top-1 prediction (meaningful where masked)
     margin: torch.Tensor  # (T, B, L) float: top-1 minus top-2 probability; NaN where unmasked
-    block: torch.Tensor = field(default=None)  # (T,) block index of each step
 
     @property
     def steps(self) -> int:
@@ -101,18 +100,22 @@ class _SamplerBase(BaseModel):
     show_progress: bool = False
 
     # --- what a family defines --------------------------------------------------------------
-    def _schedule(self, prompt_length: int):  # yields (step, block, window_end)
+    def _schedule(self, prompt_length: int):  # yields (step, window_end)
         raise NotImplementedError
 
     def _choose(
         self,
         step: int,
         logits: torch.Tensor,
+        probs: torch.Tensor,
         masked: torch.Tensor,
         window_end: int,
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (committed bool (B, L), tokens long (B, L)) for one step."""
+        """Return (committed bool (B, L), tokens long (B, L)) for one step.
+
+        ``probs`` is ``logits.softmax(-1)``, already computed for the trace's margins.
+        """
         raise NotImplementedError
 
     # --- the loop ---------------------------------------------------------------------------
@@ -147,9 +150,9 @@ class _SamplerBase(BaseModel):
         x[:, :prompt_length] = prompt_ids
         generator = torch.Generator(device=device).manual_seed(seed)
 
-        masked_l, committed_l, pred_l, margin_l, block_l = [], [], [], [], []
+        masked_l, committed_l, pred_l, margin_l = [], [], [], []
         schedule = list(self._schedule(prompt_length))
-        for step, block, window_end in tqdm(
+        for step, window_end in tqdm(
             schedule, desc=f"{type(self).__name__}", disable=not self.show_progress
         ):
             masked = x == spec.mask_token_id
@@ -161,7 +164,7 @@ class _SamplerBase(BaseModel):
             prediction = top2.indices[..., 0]
             margin = (top2.values[..., 0] - top2.values[..., 1]).masked_fill(~masked, math.nan)
             if force is None:
-                commit, tokens = self._choose(step, logits, masked, window_end, generator)
+                commit, tokens = self._choose(step, logits, probs, masked, window_end, generator)
             else:
                 commit, tokens = force.committed[step], force.sequences
             commit = commit & masked
@@ -171,7 +174,6 @@ class _SamplerBase(BaseModel):
             committed_l.append(commit)
             pred_l.append(prediction)
             margin_l.append(margin)
-            block_l.append(block)
         if (x == spec.mask_token_id).any():  # pragma: no cover - schedules commit everything
             raise RuntimeError("sampler finished with masked positions left; this is a bug")
         return DiffusionTrace(
@@ -181,7 +183,6 @@ class _SamplerBase(BaseModel):
             committed=torch.stack(committed_l),
             prediction=torch.stack(pred_l),
             margin=torch.stack(margin_l),
-            block=torch.tensor(block_l, device=device),
         )
 
     def _check_force(self, force: DiffusionTrace, batch: int, prompt_length: int) -> None:
@@ -243,15 +244,15 @@ class LLaDASampler(_SamplerBase):
         for block in range(n_blocks):
             end = prompt_length + (block + 1) * self.block_length
             for i in range(self.steps_per_block):
-                yield block * self.steps_per_block + i, block, end
+                yield block * self.steps_per_block + i, end
 
-    def _choose(self, step, logits, masked, window_end, generator):
+    def _choose(self, step, logits, probs, masked, window_end, generator):
         # A block is fully masked when it opens, so its per-step counts are fixed.
         block_masked = torch.full((masked.shape[0],), self.block_length, device=masked.device)
         counts = _even_split(block_masked, self.steps_per_block)[:, step % self.steps_per_block]
         tokens = _gumbel_argmax(logits, self.temperature, generator)
         if self.remasking == "low_confidence":
-            confidence = logits.softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         else:
             confidence = torch.rand(masked.shape, generator=generator, device=masked.device)
         confidence[:, window_end:] = -math.inf
@@ -291,9 +292,9 @@ class DreamSampler(_SamplerBase):
 
     def _schedule(self, prompt_length: int):
         for step in range(self.steps):
-            yield step, 0, prompt_length + self.gen_length
+            yield step, prompt_length + self.gen_length
 
-    def _choose(self, step, logits, masked, window_end, generator):
+    def _choose(self, step, logits, probs, masked, window_end, generator):
         timesteps = torch.linspace(1, self.eps, self.steps + 1)
         t, s = timesteps[step].item(), timesteps[step + 1].item()
         last = step == self.steps - 1
