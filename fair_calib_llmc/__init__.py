@@ -4,10 +4,12 @@ Importing the package registers, with no further call:
 * the native LLaDA / Dream model classes with transformers' Auto classes;
 * ``FAIRCalibModifier`` with llm-compressor's ``ModifierFactory`` (so recipes can name it);
 * the W4A4 schemes with compressed-tensors' presets;
-* LLaDA / Dream layer mappings with ``SpinQuantModifier``.
+* LLaDA / Dream layer mappings with ``SpinQuantModifier``;
+* the transformers backport that re-attaches online transforms (rotations) when a
+  compressed-tensors checkpoint is loaded (:mod:`fair_calib_llmc.transform_loading`).
 """
 
-from fair_calib_llmc import rotations, schemes  # noqa: F401  (registration on import)
+from fair_calib_llmc import rotations, schemes, transform_loading  # noqa: F401  (registration)
 from fair_calib_llmc.calibration import build_calibration_dataset, load_texts
 from fair_calib_llmc.models import (
     DiffusionLMSpec,
@@ -21,6 +23,8 @@ from fair_calib_llmc.modifier import FAIRCalibModifier
 from fair_calib_llmc.pipeline import check_recipe_shape, load_recipe, quantize
 from fair_calib_llmc.prior import PriorSettings
 from fair_calib_llmc.sampling import DreamSampler, LLaDASampler
+
+transform_loading.install()
 
 __all__ = [
     "DiffusionLMSpec",

@@ -21,7 +21,10 @@ __all__ = ["BidirectionalStackMixin", "DiffusionLMMixin"]
 class BidirectionalStackMixin:
     """Base-model forward; subclasses set ``rotary_emb`` and define the three accessors.
 
-    Every layer is called as ``layer(hidden_states, position_embeddings, mask)``.
+    Every layer is called as transformers' own models call theirs,
+    ``layer(hidden_states, attention_mask=mask, position_embeddings=...)``: only the hidden
+    state is positional, so tools that capture a layer's inputs (AutoRound, llm-compressor's
+    sequential pipeline) see one tensor argument and the rest as keywords.
     """
 
     attention_mask: BidirectionalMask
@@ -52,7 +55,9 @@ class BidirectionalStackMixin:
         hidden_states = inputs_embeds
         all_hidden = (hidden_states,) if output_hidden_states else None
         for layer in self.decoder_layers():
-            hidden_states = layer(hidden_states, position_embeddings, mask)
+            hidden_states = layer(
+                hidden_states, attention_mask=mask, position_embeddings=position_embeddings
+            )
             if output_hidden_states:
                 all_hidden = all_hidden + (hidden_states,)
         return self.final_norm()(hidden_states), all_hidden

@@ -47,12 +47,6 @@ class DreamDecoderLayer(Qwen2DecoderLayer):
         super().__init__(config, layer_idx)
         self.self_attn.is_causal = False
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None):
-        """The call convention of :class:`BidirectionalStackMixin` (no KV cache)."""
-        return super().forward(
-            hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings
-        )
-
 
 class DreamPreTrainedModel(Qwen2PreTrainedModel):
     config_class = DreamConfig
