@@ -10,7 +10,7 @@ Importing the package registers, with no further call:
 """
 
 from fair_calib_llmc import rotations, schemes, transform_loading  # noqa: F401  (registration)
-from fair_calib_llmc.calibration import build_calibration_dataset, load_texts
+from fair_calib_llmc.calibration import Stage1Settings, build_calibration_dataset, load_texts
 from fair_calib_llmc.models import (
     DiffusionLMSpec,
     DreamConfig,
@@ -36,6 +36,7 @@ __all__ = [
     "LLaDAModelLM",
     "LLaDASampler",
     "PriorSettings",
+    "Stage1Settings",
     "build_calibration_dataset",
     "check_recipe_shape",
     "diffusion_spec",

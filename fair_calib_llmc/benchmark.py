@@ -23,8 +23,8 @@ from transformers import AutoModel
 from fair_calib_llmc.calibration import prompts_from_texts
 from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity, teacher_traces
 from fair_calib_llmc.models.family import diffusion_spec
-from fair_calib_llmc.pipeline import default_sampler_settings, quantize, save_atomically
-from fair_calib_llmc.sampling import sampler_for
+from fair_calib_llmc.pipeline import quantize, save_atomically
+from fair_calib_llmc.sampling import default_sampler
 
 __all__ = ["METHOD_RECIPES", "BenchmarkSettings", "run_benchmark", "write_report"]
 
@@ -32,9 +32,11 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 METHOD_RECIPES = {
     "rtn": "rtn_w4a4.yaml",
     "gptq": "gptq_w4a4.yaml",
-    "spinquant+gptq": "spinquant_gptq_w4a4.yaml",
+    "r1r2+gptq": "spinquant_gptq_w4a4.yaml",
+    "quarot+gptq": "quarot_gptq_w4a4.yaml",
+    "quarot+autoround": "quarot_autoround_w4a4.yaml",
+    "fair-calib-uniform": "fair_calib_uniform_w4a4.yaml",
     "fair-calib": "fair_calib_w4a4.yaml",
-    "spinquant+fair-calib": "spinquant_fair_calib_w4a4.yaml",
 }
 COLUMNS = [
     "method",
@@ -52,7 +54,7 @@ COLUMNS = [
 
 @dataclass
 class BenchmarkSettings:
-    methods: tuple[str, ...] = ("rtn", "gptq", "fair-calib")
+    methods: tuple[str, ...] = ("rtn", "quarot+gptq", "fair-calib")
     calibration_prompts: int = 32
     eval_prompts: int = 16
     prompt_length: int = 32
@@ -86,7 +88,7 @@ def run_benchmark(
     teacher, tokenizer = load_model()
     device = next(teacher.parameters()).device
     spec = diffusion_spec(teacher, tokenizer)
-    sampler = sampler_for(spec, **default_sampler_settings(spec, settings.gen_length))
+    sampler = default_sampler(spec, settings.gen_length)
     heldout = [
         torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"][: settings.heldout_length])
         for t in heldout_texts[: settings.heldout_texts]

@@ -22,18 +22,69 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from datasets import Dataset
 from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field
 
 from fair_calib_llmc.metrics import teacher_traces
-from fair_calib_llmc.models.family import diffusion_spec
+from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.prior import PositionPrior, PriorSettings, estimate_prior, normalise_weights
-from fair_calib_llmc.sampling import _SamplerBase
+from fair_calib_llmc.sampling import DreamSampler, LLaDASampler, _SamplerBase, default_sampler
 
-__all__ = ["load_texts", "prompts_from_texts", "build_calibration_dataset"]
+__all__ = [
+    "Stage1Settings",
+    "WeightStats",
+    "load_texts",
+    "prompts_from_texts",
+    "build_calibration_dataset",
+]
+
+#: A family's own sampler, told apart by its ``family`` field (``llada`` or ``dream``).
+SamplerSettings = Annotated[LLaDASampler | DreamSampler, Field(discriminator="family")]
+
+
+class Stage1Settings(BaseModel):
+    """How Stage I turns calibration text into weighted masked-stage states.
+
+    :param prior: coefficients of the frontier prior (:class:`PriorSettings`)
+    :param sampler: the rollout sampler, e.g. ``{family: llada, steps: 32, gen_length: 32,
+        block_length: 32}``; ``None`` = one commit per step over a 32-token answer
+    :param prompt_length: tokens of calibration text used as the rollout prompt
+    :param states_per_prompt: masked-stage states kept per rollout (evenly spaced steps)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prior: PriorSettings = Field(default_factory=PriorSettings)
+    sampler: SamplerSettings | None = None
+    prompt_length: int = Field(32, gt=0)
+    states_per_prompt: int = Field(4, gt=0)
+
+    def sampler_for(self, spec: DiffusionLMSpec) -> _SamplerBase:
+        """The configured sampler, checked against the model family, or the default one."""
+        if self.sampler is None:
+            return default_sampler(spec)
+        if self.sampler.family != spec.family:
+            raise ValueError(
+                f"stage1.sampler is a {self.sampler.family} sampler but the model is a "
+                f"{spec.family} dLLM; set stage1.sampler.family: {spec.family}"
+            )
+        return self.sampler
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    """Where Stage I put the loss mass: read this to see whether the weighting can matter."""
+
+    max_over_mean: float
+    frontier_token_share: float  # fraction of tokens committed at their state's step
+    frontier_mass_share: float  # fraction of the total weight on those tokens
+    committed_is_top_weight: float  # states whose committed token has the largest weight
 
 
 def load_texts(dataset, text_column: str = "text") -> list[str]:
@@ -93,42 +144,44 @@ def build_calibration_dataset(
     model: torch.nn.Module,
     tokenizer,
     texts: Sequence[str],
+    settings: Stage1Settings | None = None,
     *,
-    sampler: _SamplerBase,
-    prior_settings: PriorSettings | None = None,
-    prompt_length: int = 32,
-    states_per_prompt: int = 4,
     max_prompts: int | None = None,
     seed: int = 0,
-) -> tuple[Dataset, PositionPrior]:
+) -> tuple[Dataset, PositionPrior, WeightStats]:
     """Stage I: teacher rollouts -> position prior -> weighted masked-stage states."""
+    settings = settings or Stage1Settings()
     spec = diffusion_spec(model, tokenizer)
-    settings = prior_settings or PriorSettings()
-    prompts = prompts_from_texts(texts, tokenizer, prompt_length, max_prompts)
-    if states_per_prompt < 1 or states_per_prompt > sampler.steps:
+    sampler = settings.sampler_for(spec)
+    prompts = prompts_from_texts(texts, tokenizer, settings.prompt_length, max_prompts)
+    if settings.states_per_prompt > sampler.steps:
         raise ValueError(
-            f"states_per_prompt must be between 1 and the sampler's steps ({sampler.steps})"
+            f"states_per_prompt ({settings.states_per_prompt}) exceeds the sampler's steps "
+            f"({sampler.steps}); lower stage1.states_per_prompt or raise the sampler's steps"
         )
     logger.info(f"Stage I: {len(prompts)} teacher rollouts, {sampler!r}")
     rollouts = teacher_traces(model, sampler, prompts, seed=seed)
-    prior = estimate_prior([trace for _, trace in rollouts], settings)
+    prior = estimate_prior([trace for _, trace in rollouts], settings.prior)
 
-    picks = torch.linspace(0, sampler.steps - 1, states_per_prompt).round().long().unique()
-    input_ids, weights = [], []
+    picks = torch.linspace(0, sampler.steps - 1, settings.states_per_prompt).round().long()
+    input_ids, weights, frontier = [], [], []
     for _, trace in rollouts:
-        states = trace.states(spec.mask_token_id).cpu()
-        for step in picks.tolist():
-            raw = prior.raw_weights(trace, step)
+        trace = trace.to("cpu")
+        states = trace.states(spec.mask_token_id)
+        for step in picks.unique().tolist():
+            raw, committed = prior.raw_weights(trace, step), trace.committed[step]
             if spec.shift_logits:  # column i-1 decides position i
                 raw = torch.cat([raw[:, 1:], torch.ones_like(raw[:, :1])], dim=1)
+                committed = torch.cat([committed[:, 1:], committed[:, :1] & False], dim=1)
             input_ids.extend(states[step])
             weights.extend(raw)
-    weights = normalise_weights(weights, settings.min_weight)
-    max_weight = max(float(w.max()) for w in weights)
+            frontier.extend(committed)
+    weights = normalise_weights(weights, settings.prior.min_weight)
+    stats = weight_stats(weights, frontier)
     logger.info(
-        f"Stage I: {len(input_ids)} masked-stage states; weight max {max_weight:.2f}, "
-        f"mean frontier hit {float(prior.frontier_hits.mean()):.3f}, "
-        f"mean instability {float(prior.instability.mean()):.3f}"
+        f"Stage I: {len(input_ids)} masked-stage states; weight max/mean "
+        f"{stats.max_over_mean:.2f}, frontier tokens {stats.frontier_token_share:.1%} of "
+        f"tokens carry {stats.frontier_mass_share:.1%} of the weight"
     )
     dataset = Dataset.from_dict(
         {
@@ -137,4 +190,16 @@ def build_calibration_dataset(
             "loss_mask": [w.tolist() for w in weights],
         }
     )
-    return dataset, prior
+    return dataset, prior, stats
+
+
+def weight_stats(weights: list[torch.Tensor], frontier: list[torch.Tensor]) -> WeightStats:
+    """Summarise normalised token weights against each state's committed (frontier) tokens."""
+    flat, hit = torch.cat(weights), torch.cat(frontier)
+    tops = [bool(f.any() and w[f].max() >= w.max()) for w, f in zip(weights, frontier, strict=True)]
+    return WeightStats(
+        max_over_mean=float(flat.max() / flat.mean()),
+        frontier_token_share=float(hit.float().mean()),
+        frontier_mass_share=float(flat[hit].sum() / flat.sum()),
+        committed_is_top_weight=sum(tops) / max(len(tops), 1),
+    )

@@ -26,7 +26,10 @@ def main(argv=None) -> None:
     demo.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="LLaDA/Dream checkpoint dir")
     demo.add_argument("--out", default="outputs/default")
     demo.add_argument(
-        "--methods", nargs="+", default=["rtn", "gptq", "fair-calib"], choices=list(METHOD_RECIPES)
+        "--methods",
+        nargs="+",
+        default=["rtn", "quarot+gptq", "fair-calib"],
+        choices=list(METHOD_RECIPES),
     )
     demo.add_argument("--seeds", nargs="+", type=int, default=[0])
     demo.add_argument("--calibration-prompts", type=int, default=32)

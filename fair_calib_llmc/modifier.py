@@ -1,39 +1,49 @@
 """``FAIRCalibModifier``: FAIR-Calib Stage II inside llm-compressor's sequential pipeline.
 
-FAIR-Calib is GPTQ fitted to what a dLLM decides on. Compared with ``GPTQModifier`` it
+At W4A4 most frontier decision flips come from the 4-bit activations, not from weight rounding
+(the README's diagnosis table). Plain GPTQ cannot see them: it fits the weights to the
+layer's full-precision activations of the model it is quantizing. FAIR-Calib Stage II fits
+every linear layer to what the deployed model computes instead
+(:mod:`fair_calib_llmc.reconstruction`):
 
-* accumulates a **frontier-weighted Hessian** ``H = sum_t w_t x_t x_t^T`` (``w_t`` = the
-  per-token ``loss_mask`` built by Stage I, :mod:`fair_calib_llmc.calibration`), by scaling
-  each token's input by ``sqrt(w_t)`` before llm-compressor's own ``accumulate_hessian``;
-* searches **weight clipping** per output channel to minimise the weighted layer-output error
-  ``(W - Q) H (W - Q)^T`` before GPTQ runs with the chosen ranges (int weights);
-* **propagates with W4A4 on**: llm-compressor disables quantization while it feeds a layer's
-  outputs to the next one; FAIR-Calib re-enables it on each calibrated layer, so later layers
-  calibrate on the activations the quantized model really produces.
+    min_Q  sum_t w_t || Q quant(x_q,t) - W x_fp,t ||^2
 
-Stage I (teacher rollouts and the position prior) runs before ``oneshot`` because it needs
-the sampler; its coefficients live here so one recipe describes the whole method, and
-:func:`fair_calib_llmc.pipeline.quantize` reads them from the recipe. No diffusion rollouts
-happen in Stage II.
+* ``x_q``: the layer's input in the quantized model, propagated through the already quantized
+  layers with their 4-bit activations on (the pipeline's own stream, with an
+  activation-quantization hook on calibrated layers);
+* ``quant(.)``: the layer's own 4-bit input quantization (and any online rotation before it);
+* ``x_fp``: the input the full-precision model produces, from a second stream this modifier
+  carries alongside the pipeline's (the full-precision layer run on its own FP hidden state);
+* ``w_t``: the per-token Stage I frontier weight (``loss_mask``).
+
+The solution is GPTQ on the least-squares target ``W*`` with the weighted Hessian of the
+quantized inputs, so llm-compressor's own GPTQ (``GPTQModifier.on_sequential_epoch_end`` and
+``compress_modules``, including its distributed path) does the quantization unchanged.
+
+Stage I (teacher rollouts, frontier prior) needs the sampler and runs before ``oneshot``;
+its settings live in ``stage1`` so one recipe describes the whole method.
+:func:`fair_calib_llmc.quantize` reads them; plain ``oneshot`` users build the weighted
+states with :func:`fair_calib_llmc.build_calibration_dataset` and are told so at start.
 """
 
 from __future__ import annotations
 
 import torch
-from compressed_tensors.quantization import enable_quantization
-from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-from compressed_tensors.quantization.utils import calculate_qparams, is_module_quantized
-from compressed_tensors.utils import getattr_chain
+from compressed_tensors.quantization import QuantizationStrategy
+from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+from compressed_tensors.quantization.utils import is_module_quantized
+from compressed_tensors.utils import getattr_chain, match_named_modules, update_offload_parameter
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.gptq import GPTQModifier
-from llmcompressor.modifiers.quantization.calibration import observe, update_qparams
-from llmcompressor.observers import ACTIVATION_OBS
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 
+from fair_calib_llmc.calibration import Stage1Settings
 from fair_calib_llmc.models.family import diffusion_spec
-from fair_calib_llmc.prior import PriorSettings
+from fair_calib_llmc.reconstruction import accumulate_cross_covariance, fp_target_weight
 from fair_calib_llmc.schemes import check_scheme_name
 
 __all__ = ["FAIRCalibModifier", "check_finite_weights"]
@@ -49,10 +59,23 @@ def check_finite_weights(model: torch.nn.Module) -> None:
         )
 
 
+def quantized_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input as the deployed layer sees it: fake-quantized by its input scheme.
+
+    Dynamic activations are quantized here exactly as at inference. Schemes whose activation
+    scales come from calibration (static, or NVFP4's global scale) are not final while the
+    layer is still calibrating, so their input is used unquantized.
+    """
+    args = getattr_chain(module, "quantization_scheme.input_activations", None)
+    if args is None or not args.dynamic or args.strategy == QuantizationStrategy.TENSOR_GROUP:
+        return x
+    return forward_quantize(module, x, "input", args)
+
+
 class FAIRCalibModifier(GPTQModifier):
     """Frontier-Aware Instability-Reweighted Calibration (W4A4) for diffusion LMs.
 
-    Sample yaml::
+    Sample yaml (after a rotation stage, see ``recipes/fair_calib_w4a4.yaml``)::
 
         fair_stage:
           fair_modifiers:
@@ -60,29 +83,32 @@ class FAIRCalibModifier(GPTQModifier):
               scheme: W4A4_G128_PACKED
               targets: [Linear]
               ignore: ["re:^model\\.transformer\\.ff_out$", "lm_head"]
-              prior: {frontier_weight: 4.0, stability_lag: 2}
-              sampler: {steps: 32, gen_length: 32, block_length: 32}
+              stage1: {prior: {frontier_weight: 4.0}, states_per_prompt: 4}
 
-    :param prior: Stage I coefficients (:class:`~fair_calib_llmc.prior.PriorSettings`)
-    :param sampler: Stage I sampler settings for the model family's own sampler; ``None``
-        picks :func:`default_sampler_settings`
-    :param prompt_length: tokens of calibration text used as the rollout prompt
-    :param states_per_prompt: masked-stage states kept per rollout (evenly spaced steps)
-    :param clip_search: search per-channel weight clipping on the weighted layer output
-    :param clip_ratios: candidate clipping ratios of the min/max range (1.0 = no clipping)
-    :param quantized_propagation: feed later layers the outputs of the W4A4 (not FP) layers
-    :param require_token_weights: refuse to calibrate without Stage I weights (loss masks)
+    :param stage1: Stage I settings (rollout sampler, prompts, prior), read by
+        :func:`fair_calib_llmc.quantize` before ``oneshot``
+    :param fp_targets: fit to the full-precision model's layer inputs (its own stream); off,
+        the target is the full-precision weight on the quantized model's input
+    :param target_strength: how far to move towards the least-squares target ``W*``
+        (0 = GPTQ on the weighted Hessian of the quantized inputs)
+    :param use_token_weights: weight tokens by the Stage I ``loss_mask``; off = uniform weights
+        (the ablation that isolates what the frontier prior adds)
+    :param require_token_weights: with ``use_token_weights``, refuse to run without weights
     """
 
-    prior: PriorSettings = Field(default_factory=PriorSettings)
-    sampler: dict | None = None
-    prompt_length: int = Field(32, gt=0)
-    states_per_prompt: int = Field(4, gt=0)
-    clip_search: bool = True
-    clip_ratios: list[float] = Field(default_factory=lambda: [1.0, 0.95, 0.9, 0.85, 0.8, 0.75])
-    quantized_propagation: bool = True
+    stage1: Stage1Settings = Field(default_factory=Stage1Settings)
+    fp_targets: bool = True
+    target_strength: float = Field(1.0, ge=0.0, le=1.0)
+    use_token_weights: bool = True
     require_token_weights: bool = True
 
+    _cross: dict = PrivateAttr(default_factory=dict)
+    _fp_inputs: dict = PrivateAttr(default_factory=dict)
+    _fp_hidden: dict = PrivateAttr(default_factory=dict)
+    _previous_layer: dict = PrivateAttr(default_factory=dict)
+    _capturing_fp: bool = PrivateAttr(default=False)
+    _linear_hooks: set = PrivateAttr(default_factory=set)
+    _propagation_hooks: list = PrivateAttr(default_factory=list)
     _sqrt_weights: dict = PrivateAttr(default_factory=dict)
 
     @field_validator("scheme", mode="before")
@@ -92,106 +118,158 @@ class FAIRCalibModifier(GPTQModifier):
             return check_scheme_name(value)
         return value
 
-    @field_validator("clip_ratios")
-    @classmethod
-    def _valid_ratios(cls, value):
-        if not value or any(not 0 < r <= 1 for r in value):
-            raise ValueError("clip_ratios must be a non-empty list of ratios in (0, 1]")
-        return sorted(set(value), reverse=True)
-
     # --- lifecycle ------------------------------------------------------------------------
     def on_initialize(self, state: State, **kwargs) -> bool:
         diffusion_spec(state.model)  # a causal or mask-less model fails here, before any work
         check_finite_weights(state.model)
+        if self.fp_targets:
+            targets = infer_sequential_targets(state.model, kwargs.get("sequential_targets"))
+            layers = [m for _, m in match_named_modules(state.model, targets)]
+            self._previous_layer = dict(zip(layers[1:], layers[:-1], strict=True))
+            self._previous_layer[layers[0]] = None
+        logger.info(
+            "FAIR-Calib Stage II: weighted fit to "
+            f"{'full-precision' if self.fp_targets else 'own-input'} targets, token weights "
+            f"{'from loss_mask' if self.use_token_weights else 'uniform'} (Stage I states come "
+            "from fair_calib_llmc.quantize or build_calibration_dataset)"
+        )
         return super().on_initialize(state, **kwargs)
 
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        super().on_calibration_start(state, event, **kwargs)
+        for layer in self._previous_layer:
+            self.register_hook(
+                layer, self._run_full_precision_layer, "forward_pre", with_kwargs=True
+            )
+
+    def register_hook(self, target, hook, hook_type, **kwargs):
+        """Upstream's registration; remembers which handles are the GPTQ statistics hooks, the
+        only ones left on while the full-precision stream runs."""
+        handle = super().register_hook(target, hook, hook_type, **kwargs)
+        if hook == self.calibrate_module:
+            self._linear_hooks.add(handle)
+        return handle
+
+    def on_sequential_epoch_end(self, state: State, event: Event, modules, **kwargs):
+        modules = [m for m in modules if is_module_quantized(m) and m in self._hessians]
+        self._check_finite_hessians(modules)
+        for module in modules:
+            cross = self._cross.pop(module, None)
+            if cross is not None and self.target_strength > 0:
+                update_offload_parameter(
+                    module,
+                    "weight",
+                    fp_target_weight(
+                        module.weight,
+                        cross,
+                        self._hessians[module],
+                        dampening_frac=self.dampening_frac or 0.0,
+                        strength=self.target_strength,
+                    ),
+                )
+        super().on_sequential_epoch_end(state, event, modules, **kwargs)
+        for module in modules:  # later layers see this layer's 4-bit activations
+            self._propagation_hooks.append(
+                module.register_forward_pre_hook(
+                    lambda m, args: (quantized_input(m, args[0]), *args[1:])
+                )
+            )
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        super().on_calibration_end(state, event, **kwargs)
+        for handle in self._propagation_hooks:
+            handle.remove()
+        self._propagation_hooks.clear()
+        self._fp_hidden.clear()
+        self._fp_inputs.clear()
+        self._sqrt_weights.clear()
+
+    # --- the full-precision stream ----------------------------------------------------------
+    def _run_full_precision_layer(self, layer, args, kwargs):
+        """Before the pipeline runs ``layer`` on the quantized stream, run it on the FP one.
+
+        The FP hidden state of this batch is the previous layer's FP output, consumed here
+        (the first layer's input is the embedding, identical in both streams). Only this
+        modifier's linear hooks stay on, in capture mode, so observers and other modifiers
+        never see the FP stream.
+        """
+        batch = active_session().state.current_batch_idx
+        previous = self._previous_layer.get(layer)
+        hidden = args[0] if previous is None else self._fp_hidden.pop((previous, batch))
+        self._capturing_fp = True
+        try:
+            with HooksMixin.disable_hooks(keep=self._linear_hooks):
+                output = layer.forward(hidden, *args[1:], **kwargs)
+        finally:
+            self._capturing_fp = False
+        output = output[0] if isinstance(output, tuple) else output
+        self._fp_hidden[(layer, batch)] = output.detach()
+
+    # --- statistics --------------------------------------------------------------------------
     def calibrate_module(self, module, args, _output):
         inp = args[0]
-        weights = self._token_weights(inp.device)
-        if weights is None and self.require_token_weights:
-            # checked here: the sequential pipeline fills state.loss_masks after
-            # CALIBRATION_START, right before the first calibration batch
-            raise ValueError(
-                "FAIRCalibModifier got no per-token frontier weights. Build masked-stage "
-                "calibration data with fair_calib_llmc.build_calibration_dataset and call "
-                "oneshot(..., use_loss_mask=True), or use fair_calib_llmc.quantize which does "
-                "both; set require_token_weights: false to calibrate unweighted."
+        if self._capturing_fp:
+            self._fp_inputs[module] = inp
+            return
+        weights = self._token_weights(inp)
+        quantized = quantized_input(module, inp)
+        target = self._fp_inputs.pop(module, None) if self.fp_targets else inp
+        if target is None:
+            raise RuntimeError(
+                f"no full-precision input was captured for {self._module_names.get(module)}; "
+                "FAIR-Calib needs the sequential pipeline with the model's decoder layers as "
+                "sequential targets"
             )
         if weights is not None:
-            if weights.shape != inp.shape[:-1]:
-                raise ValueError(
-                    f"loss_mask shape {tuple(weights.shape)} does not match the layer input "
-                    f"{tuple(inp.shape[:-1])}; keep loss_mask aligned with input_ids"
-                )
-            inp = inp * weights.to(inp.dtype).unsqueeze(-1)
-        super().calibrate_module(module, (inp, *args[1:]), _output)
+            quantized = quantized * weights.to(quantized.dtype).unsqueeze(-1)
+            target = target * weights.to(target.dtype).unsqueeze(-1)
+        super().calibrate_module(module, (quantized, *args[1:]), _output)
+        if module not in self._cross:
+            width = module.weight.shape[1]
+            self._cross[module] = torch.zeros(
+                width, width, device=self._hessians[module].device, dtype=torch.float32
+            )
+        accumulate_cross_covariance(target, quantized, self._cross[module])
 
-    def _token_weights(self, device: torch.device) -> torch.Tensor | None:
-        """``sqrt(loss_mask)`` of the current batch on ``device``, computed once per batch
-        (every hooked linear of a layer sees the same batch)."""
+    def _token_weights(self, inp: torch.Tensor) -> torch.Tensor | None:
+        """``sqrt(loss_mask)`` of the current batch on ``inp``'s device, computed once per
+        batch (every hooked linear of a layer sees the same batch)."""
+        if not self.use_token_weights:
+            return None
         state = active_session().state
         masks = getattr(state, "loss_masks", None)
         index = getattr(state, "current_batch_idx", -1)
         if not masks or index is None or index < 0:
+            if self.require_token_weights:
+                # checked here: the sequential pipeline fills state.loss_masks after
+                # CALIBRATION_START, right before the first calibration batch
+                raise ValueError(
+                    "FAIRCalibModifier got no per-token frontier weights. Build masked-stage "
+                    "calibration data with fair_calib_llmc.build_calibration_dataset and call "
+                    "oneshot(..., use_loss_mask=True), or use fair_calib_llmc.quantize which "
+                    "does both; set use_token_weights: false to calibrate unweighted."
+                )
             return None
-        key = (index, device)
+        key = (index, inp.device)
         if key not in self._sqrt_weights:
             self._sqrt_weights.clear()
-            self._sqrt_weights[key] = masks[index].to(device, torch.float32).sqrt()
-        return self._sqrt_weights[key]
+            self._sqrt_weights[key] = masks[index].to(inp.device, torch.float32).sqrt()
+        weights = self._sqrt_weights[key]
+        if weights.shape != inp.shape[:-1]:
+            raise ValueError(
+                f"loss_mask shape {tuple(weights.shape)} does not match the layer input "
+                f"{tuple(inp.shape[:-1])}; keep loss_mask aligned with input_ids"
+            )
+        return weights
 
     def _check_finite_hessians(self, modules) -> None:
         """NaN/Inf activations poison the Hessian: one check per layer, not per batch."""
         for module in modules:
-            if module in self._hessians and not torch.isfinite(self._hessians[module]).all():
+            if not torch.isfinite(self._hessians[module]).all():
                 raise FloatingPointError(
                     f"NaN/Inf activations entered {self._module_names.get(module, module)}; "
                     "check the checkpoint and the calibration inputs (fp16 overflow?)"
                 )
-
-    def on_sequential_epoch_end(self, state: State, event: Event, modules, **kwargs):
-        modules = [m for m in modules if is_module_quantized(m)]
-        self._check_finite_hessians(modules)
-        observe(modules, base_name="weight")
-        if self.clip_search:
-            for module in modules:
-                if module in self._hessians:
-                    self._search_clipping(module)
-        self.sync_obs_act_stats(modules)
-        update_qparams(modules, ACTIVATION_OBS)
-        self.compress_modules()
-        if self.quantized_propagation:
-            for module in modules:
-                enable_quantization(module)
-
-    # --- weighted clipping search ----------------------------------------------------------
-    @torch.no_grad()
-    def _search_clipping(self, module: torch.nn.Module) -> None:
-        """Shrink the weight observer's min/max per output channel to the ratio with the
-        lowest weighted output error ``diag((W - Q) H (W - Q)^T)``."""
-        args = getattr_chain(module, "quantization_scheme.weights", None)
-        observer = getattr(module, "weight_observer", None)
-        if args is None or observer is None or args.type != "int":
-            return  # fp4 scales depend on fused global scales; leave them to the observer
-        lo, hi = observer.min_vals, observer.max_vals
-        weight = module.weight.float()
-        hessian = self._hessians[module].to(weight.device) / self._num_samples[module].clamp(min=1)
-        best_err = torch.full((weight.shape[0],), float("inf"), device=weight.device)
-        best = torch.ones_like(best_err)
-        for ratio in self.clip_ratios:
-            scale, zero_point = calculate_qparams(lo * ratio, hi * ratio, args)
-            error = weight - fake_quantize(weight, scale, zero_point, args)
-            err = ((error @ hessian) * error).sum(dim=1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, torch.full_like(best, ratio), best)
-        shape = (-1,) + (1,) * (lo.dim() - 1)
-        observer.min_vals = lo * best.view(shape).to(lo.dtype)
-        observer.max_vals = hi * best.view(shape).to(hi.dtype)
-        logger.debug(
-            f"{self._module_names.get(module)}: clip ratio mean {best.mean():.3f} "
-            f"min {best.min():.2f}"
-        )
 
 
 ModifierFactory.register("FAIRCalibModifier", FAIRCalibModifier)

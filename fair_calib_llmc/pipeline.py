@@ -25,16 +25,19 @@ from llmcompressor import oneshot
 from llmcompressor.recipe import Recipe
 from loguru import logger
 
-from fair_calib_llmc.calibration import build_calibration_dataset, load_texts
-from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
+from fair_calib_llmc.calibration import (
+    Stage1Settings,
+    WeightStats,
+    build_calibration_dataset,
+    load_texts,
+)
+from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.modifier import FAIRCalibModifier, check_finite_weights
 from fair_calib_llmc.prior import PositionPrior
-from fair_calib_llmc.sampling import sampler_for
 
 __all__ = [
     "check_recipe_shape",
     "load_recipe",
-    "default_sampler_settings",
     "quantize",
     "QuantizeResult",
     "save_atomically",
@@ -82,19 +85,12 @@ def load_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:
     return Recipe.create_instance(text)
 
 
-def default_sampler_settings(spec: DiffusionLMSpec, gen_length: int = 32) -> dict:
-    """One token per step, the whole answer as one block: the finest-grained frontier."""
-    settings = {"steps": gen_length, "gen_length": gen_length}
-    if spec.family == "llada":
-        settings["block_length"] = gen_length
-    return settings
-
-
 @dataclass
 class QuantizeResult:
     model: object
     calibration: Dataset
     prior: PositionPrior
+    weight_stats: WeightStats
     stage1_seconds: float
     stage2_seconds: float
     output_dir: Path | None
@@ -113,24 +109,15 @@ def quantize(
 ) -> QuantizeResult:
     """Stage I + ``oneshot`` + atomic compressed save. See the module docstring."""
     recipe = load_recipe(recipe)
-    spec = diffusion_spec(model, tokenizer)
+    diffusion_spec(model, tokenizer)
     check_finite_weights(model)
     fair = next((m for m in recipe.modifiers if isinstance(m, FAIRCalibModifier)), None)
-    stage1 = fair or FAIRCalibModifier(scheme="W4A4")  # baselines: same states, same settings
-    sampler = sampler_for(spec, **(stage1.sampler or default_sampler_settings(spec)))
+    stage1 = fair.stage1 if fair else Stage1Settings()  # baselines: the same states
     texts = load_texts(dataset, text_column)
 
     start = time.monotonic()
-    calibration, prior = build_calibration_dataset(
-        model,
-        tokenizer,
-        texts,
-        sampler=sampler,
-        prior_settings=stage1.prior,
-        prompt_length=stage1.prompt_length,
-        states_per_prompt=stage1.states_per_prompt,
-        max_prompts=max_prompts,
-        seed=seed,
+    calibration, prior, weight_stats = build_calibration_dataset(
+        model, tokenizer, texts, stage1, max_prompts=max_prompts, seed=seed
     )
     stage1_seconds = time.monotonic() - start
 
@@ -151,7 +138,9 @@ def quantize(
     saved = None
     if output_dir is not None:
         saved = save_atomically(model, tokenizer, output_dir)
-    return QuantizeResult(model, calibration, prior, stage1_seconds, stage2_seconds, saved)
+    return QuantizeResult(
+        model, calibration, prior, weight_stats, stage1_seconds, stage2_seconds, saved
+    )
 
 
 def save_atomically(model, tokenizer, output_dir: str | os.PathLike) -> Path:

@@ -32,6 +32,7 @@ __all__ = [
     "LLaDASampler",
     "DreamSampler",
     "sampler_for",
+    "default_sampler",
     "StepHook",
 ]
 
@@ -209,6 +210,7 @@ class LLaDASampler(_SamplerBase):
     committing the most confident (``low_confidence`` remasking) or random masked positions of
     the current block, with an even split of the block's tokens over its steps."""
 
+    family: Literal["llada"] = "llada"
     block_length: int = Field(32, gt=0)
     remasking: Literal["low_confidence", "random"] = "low_confidence"
 
@@ -284,6 +286,7 @@ class DreamSampler(_SamplerBase):
     ``origin`` (random), ``maskgit_plus`` (top-1 probability), ``topk_margin``
     (top-1 minus top-2) or ``entropy`` (negative entropy)."""
 
+    family: Literal["dream"] = "dream"
     alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] = "entropy"
     eps: float = Field(1e-3, gt=0.0, lt=1.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -351,3 +354,11 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def sampler_for(spec: DiffusionLMSpec, **settings) -> _SamplerBase:
     """The family's own sampler with ``settings`` (unknown keys raise a ValidationError)."""
     return (LLaDASampler if spec.family == "llada" else DreamSampler)(**settings)
+
+
+def default_sampler(spec: DiffusionLMSpec, gen_length: int = 32) -> _SamplerBase:
+    """One token per step, the whole answer as one block: the finest-grained frontier."""
+    settings = {"steps": gen_length, "gen_length": gen_length}
+    if spec.family == "llada":
+        settings["block_length"] = gen_length
+    return sampler_for(spec, **settings)

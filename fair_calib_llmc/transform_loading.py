@@ -74,7 +74,9 @@ def install() -> None:
     @functools.wraps(config_init)
     def __init__(self, *args, transform_config=None, **kwargs):
         config_init(self, *args, **kwargs)
-        if isinstance(transform_config, dict):
+        if not transform_config:  # absent, None or {} (what some writers put there)
+            transform_config = None
+        elif isinstance(transform_config, dict):
             transform_config = TransformConfig.model_validate(transform_config)
         self.transform_config = transform_config
 

@@ -103,20 +103,13 @@ def saved(model, tokenizer, path: Path):
 
 def masked_states(model, tokenizer, texts, max_prompts: int):
     """Stage I at test size: 16-token prompts, 16-step rollouts, 2 states per prompt."""
-    from fair_calib_llmc import build_calibration_dataset
+    from fair_calib_llmc import Stage1Settings, build_calibration_dataset
     from fair_calib_llmc.models import diffusion_spec
-    from fair_calib_llmc.pipeline import default_sampler_settings
-    from fair_calib_llmc.sampling import sampler_for
+    from fair_calib_llmc.sampling import default_sampler
 
-    spec = diffusion_spec(model, tokenizer)
-    sampler = sampler_for(spec, **default_sampler_settings(spec, gen_length=16))
-    dataset, _ = build_calibration_dataset(
-        model,
-        tokenizer,
-        texts,
-        sampler=sampler,
-        prompt_length=16,
-        states_per_prompt=2,
-        max_prompts=max_prompts,
+    sampler = default_sampler(diffusion_spec(model, tokenizer), gen_length=16)
+    settings = Stage1Settings(sampler=sampler, prompt_length=16, states_per_prompt=2)
+    dataset, _, _ = build_calibration_dataset(
+        model, tokenizer, texts, settings, max_prompts=max_prompts
     )
     return dataset

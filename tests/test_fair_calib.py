@@ -10,7 +10,6 @@ import pytest
 import torch
 from llmcompressor import oneshot
 from llmcompressor.core import active_session
-from llmcompressor.modifiers.gptq import GPTQModifier
 from pydantic import ValidationError
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -23,57 +22,179 @@ from .conftest import llada_config, masked_states, saved
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def _hessian(modifier, linear, x, weights):
+def _w4a4_linear(in_features=16, out_features=8, seed=0):
+    """A linear with compressed-tensors' W4A4 scheme attached (int4 dynamic per-token input)."""
+    from compressed_tensors.quantization import (
+        initialize_module_for_quantization,
+        preset_name_to_scheme,
+    )
+
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features)
+    initialize_module_for_quantization(linear, preset_name_to_scheme("W4A4", ["Linear"]))
+    return linear
+
+
+def _int4_per_token(x):
+    """Reference int4 symmetric per-token fake quantization, written out by hand."""
+    scale = x.abs().amax(dim=-1, keepdim=True) / 7.5  # compressed-tensors: range [-8, 7]
+    return (x / scale).round().clamp(-8, 7) * scale
+
+
+def _statistics(modifier, linear, batches):
+    """Feed ``(x_fp, x_q, loss_mask)`` batches through the modifier's hooks."""
     state = active_session().state
-    state.loss_masks, state.current_batch_idx = ([weights] if weights is not None else None), 0
+    state.loss_masks = [w for _, _, w in batches] if batches[0][2] is not None else None
     modifier._module_names[linear] = "probe"
-    modifier.calibrate_module(linear, (x,), None)
-    return modifier._hessians[linear] / modifier._num_samples[linear]
+    for index, (x_fp, x_q, _) in enumerate(batches):
+        state.current_batch_idx = index
+        modifier._fp_inputs[linear] = x_fp
+        modifier.calibrate_module(linear, (x_q,), None)
+    n = modifier._num_samples[linear]
+    return modifier._hessians[linear] / n, modifier._cross[linear] / n
 
 
-def test_weighted_hessian_matches_reference():
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(16, 8)
-    x = torch.randn(2, 5, 16)
-    weights = torch.rand(2, 5) * 3
-    fair = FAIRCalibModifier(scheme="W4A4")
-    got = _hessian(fair, linear, x, weights)
-    flat, w = x.reshape(-1, 16).double(), weights.reshape(-1).double()
-    expected = 2 * (flat.T * w) @ flat / 2  # sum_t w_t x_t x_t^T, GPTQ's 2/n scaling
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_unit_weights_equal_gptq_hessian():
+def test_statistics_pair_fp_targets_with_quantized_inputs_and_token_weights():
+    linear = _w4a4_linear()
     torch.manual_seed(1)
-    linear = torch.nn.Linear(16, 8)
-    x = torch.randn(1, 7, 16)
-    fair = _hessian(FAIRCalibModifier(scheme="W4A4"), linear, x, torch.ones(1, 7))
-    gptq = GPTQModifier(scheme="W4A4")
-    gptq.calibrate_module(linear, (x,), None)
-    torch.testing.assert_close(fair, gptq._hessians[linear] / gptq._num_samples[linear])
+    x_fp, x_q, weights = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.rand(2, 5) * 3
+    hessian, cross = _statistics(FAIRCalibModifier(scheme="W4A4"), linear, [(x_fp, x_q, weights)])
+    ref_q = _int4_per_token(x_q).reshape(-1, 16).double()
+    ref_fp, w = x_fp.reshape(-1, 16).double(), weights.reshape(-1).double()
+    # GPTQ's scaling: 2/n with n counting sequences (2 here)
+    torch.testing.assert_close(hessian.double(), (ref_q.T * w) @ ref_q, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cross.double(), (ref_fp.T * w) @ ref_q, rtol=1e-4, atol=1e-4)
+
+
+def test_uniform_ablation_really_turns_the_weights_off():
+    torch.manual_seed(2)
+    batches = [(torch.randn(1, 6, 16), torch.randn(1, 6, 16), torch.rand(1, 6) * 5)]
+    ones = [(x, q, torch.ones_like(w)) for x, q, w in batches]
+    off = _statistics(
+        FAIRCalibModifier(scheme="W4A4", use_token_weights=False), _w4a4_linear(), batches
+    )
+    unit = _statistics(FAIRCalibModifier(scheme="W4A4"), _w4a4_linear(), ones)
+    on = _statistics(FAIRCalibModifier(scheme="W4A4"), _w4a4_linear(), batches)
+    torch.testing.assert_close(off, unit)
+    assert (on[0] - off[0]).abs().max() > 1e-2
 
 
 def test_zero_weight_token_has_no_effect():
-    torch.manual_seed(2)
-    linear = torch.nn.Linear(16, 8)
+    torch.manual_seed(3)
     x = torch.randn(1, 6, 16)
     weights = torch.ones(1, 6)
     weights[0, 3] = 0
     other = x.clone()
     other[0, 3] = torch.randn(16) * 100
-    a = _hessian(FAIRCalibModifier(scheme="W4A4"), linear, x, weights)
-    b = _hessian(FAIRCalibModifier(scheme="W4A4"), linear, other, weights)
+    a = _statistics(FAIRCalibModifier(scheme="W4A4"), _w4a4_linear(), [(x, x, weights)])
+    b = _statistics(FAIRCalibModifier(scheme="W4A4"), _w4a4_linear(), [(other, other, weights)])
     torch.testing.assert_close(a, b)
+
+
+def test_fp_target_is_the_weighted_least_squares_weight():
+    from fair_calib_llmc.reconstruction import fp_target_weight
+
+    torch.manual_seed(4)
+    x = torch.randn(400, 12)
+    x_q = x + 0.3 * torch.randn(400, 12)
+    w = torch.rand(400) * 4
+    weight = torch.randn(6, 12)
+    hessian = 2 * (x_q.T * w) @ x_q
+    cross = 2 * (x.T * w) @ x_q
+    got = fp_target_weight(weight, cross, hessian, dampening_frac=0.0)
+    root = w.sqrt()[:, None]
+    expected = torch.linalg.lstsq(root * x_q, root * x @ weight.T).solution.T
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # damping pulls towards W, never away: identical streams give W back exactly
+    same = fp_target_weight(weight, 2 * x.T @ x, 2 * x.T @ x, dampening_frac=0.01)
+    torch.testing.assert_close(same, weight, rtol=1e-4, atol=1e-4)
+    assert fp_target_weight(weight, cross, hessian, strength=0.0).equal(weight)
+
+
+def test_weighted_and_uniform_fits_differ_where_the_frontier_differs():
+    """Two token populations need different corrections; the weighted fit serves the
+    heavily weighted one (the "frontier") better than the uniform fit does."""
+    from fair_calib_llmc.reconstruction import fp_target_weight
+
+    torch.manual_seed(5)
+    x = torch.randn(2, 200, 12)
+    gain = torch.tensor([1.0, 0.6])[:, None, None]  # population 1's quantized input is damped
+    x_q = x * gain
+    frontier = torch.tensor([[0.1], [10.0]]).expand(2, 200)
+    weight = torch.randn(6, 12)
+
+    def fit(use_weights):
+        linear = torch.nn.Linear(12, 6, bias=False)
+        linear.weight.data = weight.clone()
+        modifier = FAIRCalibModifier(scheme="W4A4", use_token_weights=use_weights)
+        batches = [(x[i : i + 1], x_q[i : i + 1], frontier[i : i + 1]) for i in range(2)]
+        hessian, cross = _statistics(modifier, linear, batches)
+        return fp_target_weight(weight, cross, hessian, dampening_frac=0.0)
+
+    def frontier_error(q):
+        return ((x_q[1] @ q.T - x[1] @ weight.T) ** 2).mean()
+
+    weighted, uniform = fit(True), fit(False)
+    assert frontier_error(weighted) < 0.1 * frontier_error(uniform)
 
 
 def test_missing_token_weights_fail_with_the_fix():
     with pytest.raises(ValueError, match="use_loss_mask=True"):
-        _hessian(FAIRCalibModifier(scheme="W4A4"), torch.nn.Linear(4, 4), torch.ones(1, 2, 4), None)
+        _statistics(
+            FAIRCalibModifier(scheme="W4A4"),
+            _w4a4_linear(4, 4),
+            [(torch.ones(1, 2, 4), torch.ones(1, 2, 4), None)],
+        )
 
 
-@pytest.mark.parametrize("propagate", [True, False])
+def _fp_states(model, dataset):
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(dataset[0]["input_ids"])[None], output_hidden_states=True
+        )
+    return out.hidden_states
+
+
+def test_fp_stream_is_the_full_precision_models_hidden_states(
+    llada, tokenizer, calibration_texts, tmp_path
+):
+    """Stage II's second stream carries what the unquantized model computes, layer by layer,
+    while the pipeline's own stream carries the quantized model's activations."""
+    model = saved(llada, tokenizer, tmp_path / "fp")
+    dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=2)
+    model.config._attn_implementation = "eager"  # the pipeline calibrates with eager attention
+    reference = _fp_states(model, dataset)
+    modifier = FAIRCalibModifier(
+        scheme="W4A4_G128_PACKED", ignore=[r"re:^model\.transformer\.ff_out$"]
+    )
+    seen = {}
+    original = modifier._run_full_precision_layer
+
+    def spy(layer, args, kwargs):
+        original(layer, args, kwargs)
+        if active_session().state.current_batch_idx == 0:
+            seen[layer] = (args[0].clone(), modifier._fp_hidden[(layer, 0)].clone())
+
+    object.__setattr__(modifier, "_run_full_precision_layer", spy)
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        recipe=modifier,
+        dataset=dataset,
+        use_loss_mask=True,
+        num_calibration_samples=len(dataset),
+        shuffle_calibration_samples=False,
+    )
+    blocks = list(model.model.transformer.blocks)
+    assert [b in seen for b in blocks] == [True, True]
+    quantized_input, fp_output = seen[blocks[1]]
+    torch.testing.assert_close(seen[blocks[0]][1], reference[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fp_output, reference[2], rtol=1e-4, atol=1e-4)
+    assert (quantized_input - reference[1]).abs().max() > 1e-3  # W4A4 error of layer 0
+
+
 def test_propagation_feeds_layer_two_what_the_w4a4_model_computes(
-    llada, tokenizer, calibration_texts, tmp_path, propagate
+    llada, tokenizer, calibration_texts, tmp_path
 ):
     model = saved(llada, tokenizer, tmp_path / "fp")
     dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=3)
@@ -81,9 +202,7 @@ def test_propagation_feeds_layer_two_what_the_w4a4_model_computes(
     block = model.model.transformer.blocks[1]
     handle = block.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
     modifier = FAIRCalibModifier(
-        scheme="W4A4_G128_PACKED",
-        ignore=[r"re:^model\.transformer\.ff_out$"],
-        quantized_propagation=propagate,
+        scheme="W4A4_G128_PACKED", ignore=[r"re:^model\.transformer\.ff_out$"]
     )
     model = oneshot(
         model=model,
@@ -94,49 +213,19 @@ def test_propagation_feeds_layer_two_what_the_w4a4_model_computes(
         num_calibration_samples=len(dataset),
         shuffle_calibration_samples=False,
     )
-    calibrated_input = seen[0]
+    calibrated_input = seen[0]  # the FP stream calls layer.forward: no hook sees it
     seen.clear()
-    model.config._attn_implementation = "eager"  # the pipeline calibrates with eager attention
+    model.config._attn_implementation = "eager"
     with torch.no_grad():
         model(input_ids=torch.tensor([dataset[0]["input_ids"]]))
     handle.remove()
-    if propagate:
-        torch.testing.assert_close(calibrated_input, seen[0], rtol=0, atol=1e-6)
-    else:
-        assert (calibrated_input - seen[0]).abs().max() > 1e-3
-
-
-def test_clipping_search_never_increases_weighted_error():
-    torch.manual_seed(3)
-    x = torch.randn(64, 128) * torch.linspace(0.1, 3, 128)
-    hessian = 2 * x.T @ x
-    weight = torch.randn(32, 128)
-    weight[:, 0] *= 20  # an outlier column makes min-max scales too coarse
-    from compressed_tensors.quantization import preset_name_to_scheme
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-    from compressed_tensors.quantization.utils import calculate_qparams
-    from llmcompressor.observers import Observer
-
-    args = preset_name_to_scheme("W4A4_CHANNEL_PACKED", ["Linear"]).weights
-    linear = torch.nn.Linear(128, 32, bias=False)
-    linear.weight.data = weight
-    linear.quantization_scheme = preset_name_to_scheme("W4A4_CHANNEL_PACKED", ["Linear"])
-    linear.weight_observer = Observer.load_from_registry(
-        "memoryless_minmax", base_name="weight", args=args
+    torch.testing.assert_close(calibrated_input, seen[0], rtol=0, atol=1e-5)
+    assert not any(
+        h
+        for m in model.modules()
+        for h in m._forward_pre_hooks.values()
+        if getattr(h, "__name__", "") == "<lambda>"
     )
-    linear.weight_observer(linear.weight)
-    fair = FAIRCalibModifier(scheme="W4A4")
-    fair._hessians[linear], fair._num_samples[linear] = hessian, torch.tensor(1.0)
-
-    def error(lo, hi):
-        scale, zp = calculate_qparams(lo, hi, args)
-        e = weight - fake_quantize(weight, scale, zp, args)
-        return ((e @ hessian) * e).sum()
-
-    before = error(linear.weight_observer.min_vals, linear.weight_observer.max_vals)
-    fair._search_clipping(linear)
-    after = error(linear.weight_observer.min_vals, linear.weight_observer.max_vals)
-    assert after < before
 
 
 # --- bad input fails fast, with the fix in the message -------------------------------------
@@ -232,8 +321,9 @@ def test_failed_save_leaves_no_checkpoint(
 
 
 def test_nan_activations_fail_with_the_layer_name():
-    fair, linear = FAIRCalibModifier(scheme="W4A4"), torch.nn.Linear(4, 4)
-    _hessian(fair, linear, torch.full((1, 2, 4), float("nan")), torch.ones(1, 2))
+    fair, linear = FAIRCalibModifier(scheme="W4A4"), _w4a4_linear(4, 4)
+    nan = torch.full((1, 2, 4), float("nan"))
+    _statistics(fair, linear, [(nan, nan, torch.ones(1, 2))])
     with pytest.raises(FloatingPointError, match="NaN/Inf activations entered probe"):
         fair._check_finite_hessians([linear])
 

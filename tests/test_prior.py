@@ -46,6 +46,7 @@ SETTINGS = PriorSettings(
     frontier_weight=2.0,
     instability_weight=0.0,
     margin_mix=1.0,
+    source="table",
 )
 
 
@@ -77,6 +78,29 @@ def test_instability_boosts_frontier_weight():
     torch.testing.assert_close(
         weights, torch.tensor([1.0, 1 + 2 * 0.5 * 1.2, 1 + 2 * (2 / 3) * 1.6, 1 + 2 * 0.5 * 1.5])
     )
+
+
+def test_state_weights_follow_the_states_own_rollout():
+    """source="state": hits from this rollout's commits around the step, instability from
+    the margin each position had when it was written (and agreement while still masked)."""
+    settings = SETTINGS.model_copy(update={"source": "state", "instability_weight": 1.0})
+    prior = estimate_prior([_trace()], settings)
+    weights = prior.raw_weights(_trace(), step=1)[0]
+    # step 1 commits pos2 (hit 1); pos1 was committed one step before, pos3 one step later
+    # (hits 0.5). Decision margins: pos1 0.8 (step 0), pos2 0.6 (step 1), pos3 1.0 (step 2).
+    expected = [1.0, 1 + 2 * 0.5 * 1.2, 1 + 2 * 1.0 * 1.4, 1 + 2 * 0.5 * 1.0]
+    torch.testing.assert_close(weights, torch.tensor(expected))
+    # the table prior gives the same state other weights: it averages over steps
+    table = estimate_prior([_trace()], settings.model_copy(update={"source": "table"}))
+    assert not torch.allclose(table.raw_weights(_trace(), step=1)[0], weights)
+
+
+def test_state_instability_counts_disagreement_only_while_masked():
+    from fair_calib_llmc.prior import state_instability
+
+    # margin_mix=0: instability is 1 - agreement; pos3 disagrees at step 0 only
+    assert state_instability(_trace(), 0, margin_mix=0.0)[0].tolist() == [0.0, 0.0, 1.0]
+    assert state_instability(_trace(), 1, margin_mix=0.0)[0].tolist() == [0.0, 0.0, 0.0]
 
 
 def test_normalise_to_mean_one_with_floor():
