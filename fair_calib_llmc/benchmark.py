@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ from fair_calib_llmc.sampling import default_sampler
 __all__ = ["METHOD_RECIPES", "BenchmarkSettings", "run_benchmark", "write_report"]
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+#: The strongest baseline: every other row is also reported as a paired difference to it.
+REFERENCE_METHOD = "quarot+gptq"
 METHOD_RECIPES = {
     "rtn": "rtn_w4a4.yaml",
     "gptq": "gptq_w4a4.yaml",
@@ -46,7 +47,8 @@ COLUMNS = [
     "kl_frontier",
     "kl_non_frontier",
     "elbo_ppl",
-    "calib_seconds",
+    "stage1_seconds",
+    "stage2_seconds",
     "peak_gpu_mib",
     "checkpoint_mib",
 ]
@@ -62,6 +64,7 @@ class BenchmarkSettings:
     heldout_texts: int = 32
     heldout_length: int = 128
     seeds: tuple[int, ...] = (0,)
+    reference_method: str = REFERENCE_METHOD
 
 
 def _probe_logits(model, device) -> torch.Tensor:
@@ -80,9 +83,18 @@ def run_benchmark(
     heldout_texts: list[str],
     out_dir: str | Path,
     settings: BenchmarkSettings = BenchmarkSettings(),
-    recipes_dir: Path = RECIPES_DIR,
+    recipes: dict[str, Path] | None = None,
 ) -> list[dict]:
-    """Run every method of ``settings`` and return one row per (method, seed)."""
+    """Run every method of ``settings`` and return one row per (method, seed).
+
+    ``recipes`` maps method names to recipe files (default: :data:`METHOD_RECIPES` in the
+    shipped ``recipes/``); a method that fails is logged, recorded with its error and skipped,
+    so one broken baseline does not lose a whole GPU run.
+    """
+    recipes = recipes or {name: RECIPES_DIR / file for name, file in METHOD_RECIPES.items()}
+    unknown = [m for m in settings.methods if m not in recipes]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {sorted(recipes)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_model()
@@ -103,7 +115,6 @@ def run_benchmark(
             "kl_frontier": 0.0,
             "kl_non_frontier": 0.0,
             "elbo_ppl": elbo_perplexity(teacher, heldout),
-            "calib_seconds": 0.0,
             "peak_gpu_mib": 0.0,
             "checkpoint_mib": None,
         }
@@ -125,38 +136,53 @@ def run_benchmark(
             model, tokenizer = load_model()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            start = time.monotonic()
-            result = quantize(
-                model,
-                tokenizer,
-                recipes_dir / METHOD_RECIPES[method],
-                seed_calibration,
-                max_prompts=settings.calibration_prompts,
-                seed=seed,
-            )
-            seconds = time.monotonic() - start
+            try:
+                result = quantize(
+                    model,
+                    tokenizer,
+                    recipes[method],
+                    seed_calibration,
+                    max_prompts=settings.calibration_prompts,
+                    seed=seed,
+                )
+            except Exception as error:  # noqa: BLE001 - recorded in the results, run goes on
+                logger.exception(f"{method} (seed {seed}) failed")
+                rows.append({"method": method, "seed": seed, "error": repr(error)})
+                _write_results(out_dir, rows, per_step, settings)
+                continue
             peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
             expected = _probe_logits(result.model, device)
             path = save_atomically(result.model, tokenizer, out_dir / f"{method}-seed{seed}")
+            stage1, stage2, stats = (
+                result.stage1_seconds,
+                result.stage2_seconds,
+                result.weight_stats,
+            )
             del model, result
             student = AutoModel.from_pretrained(path, dtype=teacher.dtype).to(device).eval()
             reload_error = float((_probe_logits(student, device) - expected).abs().max())
             report = compare_decisions(
                 teacher, student, sampler, eval_prompts, seed=seed, traces=traces
             )
-            per_step[method] = report.flips_per_step
+            per_step.setdefault(method, []).append(report.flips_per_step)
             row = {
                 "method": method,
                 "seed": seed,
                 **report.as_row(),
                 "elbo_ppl": elbo_perplexity(student, heldout),
-                "calib_seconds": seconds,
+                "stage1_seconds": stage1,
+                "stage2_seconds": stage2,
                 "peak_gpu_mib": peak,
                 "checkpoint_mib": _checkpoint_mib(path),
                 "reload_max_abs_logit_diff": reload_error,
                 "flips_per_position": report.flips_per_position,
+                "weight_stats": vars(stats),
             }
-            logger.info(f"{method}: {row}")
+            logger.info(
+                f"{method} seed {seed}: flip rate {row['frontier_flip_rate']:.4f} "
+                f"({row['frontier_decisions']} decisions), KL frontier {row['kl_frontier']:.4f}, "
+                f"Stage I {row['stage1_seconds']:.1f}s, Stage II {row['stage2_seconds']:.1f}s"
+            )
             rows.append(row)
             _write_results(out_dir, rows, per_step, settings)  # a cut-off run keeps its rows
             del student
@@ -167,12 +193,13 @@ def run_benchmark(
 def _write_results(out_dir: Path, rows, per_step, settings) -> None:
     payload = {"rows": rows, "flips_per_step": per_step, "settings": vars(settings)}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
-    write_report(rows, per_step, out_dir)
+    write_report(rows, per_step, out_dir, settings.reference_method)
 
 
 def _summarise(rows: list[dict]) -> list[dict]:
     """Mean and spread (min-max half range) over seeds, per method, in input order."""
     summary = []
+    rows = [r for r in rows if "error" not in r]
     for method in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == method]
         entry = {"method": method, "seeds": len(group)}
@@ -185,8 +212,30 @@ def _summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def write_report(rows: list[dict], per_step: dict, out_dir: Path) -> str:
-    """``results.md`` (mean ± half-range over seeds) and ``flips.png``; returns the table."""
+def paired_differences(rows: list[dict], reference: str, column: str = "frontier_flip_rate"):
+    """Per method: ``column`` minus the reference method's on the same seed (same prompts,
+    same calibration text), as ``(mean, half-range, per-seed list, mean ratio)``."""
+    base = {r["seed"]: r[column] for r in rows if r["method"] == reference and "error" not in r}
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in rows if r.get("seed") is not None):
+        pairs = [
+            (r[column], base[r["seed"]])
+            for r in rows
+            if r["method"] == method and "error" not in r and r["seed"] in base
+        ]
+        if method == reference or not pairs:
+            continue
+        diffs = [a - b for a, b in pairs]
+        ratio = sum(a for a, _ in pairs) / max(sum(b for _, b in pairs), 1e-12)
+        out[method] = (sum(diffs) / len(diffs), (max(diffs) - min(diffs)) / 2, diffs, ratio)
+    return out
+
+
+def write_report(
+    rows: list[dict], per_step: dict, out_dir: Path, reference: str = REFERENCE_METHOD
+) -> str:
+    """``results.md`` (mean ± half-range over seeds, paired differences to ``reference``)
+    and ``flips.png`` (per-step flip rate averaged over seeds); returns the markdown."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for entry in _summarise(rows):
         cells = [entry["method"]]
@@ -197,6 +246,22 @@ def write_report(rows: list[dict], per_step: dict, out_dir: Path) -> str:
             mean, spread = entry[col]
             cells.append(f"{mean:.4g}" + (f" ± {spread:.2g}" if entry["seeds"] > 1 else ""))
         lines.append("| " + " | ".join(cells) + " |")
+    diffs = paired_differences(rows, reference)
+    if diffs:
+        lines += [
+            "",
+            f"Frontier flip rate minus {reference}'s on the same seed (negative = fewer flips):",
+            "",
+            "| method | mean difference | ± half-range | per seed | ratio of means |",
+            "|---|---|---|---|---|",
+        ]
+        for method, (mean, spread, per_seed, ratio) in diffs.items():
+            seeds = ", ".join(f"{d:+.4f}" for d in per_seed)
+            lines.append(f"| {method} | {mean:+.4f} | {spread:.4f} | {seeds} | {ratio:.3f} |")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        lines += ["", "Failed runs:", ""]
+        lines += [f"- {r['method']} (seed {r['seed']}): {r['error']}" for r in failed]
     table = "\n".join(lines)
     (Path(out_dir) / "results.md").write_text(table + "\n")
     _plot(per_step, Path(out_dir) / "flips.png")
@@ -210,10 +275,11 @@ def _plot(per_step: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for method, values in per_step.items():
-        ax.plot(range(1, len(values) + 1), values, label=method, marker=".")
+    for method, runs in per_step.items():
+        mean = torch.tensor(runs).mean(dim=0).tolist()
+        ax.plot(range(1, len(mean) + 1), mean, label=method, marker=".")
     ax.set_xlabel("sampler step")
-    ax.set_ylabel("frontier flip rate")
+    ax.set_ylabel("frontier flip rate (mean over seeds)")
     ax.set_title("Frontier decision flips vs. FP teacher (W4A4)")
     ax.legend()
     fig.tight_layout()

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from fair_calib_llmc.benchmark import METHOD_RECIPES, BenchmarkSettings, run_benchmark
+from fair_calib_llmc.benchmark import (
+    METHOD_RECIPES,
+    RECIPES_DIR,
+    REFERENCE_METHOD,
+    BenchmarkSettings,
+    run_benchmark,
+)
 from fair_calib_llmc.calibration import load_texts
 from fair_calib_llmc.corpus import chunk_text, shipped_texts, stdlib_split
 from fair_calib_llmc.default_model import load_default_model
@@ -32,9 +38,17 @@ def main(argv=None) -> None:
     parser.add_argument("--calibration", help="local calibration text file (overrides corpus)")
     parser.add_argument("--heldout", help="local held-out text file (overrides corpus)")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_RECIPES))
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an extra method: a name and its recipe file (repeatable)",
+    )
+    parser.add_argument("--reference-method", default=REFERENCE_METHOD)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--calibration-prompts", type=int, default=64)
-    parser.add_argument("--eval-prompts", type=int, default=32)
+    parser.add_argument("--eval-prompts", type=int, default=256)
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -53,8 +67,11 @@ def main(argv=None) -> None:
         model, tokenizer = load_default_model(args.model, dtype=dtype)
         return model.to(device), tokenizer
 
+    recipes = {name: RECIPES_DIR / file for name, file in METHOD_RECIPES.items()}
+    recipes.update(dict(item.split("=", 1) for item in args.recipe))
     settings = BenchmarkSettings(
         methods=tuple(args.methods),
+        reference_method=args.reference_method,
         seeds=tuple(args.seeds),
         gen_length=args.gen_length,
         calibration_prompts=args.calibration_prompts,
@@ -63,7 +80,7 @@ def main(argv=None) -> None:
         heldout_length=256,
     )
     start = time.monotonic()
-    run_benchmark(load, calibration, heldout, args.out, settings)
+    run_benchmark(load, calibration, heldout, args.out, settings, recipes)
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     footer = (
         f"\nMeasured on {gpu}, {time.strftime('%Y-%m-%d')}, "

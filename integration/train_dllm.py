@@ -13,11 +13,20 @@ Presets:
       python integration/train_dllm.py --preset tiny --device cuda \
           --out fair_calib_llmc/assets/default-llada
 
-* ``reference``: the benchmark's reference model (about 24M parameters, bf16, the recursive
-  stdlib, at most ``--max-seconds`` of training on one GPU), saved in the public LLaDA layout
-  in shards of at most 15 MB::
+* ``reference``: the benchmark's LLaDA reference model (about 24M parameters, bf16, the
+  recursive stdlib, a fixed number of steps on one GPU), saved in the public LLaDA layout in
+  shards of at most 15 MB::
 
       python integration/train_dllm.py --preset reference --device cuda --out ref-llada
+
+* ``dream-reference``: the Dream-architecture reference model trained the same way (Qwen2
+  layers, grouped-query attention with 2 key/value heads, an MLP 1536 wide so rotations need
+  ``random-hadamard`` as at 8B scale, about 27M parameters), saved in the public Dream layout::
+
+      python integration/train_dllm.py --preset dream-reference --device cuda --out ref-dream
+
+Training runs a fixed number of steps (``--steps``), so a model is rebuilt bit for bit on the
+same device kind; ``--max-seconds`` only caps a run and makes it time-dependent.
 """
 
 from __future__ import annotations
@@ -34,13 +43,20 @@ from loguru import logger
 
 from fair_calib_llmc.corpus import ASSETS, chunk_text, stdlib_split
 from fair_calib_llmc.metrics import elbo_perplexity
-from fair_calib_llmc.models import LLaDAConfig, LLaDAModelLM
-from fair_calib_llmc.sampling import LLaDASampler
+from fair_calib_llmc.models import (
+    DreamConfig,
+    DreamModel,
+    LLaDAConfig,
+    LLaDAModelLM,
+    diffusion_spec,
+)
+from fair_calib_llmc.sampling import default_sampler
 from fair_calib_llmc.tokenization import train_bpe_tokenizer
 from fair_calib_llmc.training import train_masked_diffusion
 
 PRESETS = {
     "tiny": dict(
+        family="llada",
         vocab_size=512,
         d_model=128,
         n_heads=4,
@@ -54,12 +70,28 @@ PRESETS = {
         bf16=False,
     ),
     "reference": dict(
+        family="llada",
         vocab_size=8192,
         d_model=512,
         n_heads=8,
         n_layers=6,
         mlp_hidden_size=1024,
-        steps=20000,
+        steps=4000,
+        batch_size=128,
+        seq_len=256,
+        lr=1.5e-3,
+        recursive=True,
+        bf16=True,
+    ),
+    "dream-reference": dict(
+        family="dream",
+        vocab_size=8192,
+        d_model=512,
+        n_heads=8,
+        n_kv_heads=2,
+        n_layers=6,
+        mlp_hidden_size=1536,
+        steps=4000,
         batch_size=128,
         seq_len=256,
         lr=1.5e-3,
@@ -67,6 +99,41 @@ PRESETS = {
         bf16=True,
     ),
 }
+
+
+def build_model(preset: dict, tokenizer) -> LLaDAModelLM | DreamModel:
+    """A randomly initialised model of the preset's family, sized by the preset."""
+    special = dict(
+        vocab_size=len(tokenizer),
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rope_theta=10000.0,
+    )
+    if preset["family"] == "dream":
+        config = DreamConfig(
+            hidden_size=preset["d_model"],
+            num_attention_heads=preset["n_heads"],
+            num_key_value_heads=preset["n_kv_heads"],
+            num_hidden_layers=preset["n_layers"],
+            intermediate_size=preset["mlp_hidden_size"],
+            max_position_embeddings=1024,
+            bos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+            **special,
+        )
+        return DreamModel(config)
+    config = LLaDAConfig(
+        d_model=preset["d_model"],
+        n_heads=preset["n_heads"],
+        n_kv_heads=preset.get("n_kv_heads", preset["n_heads"]),
+        n_layers=preset["n_layers"],
+        mlp_hidden_size=preset["mlp_hidden_size"],
+        embedding_size=len(tokenizer),
+        max_sequence_length=1024,
+        **special,
+    )
+    return LLaDAModelLM(config)
 
 
 def main(argv=None) -> None:
@@ -103,21 +170,7 @@ def main(argv=None) -> None:
     ids = tokenizer(train_texts, add_special_tokens=False)["input_ids"]
     tokens = torch.tensor([i for row in ids for i in row])
     logger.info(f"{len(train_texts)} train files, {tokens.numel()} tokens")
-    config = LLaDAConfig(
-        d_model=preset["d_model"],
-        n_heads=preset["n_heads"],
-        n_kv_heads=preset["n_heads"],
-        n_layers=preset["n_layers"],
-        mlp_hidden_size=preset["mlp_hidden_size"],
-        vocab_size=len(tokenizer),
-        embedding_size=len(tokenizer),
-        mask_token_id=tokenizer.mask_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_sequence_length=1024,
-        rope_theta=10000.0,
-    )
-    model = LLaDAModelLM(config).to(args.device)
+    model = build_model(preset, tokenizer).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"{n_params / 1e6:.1f}M parameters")
     start = time.monotonic()
@@ -150,7 +203,7 @@ def main(argv=None) -> None:
     ppl = elbo_perplexity(model, heldout, mc_samples=8)
     logger.info(f"held-out ELBO perplexity {ppl:.2f}")
     samples = []
-    sampler = LLaDASampler(steps=64, gen_length=64, block_length=32)
+    sampler = default_sampler(diffusion_spec(model), gen_length=64)
     for text in chunk_text(stdlib_split("heldout", preset["recursive"]), 400)[:3]:
         prompt = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:48])
         trace = sampler.generate(model, prompt)
