@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from llmcompressor.core import reset_session
 from loguru import logger
 from transformers import AutoModel
 
@@ -159,6 +160,7 @@ def run_benchmark(
                 result.weight_stats,
             )
             del model, result
+            reset_session()  # the session holds the model: free it before the next method
             student = AutoModel.from_pretrained(path, dtype=teacher.dtype).to(device).eval()
             reload_error = float((_probe_logits(student, device) - expected).abs().max())
             report = compare_decisions(
@@ -186,6 +188,8 @@ def run_benchmark(
             rows.append(row)
             _write_results(out_dir, rows, per_step, settings)  # a cut-off run keeps its rows
             del student
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     _write_results(out_dir, rows, per_step, settings)
     return rows
 

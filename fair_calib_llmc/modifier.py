@@ -90,7 +90,10 @@ class FAIRCalibModifier(GPTQModifier):
     :param fp_targets: fit to the full-precision model's layer inputs (its own stream); off,
         the target is the full-precision weight on the quantized model's input
     :param target_strength: how far to move towards the least-squares target ``W*``
-        (0 = GPTQ on the weighted Hessian of the quantized inputs)
+        (0 = GPTQ on the weighted Hessian of the quantized inputs). The full step (1.0)
+        over-fits the calibration states: on both reference models it raised flips by 16-36%
+        over QuaRot + GPTQ, while 0.25 (GPTAQ's own default) lowered them (a development
+        seed, 100, kept apart from the benchmark's seeds; see the README)
     :param use_token_weights: weight tokens by the Stage I ``loss_mask``; off = uniform weights
         (the ablation that isolates what the frontier prior adds)
     :param require_token_weights: with ``use_token_weights``, refuse to run without weights
@@ -98,7 +101,7 @@ class FAIRCalibModifier(GPTQModifier):
 
     stage1: Stage1Settings = Field(default_factory=Stage1Settings)
     fp_targets: bool = True
-    target_strength: float = Field(1.0, ge=0.0, le=1.0)
+    target_strength: float = Field(0.25, ge=0.0, le=1.0)
     use_token_weights: bool = True
     require_token_weights: bool = True
 

@@ -106,8 +106,13 @@ def quantize(
     max_prompts: int | None = 64,
     text_column: str = "text",
     seed: int = 0,
+    batch_size: int = 16,
 ) -> QuantizeResult:
-    """Stage I + ``oneshot`` + atomic compressed save. See the module docstring."""
+    """Stage I + ``oneshot`` + atomic compressed save. See the module docstring.
+
+    ``batch_size`` masked-stage states go through each layer at once: they all have the
+    same length (prompt + answer), so batching costs no padding and no truncation.
+    """
     recipe = load_recipe(recipe)
     diffusion_spec(model, tokenizer)
     check_finite_weights(model)
@@ -130,6 +135,7 @@ def quantize(
         use_loss_mask=fair is not None,
         num_calibration_samples=len(calibration),
         shuffle_calibration_samples=False,
+        batch_size=batch_size,  # every state has the same length: batching drops nothing
         max_seq_length=max(len(x) for x in calibration["input_ids"]),
     )
     stage2_seconds = time.monotonic() - start

@@ -11,7 +11,7 @@ import torch
 from llmcompressor import oneshot
 from llmcompressor.core import active_session
 from pydantic import ValidationError
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
 from fair_calib_llmc import FAIRCalibModifier, quantize
 from fair_calib_llmc.models import diffusion_spec
@@ -147,23 +147,22 @@ def test_missing_token_weights_fail_with_the_fix():
         )
 
 
-def _fp_states(model, dataset):
+def _fp_states(model, dataset, rows):
     with torch.no_grad():
-        out = model(
-            input_ids=torch.tensor(dataset[0]["input_ids"])[None], output_hidden_states=True
-        )
-    return out.hidden_states
+        ids = torch.tensor(dataset[:rows]["input_ids"])
+        return model(input_ids=ids, output_hidden_states=True).hidden_states
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
 def test_fp_stream_is_the_full_precision_models_hidden_states(
-    llada, tokenizer, calibration_texts, tmp_path
+    llada, tokenizer, calibration_texts, tmp_path, batch_size
 ):
     """Stage II's second stream carries what the unquantized model computes, layer by layer,
     while the pipeline's own stream carries the quantized model's activations."""
     model = saved(llada, tokenizer, tmp_path / "fp")
     dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=2)
     model.config._attn_implementation = "eager"  # the pipeline calibrates with eager attention
-    reference = _fp_states(model, dataset)
+    reference = _fp_states(model, dataset, batch_size)
     modifier = FAIRCalibModifier(
         scheme="W4A4_G128_PACKED", ignore=[r"re:^model\.transformer\.ff_out$"]
     )
@@ -184,6 +183,7 @@ def test_fp_stream_is_the_full_precision_models_hidden_states(
         use_loss_mask=True,
         num_calibration_samples=len(dataset),
         shuffle_calibration_samples=False,
+        batch_size=batch_size,
     )
     blocks = list(model.model.transformer.blocks)
     assert [b in seen for b in blocks] == [True, True]
@@ -191,6 +191,44 @@ def test_fp_stream_is_the_full_precision_models_hidden_states(
     torch.testing.assert_close(seen[blocks[0]][1], reference[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fp_output, reference[2], rtol=1e-4, atol=1e-4)
     assert (quantized_input - reference[1]).abs().max() > 1e-3  # W4A4 error of layer 0
+
+
+def test_batched_calibration_gives_the_same_statistics(
+    dream, tokenizer, calibration_texts, tmp_path, monkeypatch
+):
+    """States are batched through the layers (same length: nothing padded or cut); the FP
+    stream, token weights and statistics must line up row by row, so batching changes only
+    the order of float sums. (The checkpoints themselves may differ: W4A4 GPTQ roundings
+    flip on float-level differences of the Hessian.)"""
+    import fair_calib_llmc.modifier as modifier_module
+
+    saved(dream, tokenizer, tmp_path / "fp")
+    statistics = {}
+
+    def spy(weight, cross, hessian, **kwargs):
+        statistics.setdefault(batch_size, []).append((cross.clone(), hessian.clone()))
+        return original(weight, cross, hessian, **kwargs)
+
+    original = modifier_module.fp_target_weight
+    monkeypatch.setattr(modifier_module, "fp_target_weight", spy)
+    for batch_size in (1, 4):
+        model = AutoModel.from_pretrained(tmp_path / "fp", dtype=torch.float32).eval()
+        quantize(
+            model,
+            tokenizer,
+            RECIPES / "fair_calib_w4a4.yaml",
+            calibration_texts,
+            max_prompts=4,
+            batch_size=batch_size,
+        )
+    assert len(statistics[1]) == len(statistics[4]) == 2 * 7  # layers x linears
+    # layer 0 only: later layers see a quantized stream that GPTQ's roundings already changed
+    first_layer = zip(statistics[1][:7], statistics[4][:7], strict=True)
+    for (cross_1, hessian_1), (cross_4, hessian_4) in first_layer:
+        torch.testing.assert_close(
+            hessian_4, hessian_1, rtol=2e-3, atol=2e-3 * hessian_1.abs().max()
+        )
+        torch.testing.assert_close(cross_4, cross_1, rtol=2e-3, atol=2e-3 * cross_1.abs().max())
 
 
 def test_propagation_feeds_layer_two_what_the_w4a4_model_computes(
