@@ -21,9 +21,10 @@ from loguru import logger
 from transformers import AutoModel
 
 from fair_calib_llmc.calibration import prompts_from_texts
+from fair_calib_llmc.checkpoint import check_output_dir, save_atomically
 from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity, teacher_traces
 from fair_calib_llmc.models.family import diffusion_spec
-from fair_calib_llmc.pipeline import default_sampler_settings, quantize, save_atomically
+from fair_calib_llmc.pipeline import default_sampler_settings, quantize
 from fair_calib_llmc.sampling import sampler_for
 
 __all__ = ["METHOD_RECIPES", "BenchmarkSettings", "run_benchmark", "write_report"]
@@ -79,9 +80,15 @@ def run_benchmark(
     out_dir: str | Path,
     settings: BenchmarkSettings = BenchmarkSettings(),
     recipes_dir: Path = RECIPES_DIR,
+    *,
+    overwrite: bool = False,
 ) -> list[dict]:
-    """Run every method of ``settings`` and return one row per (method, seed)."""
-    out_dir = Path(out_dir)
+    """Run every method of ``settings`` and return one row per (method, seed).
+
+    ``out_dir`` follows :func:`~fair_calib_llmc.checkpoint.check_output_dir`'s rules (checked
+    before any work): a non-empty directory needs ``overwrite``.
+    """
+    out_dir = check_output_dir(out_dir, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_model()
     device = next(teacher.parameters()).device
@@ -135,7 +142,9 @@ def run_benchmark(
             seconds = time.monotonic() - start
             peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
             expected = _probe_logits(result.model, device)
-            path = save_atomically(result.model, tokenizer, out_dir / f"{method}-seed{seed}")
+            path = save_atomically(
+                result.model, tokenizer, out_dir / f"{method}-seed{seed}", overwrite=True
+            )
             del model, result
             student = AutoModel.from_pretrained(path, dtype=teacher.dtype).to(device).eval()
             reload_error = float((_probe_logits(student, device) - expected).abs().max())

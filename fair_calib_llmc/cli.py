@@ -32,6 +32,7 @@ def main(argv=None) -> None:
     demo.add_argument("--calibration-prompts", type=int, default=32)
     demo.add_argument("--eval-prompts", type=int, default=16)
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     quant = sub.add_parser("quantize", help="quantize one checkpoint with one recipe")
     quant.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
@@ -40,6 +41,11 @@ def main(argv=None) -> None:
         "--dataset", help="local .json/.jsonl/.txt (default: shipped calibration text)"
     )
     quant.add_argument("--output-dir", required=True)
+    quant.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --output-dir (deleted only after the new checkpoint is saved)",
+    )
     quant.add_argument("--max-prompts", type=int, default=64)
 
     args = parser.parse_args(argv)
@@ -56,6 +62,7 @@ def main(argv=None) -> None:
             shipped_texts("heldout"),
             args.out,
             settings,
+            overwrite=args.overwrite,
         )
         print((Path(args.out) / "results.md").read_text())
         print(f"checkpoints, results.json, results.md and flips.png are in {args.out}")
@@ -71,6 +78,7 @@ def main(argv=None) -> None:
             args.recipe,
             texts,
             output_dir=args.output_dir,
+            overwrite=args.overwrite,
             max_prompts=args.max_prompts,
         )
         print(f"saved compressed checkpoint to {result.output_dir}")

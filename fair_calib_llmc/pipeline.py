@@ -3,8 +3,8 @@
 ``quantize`` checks everything cheap first (recipe shape, model family, mask token, data),
 runs Stage I (teacher rollouts -> masked-stage states with frontier weights), hands the states
 to the real ``llmcompressor.oneshot`` with ``use_loss_mask=True``, and writes the checkpoint
-atomically: into a temporary sibling directory that is renamed into place only after
-``save_pretrained`` succeeded, so a failed run never leaves a half-written checkpoint.
+atomically (:mod:`fair_calib_llmc.checkpoint`). The output directory is checked before Stage I,
+so a path that cannot or must not be written fails in seconds, not after calibration.
 
 Baseline recipes (RTN, GPTQ, rotation + GPTQ) go through the same function and get the same
 masked-stage states, so methods differ only in the algorithm.
@@ -13,8 +13,6 @@ masked-stage states, so methods differ only in the algorithm.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,12 @@ from llmcompressor.recipe import Recipe
 from loguru import logger
 
 from fair_calib_llmc.calibration import build_calibration_dataset, load_texts
+from fair_calib_llmc.checkpoint import (
+    check_output_dir,
+    expected_checkpoint_bytes,
+    model_directory,
+    save_atomically,
+)
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.modifier import FAIRCalibModifier, check_finite_weights
 from fair_calib_llmc.prior import PositionPrior
@@ -37,7 +41,6 @@ __all__ = [
     "default_sampler_settings",
     "quantize",
     "QuantizeResult",
-    "save_atomically",
 ]
 
 
@@ -107,14 +110,28 @@ def quantize(
     dataset,
     *,
     output_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
     max_prompts: int | None = 64,
     text_column: str = "text",
     seed: int = 0,
 ) -> QuantizeResult:
-    """Stage I + ``oneshot`` + atomic compressed save. See the module docstring."""
+    """Stage I + ``oneshot`` + atomic compressed save. See the module docstring.
+
+    :param output_dir: where to save the compressed checkpoint (``None``: do not save)
+    :param overwrite: replace a non-empty ``output_dir`` (the old one is deleted only after the
+        new checkpoint is in place); the model's own directory is never replaced
+    """
     recipe = load_recipe(recipe)
     spec = diffusion_spec(model, tokenizer)
     check_finite_weights(model)
+    model_dir = model_directory(model)
+    if output_dir is not None:
+        output_dir = check_output_dir(
+            output_dir,
+            model_dir=model_dir,
+            overwrite=overwrite,
+            expected_bytes=expected_checkpoint_bytes(model),
+        )
     fair = next((m for m in recipe.modifiers if isinstance(m, FAIRCalibModifier)), None)
     stage1 = fair or FAIRCalibModifier(scheme="W4A4")  # baselines: same states, same settings
     sampler = sampler_for(spec, **(stage1.sampler or default_sampler_settings(spec)))
@@ -150,22 +167,7 @@ def quantize(
 
     saved = None
     if output_dir is not None:
-        saved = save_atomically(model, tokenizer, output_dir)
+        saved = save_atomically(
+            model, tokenizer, output_dir, overwrite=overwrite, model_dir=model_dir
+        )
     return QuantizeResult(model, calibration, prior, stage1_seconds, stage2_seconds, saved)
-
-
-def save_atomically(model, tokenizer, output_dir: str | os.PathLike) -> Path:
-    """``save_pretrained(save_compressed=True)`` into a temp sibling, then rename into place."""
-    target = Path(output_dir).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, save_compressed=True)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target

@@ -11,8 +11,8 @@ import torch
 from llmcompressor import oneshot
 from transformers import AutoModel
 
+from fair_calib_llmc.checkpoint import save_atomically
 from fair_calib_llmc.models import diffusion_spec
-from fair_calib_llmc.pipeline import save_atomically
 
 from .conftest import masked_states, saved
 
