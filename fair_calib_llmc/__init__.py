@@ -8,7 +8,8 @@ Importing the package registers, with no further call:
 """
 
 from fair_calib_llmc import rotations, schemes  # noqa: F401  (registration on import)
-from fair_calib_llmc.calibration import build_calibration_dataset, load_texts
+from fair_calib_llmc.calibration import build_calibration_dataset
+from fair_calib_llmc.data import load_texts
 from fair_calib_llmc.models import (
     DiffusionLMSpec,
     DreamConfig,
@@ -18,8 +19,9 @@ from fair_calib_llmc.models import (
     diffusion_spec,
 )
 from fair_calib_llmc.modifier import FAIRCalibModifier
-from fair_calib_llmc.pipeline import check_recipe_shape, load_recipe, quantize
+from fair_calib_llmc.pipeline import quantize
 from fair_calib_llmc.prior import PriorSettings
+from fair_calib_llmc.recipe import check_recipe_shape, load_recipe, shipped_recipes
 from fair_calib_llmc.sampling import DreamSampler, LLaDASampler
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "load_recipe",
     "load_texts",
     "quantize",
+    "shipped_recipes",
 ]
 
 __version__ = "0.1.0"

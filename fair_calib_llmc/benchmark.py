@@ -29,13 +29,13 @@ from fair_calib_llmc.sampling import sampler_for
 
 __all__ = ["METHOD_RECIPES", "BenchmarkSettings", "run_benchmark", "write_report"]
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+#: method -> shipped recipe name (:func:`fair_calib_llmc.recipe.shipped_recipes`)
 METHOD_RECIPES = {
-    "rtn": "rtn_w4a4.yaml",
-    "gptq": "gptq_w4a4.yaml",
-    "spinquant+gptq": "spinquant_gptq_w4a4.yaml",
-    "fair-calib": "fair_calib_w4a4.yaml",
-    "spinquant+fair-calib": "spinquant_fair_calib_w4a4.yaml",
+    "rtn": "rtn_w4a4",
+    "gptq": "gptq_w4a4",
+    "spinquant+gptq": "spinquant_gptq_w4a4",
+    "fair-calib": "fair_calib_w4a4",
+    "spinquant+fair-calib": "spinquant_fair_calib_w4a4",
 }
 COLUMNS = [
     "method",
@@ -79,7 +79,6 @@ def run_benchmark(
     heldout_texts: list[str],
     out_dir: str | Path,
     settings: BenchmarkSettings = BenchmarkSettings(),
-    recipes_dir: Path = RECIPES_DIR,
     *,
     overwrite: bool = False,
 ) -> list[dict]:
@@ -88,6 +87,9 @@ def run_benchmark(
     ``out_dir`` follows :func:`~fair_calib_llmc.checkpoint.check_output_dir`'s rules (checked
     before any work): a non-empty directory needs ``overwrite``.
     """
+    unknown = set(settings.methods) - set(METHOD_RECIPES)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {list(METHOD_RECIPES)}")
     out_dir = check_output_dir(out_dir, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_model()
@@ -134,7 +136,7 @@ def run_benchmark(
             result = quantize(
                 model,
                 tokenizer,
-                recipes_dir / METHOD_RECIPES[method],
+                METHOD_RECIPES[method],
                 seed_calibration,
                 max_prompts=settings.calibration_prompts,
                 seed=seed,

@@ -20,9 +20,7 @@ makes the decision.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -33,41 +31,7 @@ from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.prior import PositionPrior, PriorSettings, estimate_prior, normalise_weights
 from fair_calib_llmc.sampling import _SamplerBase
 
-__all__ = ["load_texts", "prompts_from_texts", "build_calibration_dataset"]
-
-
-def load_texts(dataset, text_column: str = "text") -> list[str]:
-    """Calibration text from a list of strings, a ``datasets.Dataset``, or a local
-    ``.json`` / ``.jsonl`` / ``.txt`` file (one record or line per sample)."""
-    if isinstance(dataset, (str, Path)) and Path(dataset).exists():
-        path = Path(dataset)
-        if path.suffix in (".json", ".jsonl"):
-            raw = path.read_text()
-            try:
-                records = json.loads(raw)
-                records = records if isinstance(records, list) else [records]
-            except json.JSONDecodeError:
-                records = [json.loads(line) for line in raw.splitlines() if line.strip()]
-            return [r[text_column] if isinstance(r, dict) else str(r) for r in records]
-        return [line for line in path.read_text().splitlines() if line.strip()]
-    if isinstance(dataset, Dataset):
-        if text_column not in dataset.column_names:
-            raise ValueError(
-                f"calibration dataset has no {text_column!r} column (columns: "
-                f"{dataset.column_names}); pass text_column= or a list of strings"
-            )
-        return list(dataset[text_column])
-    if isinstance(dataset, str):
-        raise FileNotFoundError(
-            f"calibration dataset {dataset!r} is neither a local file nor a list of texts; hub "
-            "dataset names cannot be downloaded here: pass texts or a local .json/.jsonl/.txt"
-        )
-    if isinstance(dataset, Sequence) and all(isinstance(t, str) for t in dataset):
-        return list(dataset)
-    raise TypeError(
-        f"unsupported calibration dataset type {type(dataset).__name__}; pass a list of "
-        "strings, a datasets.Dataset with a text column, or a local .json/.jsonl/.txt path"
-    )
+__all__ = ["prompts_from_texts", "build_calibration_dataset"]
 
 
 def prompts_from_texts(

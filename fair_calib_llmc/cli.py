@@ -6,16 +6,10 @@ import argparse
 from functools import partial
 from pathlib import Path
 
-import torch
-
 from fair_calib_llmc.benchmark import METHOD_RECIPES, BenchmarkSettings, run_benchmark
 from fair_calib_llmc.corpus import shipped_texts
-from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR, load_default_model
-
-
-def _load(path: str, device: str):
-    model, tokenizer = load_default_model(path)
-    return model.to(device), tokenizer
+from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
+from fair_calib_llmc.loading import DTYPES, load_model, resolve_device
 
 
 def main(argv=None) -> None:
@@ -31,15 +25,21 @@ def main(argv=None) -> None:
     demo.add_argument("--seeds", nargs="+", type=int, default=[0])
     demo.add_argument("--calibration-prompts", type=int, default=32)
     demo.add_argument("--eval-prompts", type=int, default=16)
-    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    demo.add_argument("--device", help="cpu, cuda, cuda:N (default: the GPU if there is one)")
+    demo.add_argument("--dtype", default="auto", choices=list(DTYPES))
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     quant = sub.add_parser("quantize", help="quantize one checkpoint with one recipe")
     quant.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
-    quant.add_argument("--recipe", required=True)
+    quant.add_argument("--recipe", required=True, help="a shipped recipe name or a .yaml path")
+    quant.add_argument("--device", help="cpu, cuda, cuda:N (default: the GPU if there is one)")
     quant.add_argument(
-        "--dataset", help="local .json/.jsonl/.txt (default: shipped calibration text)"
+        "--dtype", default="auto", choices=list(DTYPES), help="default: the checkpoint's"
     )
+    quant.add_argument(
+        "--dataset", help="local .json/.jsonl/.csv/.txt (default: shipped calibration text)"
+    )
+    quant.add_argument("--text-column", default="text", help="column holding the text")
     quant.add_argument("--output-dir", required=True)
     quant.add_argument(
         "--overwrite",
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
             eval_prompts=args.eval_prompts,
         )
         run_benchmark(
-            partial(_load, args.model, args.device),
+            partial(load_model, args.model, dtype=args.dtype, device=resolve_device(args.device)),
             shipped_texts("calibration"),
             shipped_texts("heldout"),
             args.out,
@@ -67,11 +67,17 @@ def main(argv=None) -> None:
         print((Path(args.out) / "results.md").read_text())
         print(f"checkpoints, results.json, results.md and flips.png are in {args.out}")
     else:
-        from fair_calib_llmc.calibration import load_texts
+        from fair_calib_llmc.data import load_texts
         from fair_calib_llmc.pipeline import quantize
 
-        model, tokenizer = load_default_model(args.model)
-        texts = load_texts(args.dataset) if args.dataset else shipped_texts("calibration")
+        model, tokenizer = load_model(
+            args.model, dtype=args.dtype, device=resolve_device(args.device)
+        )
+        texts = (
+            load_texts(args.dataset, args.text_column)
+            if args.dataset
+            else shipped_texts("calibration")
+        )
         result = quantize(
             model,
             tokenizer,

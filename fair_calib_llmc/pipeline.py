@@ -13,76 +13,36 @@ masked-stage states, so methods differ only in the algorithm.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from datasets import Dataset
 from llmcompressor import oneshot
-from llmcompressor.recipe import Recipe
 from loguru import logger
 
-from fair_calib_llmc.calibration import build_calibration_dataset, load_texts
+from fair_calib_llmc.calibration import build_calibration_dataset
 from fair_calib_llmc.checkpoint import (
     check_output_dir,
     expected_checkpoint_bytes,
     model_directory,
     save_atomically,
 )
+from fair_calib_llmc.data import load_texts
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.modifier import FAIRCalibModifier, check_finite_weights
 from fair_calib_llmc.prior import PositionPrior
+from fair_calib_llmc.recipe import load_recipe
 from fair_calib_llmc.sampling import sampler_for
 
 __all__ = [
-    "check_recipe_shape",
-    "load_recipe",
     "default_sampler_settings",
     "quantize",
     "QuantizeResult",
 ]
-
-
-def check_recipe_shape(recipe: dict) -> None:
-    """Fail loudly on recipes llm-compressor would parse to zero modifiers.
-
-    llm-compressor only reads ``<name>_stage: <group>_modifiers: <ClassName>: {fields}`` and
-    silently ignores anything else.
-    """
-    shape = "<name>_stage:\n  <group>_modifiers:\n    <ModifierClass>: {fields}"
-    if not isinstance(recipe, dict) or not recipe:
-        raise ValueError(f"a recipe must be a YAML mapping of the shape\n{shape}")
-    n_modifiers = 0
-    for stage_key, stage in recipe.items():
-        if stage_key == "args":
-            continue
-        if not stage_key.endswith("_stage") or not isinstance(stage, dict):
-            raise ValueError(
-                f"recipe key {stage_key!r} is not a '<name>_stage' mapping; llm-compressor "
-                f"would silently ignore it. Use the shape\n{shape}"
-            )
-        for group_key, group in stage.items():
-            if not group_key.endswith("_modifiers") or not isinstance(group, dict):
-                raise ValueError(
-                    f"recipe key {stage_key}.{group_key} is not a '<group>_modifiers' mapping; "
-                    f"llm-compressor would silently ignore it. Use the shape\n{shape}"
-                )
-            for name, fields in group.items():
-                if not isinstance(fields, dict):
-                    raise ValueError(f"modifier {name!r} needs a mapping of fields")
-                n_modifiers += 1
-    if n_modifiers == 0:
-        raise ValueError(f"the recipe declares no modifier; use the shape\n{shape}")
-
-
-def load_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:
-    """Parse a recipe file or YAML string after :func:`check_recipe_shape`."""
-    if isinstance(recipe, Recipe):
-        return recipe
-    text = Path(recipe).read_text() if Path(str(recipe)).is_file() else str(recipe)
-    check_recipe_shape(yaml.safe_load(text))
-    return Recipe.create_instance(text)
 
 
 def default_sampler_settings(spec: DiffusionLMSpec, gen_length: int = 32) -> dict:
@@ -101,6 +61,27 @@ class QuantizeResult:
     stage1_seconds: float
     stage2_seconds: float
     output_dir: Path | None
+
+
+@contextmanager
+def config_on_disk(model) -> Iterator[None]:
+    """Give a model built in memory a ``config._name_or_path`` for the duration.
+
+    llm-compressor re-reads the config from ``config._name_or_path`` (``oneshot``'s model
+    check, and the compressed save, which re-writes the original ``config.json``); a model that
+    was never saved has none and would fail with a hub lookup of ``''``. Its current config is
+    written to a temporary directory instead, and the name is cleared again afterwards.
+    """
+    if getattr(model.config, "_name_or_path", ""):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="fair-calib-llmc-config-") as tmp:
+        model.config.save_pretrained(tmp)
+        model.config._name_or_path = model.name_or_path = tmp
+        try:
+            yield
+        finally:
+            model.config._name_or_path = model.name_or_path = ""
 
 
 def quantize(
@@ -151,23 +132,24 @@ def quantize(
     )
     stage1_seconds = time.monotonic() - start
 
-    start = time.monotonic()
-    model = oneshot(
-        model=model,
-        processor=tokenizer,
-        recipe=recipe,
-        dataset=calibration,
-        use_loss_mask=fair is not None,
-        num_calibration_samples=len(calibration),
-        shuffle_calibration_samples=False,
-        max_seq_length=max(len(x) for x in calibration["input_ids"]),
-    )
-    stage2_seconds = time.monotonic() - start
-    logger.info(f"Stage I {stage1_seconds:.1f}s, Stage II (oneshot) {stage2_seconds:.1f}s")
-
-    saved = None
-    if output_dir is not None:
-        saved = save_atomically(
-            model, tokenizer, output_dir, overwrite=overwrite, model_dir=model_dir
+    with config_on_disk(model):
+        start = time.monotonic()
+        model = oneshot(
+            model=model,
+            processor=tokenizer,
+            recipe=recipe,
+            dataset=calibration,
+            use_loss_mask=fair is not None,
+            num_calibration_samples=len(calibration),
+            shuffle_calibration_samples=False,
+            max_seq_length=max(len(x) for x in calibration["input_ids"]),
         )
+        stage2_seconds = time.monotonic() - start
+        logger.info(f"Stage I {stage1_seconds:.1f}s, Stage II (oneshot) {stage2_seconds:.1f}s")
+
+        saved = None
+        if output_dir is not None:
+            saved = save_atomically(
+                model, tokenizer, output_dir, overwrite=overwrite, model_dir=model_dir
+            )
     return QuantizeResult(model, calibration, prior, stage1_seconds, stage2_seconds, saved)

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from fair_calib_llmc.benchmark import METHOD_RECIPES, BenchmarkSettings, run_benchmark
-from fair_calib_llmc.calibration import load_texts
 from fair_calib_llmc.corpus import chunk_text, shipped_texts, stdlib_split
-from fair_calib_llmc.default_model import load_default_model
+from fair_calib_llmc.data import load_texts
+from fair_calib_llmc.loading import load_model
 
 
 def main(argv=None) -> None:
@@ -50,8 +50,7 @@ def main(argv=None) -> None:
     heldout = load_texts(args.heldout) if args.heldout else heldout
 
     def load():
-        model, tokenizer = load_default_model(args.model, dtype=dtype)
-        return model.to(device), tokenizer
+        return load_model(args.model, dtype=dtype, device=device)
 
     settings = BenchmarkSettings(
         methods=tuple(args.methods),

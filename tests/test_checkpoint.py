@@ -22,7 +22,7 @@ from fair_calib_llmc.checkpoint import (
 
 from .conftest import saved
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "rtn_w4a4.yaml"
+RECIPE = "rtn_w4a4"
 
 
 def _tree(root: Path) -> dict[str, bytes]:

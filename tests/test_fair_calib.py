@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fair_calib_llmc import FAIRCalibModifier, quantize
 from fair_calib_llmc.models import diffusion_spec
-from fair_calib_llmc.pipeline import check_recipe_shape
 
 from .conftest import llada_config, masked_states, saved
-
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def _hessian(modifier, linear, x, weights):
@@ -153,7 +149,7 @@ def test_causal_model_is_rejected(tokenizer):
     with pytest.raises(ValueError, match="not a diffusion language model"):
         diffusion_spec(causal, tokenizer)
     with pytest.raises(ValueError, match="not a diffusion language model"):
-        quantize(causal, tokenizer, RECIPES / "fair_calib_w4a4.yaml", ["text"])
+        quantize(causal, tokenizer, "fair_calib_w4a4", ["text"])
 
 
 def test_missing_mask_token_is_rejected(tokenizer):
@@ -169,7 +165,7 @@ def test_missing_mask_token_is_rejected(tokenizer):
 def test_empty_or_short_calibration_set(llada, tokenizer):
     for texts in ([], ["too short"]):
         with pytest.raises(ValueError, match="calibration set is empty or too short"):
-            quantize(llada, tokenizer, RECIPES / "fair_calib_w4a4.yaml", texts)
+            quantize(llada, tokenizer, "fair_calib_w4a4", texts)
 
 
 def test_unknown_scheme_name():
@@ -182,19 +178,6 @@ def test_unknown_modifier_field_is_rejected():
         FAIRCalibModifier(scheme="W4A4", frontier_wieght=2.0)
 
 
-@pytest.mark.parametrize(
-    "recipe,where",
-    [
-        ({"FAIRCalibModifier": {"scheme": "W4A4"}}, "FAIRCalibModifier"),
-        ({"fair_stage": {"FAIRCalibModifier": {"scheme": "W4A4"}}}, "fair_stage.FAIRCalibModifier"),
-        ({"fair_stage": {"fair_modifiers": {}}}, "no modifier"),
-    ],
-)
-def test_recipe_of_the_wrong_shape_fails_loudly(recipe, where):
-    with pytest.raises(ValueError, match=where):
-        check_recipe_shape(recipe)
-
-
 def test_nan_weights_fail_before_calibration(llada, tokenizer, calibration_texts, tmp_path):
     with torch.no_grad():
         llada.model.transformer.blocks[0].q_proj.weight[0, 0] = float("nan")
@@ -202,7 +185,7 @@ def test_nan_weights_fail_before_calibration(llada, tokenizer, calibration_texts
         quantize(
             llada,
             tokenizer,
-            RECIPES / "fair_calib_w4a4.yaml",
+            "fair_calib_w4a4",
             calibration_texts,
             output_dir=tmp_path / "out",
             max_prompts=2,
@@ -223,7 +206,7 @@ def test_failed_save_leaves_no_checkpoint(
         quantize(
             model,
             tokenizer,
-            RECIPES / "fair_calib_w4a4.yaml",
+            "fair_calib_w4a4",
             calibration_texts,
             output_dir=tmp_path / "out",
             max_prompts=2,
@@ -257,9 +240,7 @@ def test_quantize_from_raw_text_forms(dream, tokenizer, calibration_texts, tmp_p
         "txt": lambda: _write(tmp_path / "c.txt", "\n".join(texts)),
     }[form]()
     model = saved(dream, tokenizer, tmp_path / "fp")
-    result = quantize(
-        model, tokenizer, RECIPES / "fair_calib_w4a4.yaml", data, output_dir=tmp_path / "q"
-    )
+    result = quantize(model, tokenizer, "fair_calib_w4a4", data, output_dir=tmp_path / "q")
     assert len(result.calibration) == 3 * 4  # prompts x states_per_prompt
     weights = torch.tensor([w for row in result.calibration["loss_mask"] for w in row])
     assert abs(weights.mean().item() - 1) < 1e-5 and weights.min() >= 0.1

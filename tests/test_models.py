@@ -238,3 +238,18 @@ def test_unsupported_llada_variant_is_rejected(tokenizer):
 
     with pytest.raises(ValueError, match="block_type"):
         llada_config(tokenizer, block_type="sequential")
+
+
+def test_mask_token_is_never_guessed(tokenizer):
+    """No family default: the config states it, or the tokenizer's mask token is used and
+    recorded in the config, or diffusion_spec fails naming the fix."""
+    from fair_calib_llmc.models import DreamConfig, LLaDAConfig, diffusion_spec
+
+    from .conftest import llada_config
+
+    assert LLaDAConfig().mask_token_id is None and DreamConfig().mask_token_id is None
+    model = LLaDAModelLM(llada_config(tokenizer, mask_token_id=None))
+    assert diffusion_spec(model, tokenizer).mask_token_id == tokenizer.mask_token_id
+    assert model.config.mask_token_id == tokenizer.mask_token_id  # saved with the checkpoint
+    with pytest.raises(ValueError, match="no mask token.*LLaDA-8B: 126336"):
+        diffusion_spec(LLaDAModelLM(llada_config(tokenizer, mask_token_id=None)))
