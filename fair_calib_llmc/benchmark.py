@@ -22,10 +22,10 @@ from transformers import AutoModel
 
 from fair_calib_llmc.calibration import prompts_from_texts
 from fair_calib_llmc.checkpoint import check_output_dir, save_atomically
-from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity, teacher_traces
+from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.pipeline import default_sampler_settings, quantize
-from fair_calib_llmc.sampling import sampler_for
+from fair_calib_llmc.sampling import sampler_for, teacher_traces
 
 __all__ = ["METHOD_RECIPES", "BenchmarkSettings", "run_benchmark", "write_report"]
 
@@ -165,7 +165,10 @@ def run_benchmark(
                 "reload_max_abs_logit_diff": reload_error,
                 "flips_per_position": report.flips_per_position,
             }
-            logger.info(f"{method}: {row}")
+            logger.info(
+                f"{method} (seed {seed}): frontier flip rate {row['frontier_flip_rate']:.3f}, "
+                f"ELBO ppl {row['elbo_ppl']:.2f}, calibration {seconds:.1f}s"
+            )
             rows.append(row)
             _write_results(out_dir, rows, per_step, settings)  # a cut-off run keeps its rows
             del student

@@ -26,10 +26,9 @@ import torch
 from datasets import Dataset
 from loguru import logger
 
-from fair_calib_llmc.metrics import teacher_traces
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.prior import PositionPrior, PriorSettings, estimate_prior, normalise_weights
-from fair_calib_llmc.sampling import _SamplerBase
+from fair_calib_llmc.sampling import _SamplerBase, teacher_traces
 
 __all__ = ["prompts_from_texts", "build_calibration_dataset"]
 

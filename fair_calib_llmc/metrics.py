@@ -14,22 +14,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fair_calib_llmc.models.family import denoiser_logits, diffusion_spec
-from fair_calib_llmc.sampling import DiffusionTrace, _SamplerBase
+from fair_calib_llmc.sampling import DiffusionTrace, _SamplerBase, progress, teacher_traces
 
-__all__ = [
-    "FrontierReport",
-    "compare_decisions",
-    "elbo_perplexity",
-    "teacher_traces",
-]
+__all__ = ["FrontierReport", "compare_decisions", "elbo_perplexity"]
 
 
 @dataclass
@@ -50,28 +44,6 @@ class FrontierReport:
         row.pop("flips_per_step")
         row.pop("flips_per_position")
         return row
-
-
-def _as_batches(prompts: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
-    """Group 1-D prompts of equal length into batches (samplers take unpadded rows)."""
-    if torch.is_tensor(prompts):
-        return [prompts if prompts.dim() == 2 else prompts.unsqueeze(0)]
-    by_length: dict[int, list[torch.Tensor]] = {}
-    for p in prompts:
-        by_length.setdefault(int(p.numel()), []).append(p.flatten())
-    if not by_length:
-        raise ValueError("no prompts given; pass at least one prompt")
-    return [torch.stack(rows) for _, rows in sorted(by_length.items())]
-
-
-def teacher_traces(
-    teacher: nn.Module, sampler: _SamplerBase, prompts, *, seed: int = 0
-) -> list[tuple[torch.Tensor, DiffusionTrace]]:
-    """The teacher's own (prompt batch, trace) pairs; reuse them for every student."""
-    return [
-        (batch, sampler.generate(teacher, batch, seed=seed))
-        for batch in tqdm(_as_batches(prompts), desc="teacher rollouts", leave=False)
-    ]
 
 
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -105,9 +77,11 @@ def compare_decisions(
     kl_n = {True: 0, False: 0}
     mismatches, tokens, first_div = 0, 0, []
 
-    for batch, t_trace in tqdm(traces, desc="student vs teacher", leave=False):
+    bar = progress(total=2 * steps * len(traces), desc="student vs teacher")
+    for batch, t_trace in traces:
 
         def on_step(step: int, state, student_logits, t_trace=t_trace) -> None:
+            bar.update()
             teacher_logits = denoiser_logits(teacher, state, spec)
             kl = _kl(teacher_logits, student_logits)
             masked = t_trace.masked[step]
@@ -125,7 +99,7 @@ def compare_decisions(
         flips_pos += flipped[..., answer].sum((0, 1)).cpu().float()
         count_pos += frontier[..., answer].sum((0, 1)).cpu().float()
 
-        free = sampler.generate(student, batch, seed=seed)
+        free = sampler.generate(student, batch, seed=seed, on_step=lambda *_: bar.update())
         differ = free.generated != t_trace.generated
         mismatches += int(differ.sum())
         tokens += differ.numel()
@@ -135,6 +109,7 @@ def compare_decisions(
         )
         first_div.extend(first.tolist())
 
+    bar.close()
     decisions = int(count_step.sum())
     return FrontierReport(
         frontier_flip_rate=float(flips_step.sum()) / max(decisions, 1),

@@ -16,7 +16,7 @@ random remasking inside semi-autoregressive blocks, Gumbel-max sampling) and Dre
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +33,8 @@ __all__ = [
     "DreamSampler",
     "sampler_for",
     "StepHook",
+    "progress",
+    "teacher_traces",
 ]
 
 #: Called once per step with (step index, state before the step, aligned float32 logits).
@@ -346,6 +348,44 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     remove[..., 1:] = remove[..., :-1].clone()
     remove[..., 0] = False
     return logits.masked_fill(remove.scatter(-1, order, remove), -math.inf)
+
+
+def _as_batches(prompts: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    """Group 1-D prompts of equal length into batches (samplers take unpadded rows)."""
+    if torch.is_tensor(prompts):
+        return [prompts if prompts.dim() == 2 else prompts.unsqueeze(0)]
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for p in prompts:
+        by_length.setdefault(int(p.numel()), []).append(p.flatten())
+    if not by_length:
+        raise ValueError("no prompts given; pass at least one prompt")
+    return [torch.stack(rows) for _, rows in sorted(by_length.items())]
+
+
+def teacher_traces(
+    teacher: nn.Module, sampler: _SamplerBase, prompts, *, seed: int = 0
+) -> list[tuple[torch.Tensor, DiffusionTrace]]:
+    """The teacher's own (prompt batch, trace) pairs; reuse them for every student.
+
+    One progress bar over all denoising steps of all batches, so its ETA is meaningful even
+    when every prompt fits one batch.
+    """
+    batches = _as_batches(prompts)
+    n_prompts = sum(len(b) for b in batches)
+    with progress(
+        total=sampler.steps * len(batches), desc=f"rollouts ({n_prompts} prompts)"
+    ) as bar:
+        return [
+            (batch, sampler.generate(teacher, batch, seed=seed, on_step=lambda *_: bar.update()))
+            for batch in batches
+        ]
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """tqdm for the project's long loops: transient, with an ETA, and shown even where the
+    command line hides library bars (``TQDM_DISABLE``)."""
+    kwargs.setdefault("leave", False)
+    return tqdm(iterable, disable=False, dynamic_ncols=True, **kwargs)
 
 
 def sampler_for(spec: DiffusionLMSpec, **settings) -> _SamplerBase:
