@@ -9,7 +9,9 @@ Importing the package registers, with no further call:
 
 from fair_calib_llmc import rotations, schemes  # noqa: F401  (registration on import)
 from fair_calib_llmc.calibration import build_calibration_dataset
+from fair_calib_llmc.checkpoint import save_atomically
 from fair_calib_llmc.data import load_texts
+from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
 from fair_calib_llmc.models import (
     DiffusionLMSpec,
     DreamConfig,
@@ -22,9 +24,10 @@ from fair_calib_llmc.modifier import FAIRCalibModifier
 from fair_calib_llmc.pipeline import quantize
 from fair_calib_llmc.prior import PriorSettings
 from fair_calib_llmc.recipe import check_recipe_shape, load_recipe, shipped_recipes
-from fair_calib_llmc.sampling import DreamSampler, LLaDASampler
+from fair_calib_llmc.sampling import DreamSampler, LLaDASampler, SamplerBase
 
 __all__ = [
+    "DEFAULT_MODEL_DIR",
     "DiffusionLMSpec",
     "DreamConfig",
     "DreamModel",
@@ -34,12 +37,14 @@ __all__ = [
     "LLaDAModelLM",
     "LLaDASampler",
     "PriorSettings",
+    "SamplerBase",
     "build_calibration_dataset",
     "check_recipe_shape",
     "diffusion_spec",
     "load_recipe",
     "load_texts",
     "quantize",
+    "save_atomically",
     "shipped_recipes",
 ]
 

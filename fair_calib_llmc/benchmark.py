@@ -1,15 +1,15 @@
-"""Side-by-side W4A4 comparison: quantize -> save -> reload -> generate -> compare.
+"""Side-by-side W4A4 comparison runner: quantize -> save -> reload -> generate -> compare.
 
-For every method (a recipe in ``recipes/``) the same model, calibration text, held-out prompts
-and sampler are used. Each quantized model is saved as a compressed-tensors checkpoint,
-reloaded with plain ``AutoModel.from_pretrained`` (its logits are checked against the
-in-memory model), and compared decision by decision with the full-precision teacher. Results
-go next to the checkpoints: ``results.json``, ``results.md`` and ``flips.png``.
+For every method (a shipped recipe) the same model, calibration text, held-out prompts and
+sampler are used. Each quantized model is saved as a compressed-tensors checkpoint, reloaded
+with plain ``AutoModel.from_pretrained`` (its logits are checked against the in-memory model),
+and compared decision by decision with the full-precision teacher. The rows go to
+:mod:`fair_calib_llmc.report`, which writes ``results.json``, ``results.md`` and ``flips.png``
+next to the checkpoints after every row (a cut-off run keeps what it measured).
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable
@@ -25,9 +25,10 @@ from fair_calib_llmc.checkpoint import check_output_dir, save_atomically
 from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.pipeline import default_sampler_settings, quantize
+from fair_calib_llmc.report import write_results
 from fair_calib_llmc.sampling import sampler_for, teacher_traces
 
-__all__ = ["METHOD_RECIPES", "BenchmarkSettings", "run_benchmark", "write_report"]
+__all__ = ["METHOD_RECIPES", "BenchmarkSettings", "run_benchmark"]
 
 #: method -> shipped recipe name (:func:`fair_calib_llmc.recipe.shipped_recipes`)
 METHOD_RECIPES = {
@@ -37,18 +38,6 @@ METHOD_RECIPES = {
     "fair-calib": "fair_calib_w4a4",
     "spinquant+fair-calib": "spinquant_fair_calib_w4a4",
 }
-COLUMNS = [
-    "method",
-    "frontier_flip_rate",
-    "post_commit_mismatch",
-    "first_divergence",
-    "kl_frontier",
-    "kl_non_frontier",
-    "elbo_ppl",
-    "calib_seconds",
-    "peak_gpu_mib",
-    "checkpoint_mib",
-]
 
 
 @dataclass
@@ -109,13 +98,13 @@ def run_benchmark(
             "first_divergence": float(settings.gen_length),
             "kl_frontier": 0.0,
             "kl_non_frontier": 0.0,
-            "elbo_ppl": elbo_perplexity(teacher, heldout),
+            "elbo_ppl": elbo_perplexity(teacher, heldout, spec=spec),
             "calib_seconds": 0.0,
             "peak_gpu_mib": 0.0,
             "checkpoint_mib": None,
         }
     ]
-    per_step = {}
+    per_step: dict[str, list[list[float]]] = {}  # method -> one flip-rate curve per seed
     for seed in settings.seeds:
         # a seed draws its own calibration and evaluation prompts (and sampler noise)
         rng = random.Random(seed)
@@ -126,7 +115,7 @@ def run_benchmark(
             settings.prompt_length,
             settings.eval_prompts,
         )
-        traces = teacher_traces(teacher, sampler, eval_prompts, seed=seed)
+        traces = teacher_traces(teacher, sampler, eval_prompts, seed=seed, spec=spec)
         for method in settings.methods:
             logger.info(f"=== {method} (seed {seed}) ===")
             model, tokenizer = load_model()
@@ -151,14 +140,14 @@ def run_benchmark(
             student = AutoModel.from_pretrained(path, dtype=teacher.dtype).to(device).eval()
             reload_error = float((_probe_logits(student, device) - expected).abs().max())
             report = compare_decisions(
-                teacher, student, sampler, eval_prompts, seed=seed, traces=traces
+                teacher, student, sampler, eval_prompts, seed=seed, traces=traces, spec=spec
             )
-            per_step[method] = report.flips_per_step
+            per_step.setdefault(method, []).append(report.flips_per_step)
             row = {
                 "method": method,
                 "seed": seed,
                 **report.as_row(),
-                "elbo_ppl": elbo_perplexity(student, heldout),
+                "elbo_ppl": elbo_perplexity(student, heldout, spec=spec),
                 "calib_seconds": seconds,
                 "peak_gpu_mib": peak,
                 "checkpoint_mib": _checkpoint_mib(path),
@@ -170,64 +159,7 @@ def run_benchmark(
                 f"ELBO ppl {row['elbo_ppl']:.2f}, calibration {seconds:.1f}s"
             )
             rows.append(row)
-            _write_results(out_dir, rows, per_step, settings)  # a cut-off run keeps its rows
+            write_results(out_dir, rows, per_step, vars(settings))  # a cut-off run keeps them
             del student
-    _write_results(out_dir, rows, per_step, settings)
+    write_results(out_dir, rows, per_step, vars(settings))
     return rows
-
-
-def _write_results(out_dir: Path, rows, per_step, settings) -> None:
-    payload = {"rows": rows, "flips_per_step": per_step, "settings": vars(settings)}
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
-    write_report(rows, per_step, out_dir)
-
-
-def _summarise(rows: list[dict]) -> list[dict]:
-    """Mean and spread (min-max half range) over seeds, per method, in input order."""
-    summary = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        group = [r for r in rows if r["method"] == method]
-        entry = {"method": method, "seeds": len(group)}
-        for col in COLUMNS[1:]:
-            values = [r[col] for r in group if r.get(col) is not None]
-            if values:
-                mean = sum(values) / len(values)
-                entry[col] = (mean, (max(values) - min(values)) / 2)
-        summary.append(entry)
-    return summary
-
-
-def write_report(rows: list[dict], per_step: dict, out_dir: Path) -> str:
-    """``results.md`` (mean ± half-range over seeds) and ``flips.png``; returns the table."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for entry in _summarise(rows):
-        cells = [entry["method"]]
-        for col in COLUMNS[1:]:
-            if col not in entry:
-                cells.append("-")
-                continue
-            mean, spread = entry[col]
-            cells.append(f"{mean:.4g}" + (f" ± {spread:.2g}" if entry["seeds"] > 1 else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    (Path(out_dir) / "results.md").write_text(table + "\n")
-    _plot(per_step, Path(out_dir) / "flips.png")
-    return table
-
-
-def _plot(per_step: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for method, values in per_step.items():
-        ax.plot(range(1, len(values) + 1), values, label=method, marker=".")
-    ax.set_xlabel("sampler step")
-    ax.set_ylabel("frontier flip rate")
-    ax.set_title("Frontier decision flips vs. FP teacher (W4A4)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -28,7 +28,7 @@ from loguru import logger
 
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.prior import PositionPrior, PriorSettings, estimate_prior, normalise_weights
-from fair_calib_llmc.sampling import _SamplerBase, teacher_traces
+from fair_calib_llmc.sampling import SamplerBase, teacher_traces
 
 __all__ = ["prompts_from_texts", "build_calibration_dataset"]
 
@@ -57,7 +57,7 @@ def build_calibration_dataset(
     tokenizer,
     texts: Sequence[str],
     *,
-    sampler: _SamplerBase,
+    sampler: SamplerBase,
     prior_settings: PriorSettings | None = None,
     prompt_length: int = 32,
     states_per_prompt: int = 4,

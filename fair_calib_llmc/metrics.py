@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from fair_calib_llmc.models.family import denoiser_logits, diffusion_spec
-from fair_calib_llmc.sampling import DiffusionTrace, _SamplerBase, progress, teacher_traces
+from fair_calib_llmc.models.family import DiffusionLMSpec, denoiser_logits, diffusion_spec
+from fair_calib_llmc.sampling import DiffusionTrace, SamplerBase, progress, teacher_traces
 
 __all__ = ["FrontierReport", "compare_decisions", "elbo_perplexity"]
 
@@ -59,15 +59,18 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Ten
 def compare_decisions(
     teacher: nn.Module,
     student: nn.Module,
-    sampler: _SamplerBase,
+    sampler: SamplerBase,
     prompts,
     *,
     seed: int = 0,
     traces: list[tuple[torch.Tensor, DiffusionTrace]] | None = None,
+    spec: DiffusionLMSpec | None = None,
 ) -> FrontierReport:
-    """Frontier flips, KL and free-running mismatch of ``student`` against ``teacher``."""
-    spec = diffusion_spec(teacher)
-    traces = traces if traces is not None else teacher_traces(teacher, sampler, prompts, seed=seed)
+    """Frontier flips, KL and free-running mismatch of ``student`` against ``teacher``
+    (which share a family, so one ``spec`` serves both)."""
+    spec = spec or diffusion_spec(teacher)
+    if traces is None:
+        traces = teacher_traces(teacher, sampler, prompts, seed=seed, spec=spec)
     steps, gen = sampler.steps, sampler.gen_length
     flips_step = torch.zeros(steps)
     count_step = torch.zeros(steps)
@@ -90,7 +93,9 @@ def compare_decisions(
                 kl_sum[is_frontier] += float(kl[where].sum())
                 kl_n[is_frontier] += int(where.sum())
 
-        forced = sampler.generate(student, batch, seed=seed, force=t_trace, on_step=on_step)
+        forced = sampler.generate(
+            student, batch, seed=seed, force=t_trace, on_step=on_step, spec=spec
+        )
         frontier = t_trace.committed
         flipped = (forced.prediction != t_trace.prediction) & frontier
         flips_step += flipped.sum((1, 2)).cpu().float()
@@ -99,7 +104,9 @@ def compare_decisions(
         flips_pos += flipped[..., answer].sum((0, 1)).cpu().float()
         count_pos += frontier[..., answer].sum((0, 1)).cpu().float()
 
-        free = sampler.generate(student, batch, seed=seed, on_step=lambda *_: bar.update())
+        free = sampler.generate(
+            student, batch, seed=seed, spec=spec, on_step=lambda *_: bar.update()
+        )
         differ = free.generated != t_trace.generated
         mismatches += int(differ.sum())
         tokens += differ.numel()
@@ -130,6 +137,7 @@ def elbo_perplexity(
     *,
     mc_samples: int = 8,
     seed: int = 0,
+    spec: DiffusionLMSpec | None = None,
 ) -> float:
     """Perplexity from LLaDA's low-variance masked-diffusion bound.
 
@@ -137,7 +145,7 @@ def elbo_perplexity(
     random ``l``-subset and score ``-(L/l) * sum log p(x_i | x_masked)`` over masked ``i``. The
     mean over draws bounds ``-log p(x)``; perplexity is ``exp(bound / L)`` pooled over tokens.
     """
-    spec = diffusion_spec(model)
+    spec = spec or diffusion_spec(model)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     nll, n_tokens = 0.0, 0

@@ -29,6 +29,7 @@ from fair_calib_llmc.models.family import DiffusionLMSpec, denoiser_logits, diff
 
 __all__ = [
     "DiffusionTrace",
+    "SamplerBase",
     "LLaDASampler",
     "DreamSampler",
     "sampler_for",
@@ -91,7 +92,7 @@ class DiffusionTrace:
         return DiffusionTrace(**moved)
 
 
-class _SamplerBase(BaseModel):
+class SamplerBase(BaseModel):
     """Shared loop: state, prediction, commit, record. Subclasses choose what to commit."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -131,14 +132,17 @@ class _SamplerBase(BaseModel):
         seed: int = 0,
         force: DiffusionTrace | None = None,
         on_step: StepHook | None = None,
+        spec: DiffusionLMSpec | None = None,
     ) -> DiffusionTrace:
         """Generate ``gen_length`` tokens after each prompt row; return the trace.
 
         :param prompt_ids: ``(B, P)`` or ``(P,)`` prompt tokens (equal lengths, no padding).
         :param force: replay this trace's commits (positions and tokens) instead of choosing.
         :param on_step: hook called before each commit with the state and aligned logits.
+        :param spec: the model's :class:`DiffusionLMSpec` when the caller has it already
+            (read from ``model`` and ``tokenizer`` otherwise).
         """
-        spec = diffusion_spec(model, tokenizer)
+        spec = spec or diffusion_spec(model, tokenizer)
         prompt_ids = prompt_ids if prompt_ids.dim() == 2 else prompt_ids.unsqueeze(0)
         device = next(model.parameters()).device
         prompt_ids = prompt_ids.to(device)
@@ -206,7 +210,7 @@ def _select_top(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return commit
 
 
-class LLaDASampler(_SamplerBase):
+class LLaDASampler(SamplerBase):
     """LLaDA's sampler: semi-autoregressive blocks, ``steps // n_blocks`` steps per block,
     committing the most confident (``low_confidence`` remasking) or random masked positions of
     the current block, with an even split of the block's tokens over its steps."""
@@ -280,7 +284,7 @@ def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator) -> torch
     return (logits.exp() / gumbel).argmax(-1)
 
 
-class DreamSampler(_SamplerBase):
+class DreamSampler(SamplerBase):
     """Dream's ``diffusion_generate``: no blocks; at step ``i`` of ``steps`` the fraction
     ``1 - s/t`` of the remaining masked positions is committed, chosen by ``alg``:
     ``origin`` (random), ``maskgit_plus`` (top-1 probability), ``topk_margin``
@@ -363,22 +367,29 @@ def _as_batches(prompts: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Te
 
 
 def teacher_traces(
-    teacher: nn.Module, sampler: _SamplerBase, prompts, *, seed: int = 0
+    teacher: nn.Module,
+    sampler: SamplerBase,
+    prompts,
+    *,
+    seed: int = 0,
+    spec: DiffusionLMSpec | None = None,
 ) -> list[tuple[torch.Tensor, DiffusionTrace]]:
     """The teacher's own (prompt batch, trace) pairs; reuse them for every student.
 
     One progress bar over all denoising steps of all batches, so its ETA is meaningful even
     when every prompt fits one batch.
     """
+    spec = spec or diffusion_spec(teacher)
     batches = _as_batches(prompts)
-    n_prompts = sum(len(b) for b in batches)
-    with progress(
-        total=sampler.steps * len(batches), desc=f"rollouts ({n_prompts} prompts)"
-    ) as bar:
-        return [
-            (batch, sampler.generate(teacher, batch, seed=seed, on_step=lambda *_: bar.update()))
-            for batch in batches
-        ]
+    desc = f"rollouts ({sum(len(b) for b in batches)} prompts)"
+    traces = []
+    with progress(total=sampler.steps * len(batches), desc=desc) as bar:
+        for batch in batches:
+            trace = sampler.generate(
+                teacher, batch, seed=seed, spec=spec, on_step=lambda *_: bar.update()
+            )
+            traces.append((batch, trace))
+    return traces
 
 
 def progress(iterable=None, **kwargs) -> tqdm:
@@ -388,6 +399,6 @@ def progress(iterable=None, **kwargs) -> tqdm:
     return tqdm(iterable, disable=False, dynamic_ncols=True, **kwargs)
 
 
-def sampler_for(spec: DiffusionLMSpec, **settings) -> _SamplerBase:
+def sampler_for(spec: DiffusionLMSpec, **settings) -> SamplerBase:
     """The family's own sampler with ``settings`` (unknown keys raise a ValidationError)."""
     return (LLaDASampler if spec.family == "llada" else DreamSampler)(**settings)

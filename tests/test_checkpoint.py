@@ -20,7 +20,7 @@ from fair_calib_llmc.checkpoint import (
     save_atomically,
 )
 
-from .conftest import saved
+from .helpers import saved
 
 RECIPE = "rtn_w4a4"
 
@@ -46,6 +46,7 @@ def fp_model(llada, tokenizer, tmp_path):
     return saved(llada, tokenizer, tmp_path / "fp")
 
 
+@pytest.mark.unit
 def test_non_empty_output_is_refused_before_stage_one(fp_model, tokenizer, tmp_path, no_stage_one):
     out = tmp_path / "out"
     out.mkdir()
@@ -55,6 +56,7 @@ def test_non_empty_output_is_refused_before_stage_one(fp_model, tokenizer, tmp_p
     assert _tree(out) == {"notes.txt": b"mine"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_model_directory_and_its_ancestors_are_refused(
     fp_model, tokenizer, tmp_path, no_stage_one, overwrite
@@ -66,6 +68,7 @@ def test_model_directory_and_its_ancestors_are_refused(
     assert _tree(tmp_path) == before
 
 
+@pytest.mark.unit
 def test_working_directory_is_refused(tmp_path, monkeypatch):
     (tmp_path / "work.txt").write_text("keep")
     monkeypatch.chdir(tmp_path)
@@ -76,18 +79,21 @@ def test_working_directory_is_refused(tmp_path, monkeypatch):
     assert check_output_dir("sub/out") == tmp_path / "sub" / "out"  # below it is fine
 
 
+@pytest.mark.unit
 def test_existing_file_is_refused(tmp_path):
     (tmp_path / "out").write_text("a file")
     with pytest.raises(OutputDirError, match="is an existing file"):
         check_output_dir(tmp_path / "out", overwrite=True)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("target", ["/proc/fair-calib-out", "/sys/fair-calib-out/ckpt"])
 def test_unwritable_places_are_refused(target):
     with pytest.raises(OutputDirError, match="is not writable"):
         check_output_dir(target)
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permission bits")
 def test_read_only_parent_is_refused(tmp_path):
     parent = tmp_path / "ro"
@@ -99,6 +105,7 @@ def test_read_only_parent_is_refused(tmp_path):
         parent.chmod(0o755)
 
 
+@pytest.mark.unit
 def test_full_disk_is_refused_before_stage_one(fp_model, tokenizer, tmp_path, monkeypatch):
     usage = os.statvfs(tmp_path)
     with pytest.raises(OutputDirError, match="not enough disk space"):
@@ -108,6 +115,7 @@ def test_full_disk_is_refused_before_stage_one(fp_model, tokenizer, tmp_path, mo
     assert embeddings < expected_checkpoint_bytes(fp_model) < embeddings * 1.5
 
 
+@pytest.mark.integration
 def test_overwrite_replaces_only_after_the_new_checkpoint_exists(
     fp_model, tokenizer, tmp_path, monkeypatch
 ):
@@ -131,6 +139,7 @@ def test_overwrite_replaces_only_after_the_new_checkpoint_exists(
     assert sorted(os.listdir(tmp_path)) == ["fp", "out"]  # nothing left aside
 
 
+@pytest.mark.integration
 def test_permissions_follow_the_umask(fp_model, tokenizer, tmp_path):
     old = os.umask(0o027)
     try:
@@ -142,6 +151,7 @@ def test_permissions_follow_the_umask(fp_model, tokenizer, tmp_path):
     assert set(modes.values()) == {0o640}, modes
 
 
+@pytest.mark.unit
 def test_stale_leftovers_of_killed_runs_are_cleared(tmp_path):
     dead = 2**22 + 12345  # above the default pid_max: no such process
     partial = tmp_path / f".out.partial-{dead}-abcd"
@@ -178,6 +188,7 @@ _SLOW_SAVE = textwrap.dedent(
 )
 
 
+@pytest.mark.integration
 def test_sigterm_during_save_loses_nothing_and_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -205,6 +216,7 @@ def test_sigterm_during_save_loses_nothing_and_leaves_nothing(tmp_path):
     assert _tree(out) == {"config.json": b"the previous checkpoint"}
 
 
+@pytest.mark.unit
 def test_save_atomically_refuses_the_model_directory(fp_model, tokenizer, tmp_path):
     before = _tree(tmp_path / "fp")
     with pytest.raises(OutputDirError, match="the model's own directory"):

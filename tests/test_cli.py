@@ -16,6 +16,8 @@ import fair_calib_llmc_cli as cli
 from fair_calib_llmc.corpus import shipped_texts
 from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(autouse=True)
 def restore_process_state(monkeypatch):

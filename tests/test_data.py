@@ -9,6 +9,8 @@ from datasets import Dataset
 
 from fair_calib_llmc.data import load_texts
 
+pytestmark = pytest.mark.unit
+
 TEXTS = ["first sample, with a comma", "second: sample", "third sample"]
 
 

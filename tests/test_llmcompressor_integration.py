@@ -14,7 +14,9 @@ from fair_calib_llmc.checkpoint import save_atomically
 from fair_calib_llmc.models import diffusion_spec
 from fair_calib_llmc.recipe import shipped_recipes
 
-from .conftest import masked_states, saved
+from .helpers import masked_states, saved
+
+pytestmark = pytest.mark.integration
 
 GPTQ_W4A16 = """
 gptq_stage:

@@ -8,7 +8,9 @@ import torch
 from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
 from fair_calib_llmc.loading import load_model, resolve_device, resolve_dtype
 
-from .conftest import save_with_tokenizer
+from .helpers import save_with_tokenizer
+
+pytestmark = pytest.mark.unit
 
 
 def test_default_device_is_the_gpu_when_there_is_one():

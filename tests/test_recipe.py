@@ -15,6 +15,8 @@ from fair_calib_llmc.recipe import (
     shipped_recipes,
 )
 
+pytestmark = pytest.mark.unit
+
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
