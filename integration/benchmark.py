@@ -37,6 +37,7 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-prompts", type=int, default=32)
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,7 +63,7 @@ def main(argv=None) -> None:
         heldout_length=256,
     )
     start = time.monotonic()
-    run_benchmark(load, calibration, heldout, args.out, settings)
+    run_benchmark(load, calibration, heldout, args.out, settings, overwrite=args.overwrite)
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     footer = (
         f"\nMeasured on {gpu}, {time.strftime('%Y-%m-%d')}, "
