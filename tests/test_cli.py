@@ -112,3 +112,16 @@ def test_quantize_by_recipe_name_from_another_directory(capsys, tmp_path, monkey
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
     assert sorted(os.listdir(tmp_path)) == ["calib.jsonl", "q"]
+
+
+def test_parser_lists_what_the_package_offers():
+    """The light parser repeats a few names it cannot import; keep them in step."""
+    from fair_calib_llmc.benchmark import METHOD_RECIPES
+    from fair_calib_llmc.loading import DTYPES
+    from fair_calib_llmc.recipe import shipped_recipes
+
+    assert cli.DTYPES == tuple(DTYPES)
+    assert set(cli.METHODS.split(", ")) == set(METHOD_RECIPES)
+    quantize_help = cli.build_parser()._subparsers._group_actions[0].choices["quantize"]
+    recipe_help = next(a.help for a in quantize_help._actions if a.dest == "recipe")
+    assert all(name in recipe_help for name in shipped_recipes())
