@@ -10,7 +10,10 @@ Importing the package registers, with no further call:
 """
 
 from fair_calib_llmc import rotations, schemes, transform_loading  # noqa: F401  (registration)
-from fair_calib_llmc.calibration import Stage1Settings, build_calibration_dataset, load_texts
+from fair_calib_llmc.calibration import Stage1Settings, build_calibration_dataset
+from fair_calib_llmc.checkpoint import save_atomically
+from fair_calib_llmc.data import load_texts
+from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
 from fair_calib_llmc.models import (
     DiffusionLMSpec,
     DreamConfig,
@@ -20,13 +23,15 @@ from fair_calib_llmc.models import (
     diffusion_spec,
 )
 from fair_calib_llmc.modifier import FAIRCalibModifier
-from fair_calib_llmc.pipeline import check_recipe_shape, load_recipe, quantize
+from fair_calib_llmc.pipeline import quantize
 from fair_calib_llmc.prior import PriorSettings
-from fair_calib_llmc.sampling import DreamSampler, LLaDASampler
+from fair_calib_llmc.recipe import check_recipe_shape, load_recipe, shipped_recipes
+from fair_calib_llmc.sampling import DreamSampler, LLaDASampler, SamplerBase
 
 transform_loading.install()
 
 __all__ = [
+    "DEFAULT_MODEL_DIR",
     "DiffusionLMSpec",
     "DreamConfig",
     "DreamModel",
@@ -36,6 +41,7 @@ __all__ = [
     "LLaDAModelLM",
     "LLaDASampler",
     "PriorSettings",
+    "SamplerBase",
     "Stage1Settings",
     "build_calibration_dataset",
     "check_recipe_shape",
@@ -43,6 +49,8 @@ __all__ = [
     "load_recipe",
     "load_texts",
     "quantize",
+    "save_atomically",
+    "shipped_recipes",
 ]
 
 __version__ = "0.1.0"

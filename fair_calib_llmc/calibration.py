@@ -20,10 +20,8 @@ makes the decision.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -31,15 +29,19 @@ from datasets import Dataset
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from fair_calib_llmc.metrics import teacher_traces
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.prior import PositionPrior, PriorSettings, estimate_prior, normalise_weights
-from fair_calib_llmc.sampling import DreamSampler, LLaDASampler, _SamplerBase, default_sampler
+from fair_calib_llmc.sampling import (
+    DreamSampler,
+    LLaDASampler,
+    SamplerBase,
+    default_sampler,
+    teacher_traces,
+)
 
 __all__ = [
     "Stage1Settings",
     "WeightStats",
-    "load_texts",
     "prompts_from_texts",
     "build_calibration_dataset",
 ]
@@ -65,7 +67,7 @@ class Stage1Settings(BaseModel):
     prompt_length: int = Field(32, gt=0)
     states_per_prompt: int = Field(4, gt=0)
 
-    def sampler_for(self, spec: DiffusionLMSpec) -> _SamplerBase:
+    def sampler_for(self, spec: DiffusionLMSpec) -> SamplerBase:
         """The configured sampler, checked against the model family, or the default one."""
         if self.sampler is None:
             return default_sampler(spec)
@@ -85,40 +87,6 @@ class WeightStats:
     frontier_token_share: float  # fraction of tokens committed at their state's step
     frontier_mass_share: float  # fraction of the total weight on those tokens
     committed_is_top_weight: float  # states whose committed token has the largest weight
-
-
-def load_texts(dataset, text_column: str = "text") -> list[str]:
-    """Calibration text from a list of strings, a ``datasets.Dataset``, or a local
-    ``.json`` / ``.jsonl`` / ``.txt`` file (one record or line per sample)."""
-    if isinstance(dataset, (str, Path)) and Path(dataset).exists():
-        path = Path(dataset)
-        if path.suffix in (".json", ".jsonl"):
-            raw = path.read_text()
-            try:
-                records = json.loads(raw)
-                records = records if isinstance(records, list) else [records]
-            except json.JSONDecodeError:
-                records = [json.loads(line) for line in raw.splitlines() if line.strip()]
-            return [r[text_column] if isinstance(r, dict) else str(r) for r in records]
-        return [line for line in path.read_text().splitlines() if line.strip()]
-    if isinstance(dataset, Dataset):
-        if text_column not in dataset.column_names:
-            raise ValueError(
-                f"calibration dataset has no {text_column!r} column (columns: "
-                f"{dataset.column_names}); pass text_column= or a list of strings"
-            )
-        return list(dataset[text_column])
-    if isinstance(dataset, str):
-        raise FileNotFoundError(
-            f"calibration dataset {dataset!r} is neither a local file nor a list of texts; hub "
-            "dataset names cannot be downloaded here: pass texts or a local .json/.jsonl/.txt"
-        )
-    if isinstance(dataset, Sequence) and all(isinstance(t, str) for t in dataset):
-        return list(dataset)
-    raise TypeError(
-        f"unsupported calibration dataset type {type(dataset).__name__}; pass a list of "
-        "strings, a datasets.Dataset with a text column, or a local .json/.jsonl/.txt path"
-    )
 
 
 def prompts_from_texts(
@@ -160,7 +128,7 @@ def build_calibration_dataset(
             f"({sampler.steps}); lower stage1.states_per_prompt or raise the sampler's steps"
         )
     logger.info(f"Stage I: {len(prompts)} teacher rollouts, {sampler!r}")
-    rollouts = teacher_traces(model, sampler, prompts, seed=seed)
+    rollouts = teacher_traces(model, sampler, prompts, seed=seed, spec=spec)
     prior = estimate_prior([trace for _, trace in rollouts], settings.prior)
 
     picks = torch.linspace(0, sampler.steps - 1, settings.states_per_prompt).round().long()

@@ -10,9 +10,10 @@ default model ships its calibration / held-out chunks as package data
 from __future__ import annotations
 
 import hashlib
-import json
 import sysconfig
 from pathlib import Path
+
+from fair_calib_llmc.data import load_texts
 
 __all__ = ["stdlib_split", "chunk_text", "shipped_texts", "ASSETS"]
 
@@ -56,4 +57,4 @@ def shipped_texts(split: str) -> list[str]:
         raise FileNotFoundError(
             f"{path} is missing; rebuild it with integration/train_dllm.py --preset tiny"
         )
-    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    return load_texts(path)

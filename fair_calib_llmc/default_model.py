@@ -8,26 +8,21 @@ held-out text ship beside it (``assets/data``), so the main job runs offline on 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from transformers import AutoModel, AutoTokenizer
 
 from fair_calib_llmc.corpus import ASSETS
+from fair_calib_llmc.loading import load_model
 
 __all__ = ["DEFAULT_MODEL_DIR", "load_default_model"]
 
 DEFAULT_MODEL_DIR = ASSETS / "default-llada"
 
 
-def load_default_model(path: str | Path = DEFAULT_MODEL_DIR, dtype=torch.float32):
-    """Load (model, tokenizer) of the built-in default model (or another local checkpoint)."""
-    path = Path(path)
-    if not (path / "config.json").exists():
+def load_default_model(dtype: str | torch.dtype = torch.float32, device: str = "cpu"):
+    """Load (model, tokenizer) of the built-in default model."""
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
         raise FileNotFoundError(
-            f"no checkpoint at {path}; rebuild the default model with "
-            "`python integration/train_dllm.py --preset tiny`"
+            f"the built-in default model is missing from {DEFAULT_MODEL_DIR}; reinstall the "
+            "package or rebuild it with `python integration/train_dllm.py --preset tiny`"
         )
-    model = AutoModel.from_pretrained(path, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    return load_model(DEFAULT_MODEL_DIR, dtype=dtype, device=device)

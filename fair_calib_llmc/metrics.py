@@ -14,22 +14,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from fair_calib_llmc.models.family import denoiser_logits, diffusion_spec
-from fair_calib_llmc.sampling import DiffusionTrace, _SamplerBase
+from fair_calib_llmc.models.family import DiffusionLMSpec, denoiser_logits, diffusion_spec
+from fair_calib_llmc.sampling import DiffusionTrace, SamplerBase, progress, teacher_traces
 
-__all__ = [
-    "FrontierReport",
-    "compare_decisions",
-    "elbo_perplexity",
-    "teacher_traces",
-]
+__all__ = ["FrontierReport", "compare_decisions", "elbo_perplexity"]
 
 
 @dataclass
@@ -52,28 +46,6 @@ class FrontierReport:
         return row
 
 
-def _as_batches(prompts: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
-    """Group 1-D prompts of equal length into batches (samplers take unpadded rows)."""
-    if torch.is_tensor(prompts):
-        return [prompts if prompts.dim() == 2 else prompts.unsqueeze(0)]
-    by_length: dict[int, list[torch.Tensor]] = {}
-    for p in prompts:
-        by_length.setdefault(int(p.numel()), []).append(p.flatten())
-    if not by_length:
-        raise ValueError("no prompts given; pass at least one prompt")
-    return [torch.stack(rows) for _, rows in sorted(by_length.items())]
-
-
-def teacher_traces(
-    teacher: nn.Module, sampler: _SamplerBase, prompts, *, seed: int = 0
-) -> list[tuple[torch.Tensor, DiffusionTrace]]:
-    """The teacher's own (prompt batch, trace) pairs; reuse them for every student."""
-    return [
-        (batch, sampler.generate(teacher, batch, seed=seed))
-        for batch in tqdm(_as_batches(prompts), desc="teacher rollouts", leave=False)
-    ]
-
-
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Per-position KL(teacher || student) that ignores classes the teacher gives 0."""
     log_t = teacher_logits.log_softmax(-1)
@@ -87,15 +59,18 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Ten
 def compare_decisions(
     teacher: nn.Module,
     student: nn.Module,
-    sampler: _SamplerBase,
+    sampler: SamplerBase,
     prompts,
     *,
     seed: int = 0,
     traces: list[tuple[torch.Tensor, DiffusionTrace]] | None = None,
+    spec: DiffusionLMSpec | None = None,
 ) -> FrontierReport:
-    """Frontier flips, KL and free-running mismatch of ``student`` against ``teacher``."""
-    spec = diffusion_spec(teacher)
-    traces = traces if traces is not None else teacher_traces(teacher, sampler, prompts, seed=seed)
+    """Frontier flips, KL and free-running mismatch of ``student`` against ``teacher``
+    (which share a family, so one ``spec`` serves both)."""
+    spec = spec or diffusion_spec(teacher)
+    if traces is None:
+        traces = teacher_traces(teacher, sampler, prompts, seed=seed, spec=spec)
     steps, gen = sampler.steps, sampler.gen_length
     flips_step = torch.zeros(steps)
     count_step = torch.zeros(steps)
@@ -105,9 +80,11 @@ def compare_decisions(
     kl_n = {True: 0, False: 0}
     mismatches, tokens, first_div = 0, 0, []
 
-    for batch, t_trace in tqdm(traces, desc="student vs teacher", leave=False):
+    bar = progress(total=2 * steps * len(traces), desc="student vs teacher")
+    for batch, t_trace in traces:
 
         def on_step(step: int, state, student_logits, t_trace=t_trace) -> None:
+            bar.update()
             teacher_logits = denoiser_logits(teacher, state, spec)
             kl = _kl(teacher_logits, student_logits)
             masked = t_trace.masked[step]
@@ -116,7 +93,9 @@ def compare_decisions(
                 kl_sum[is_frontier] += float(kl[where].sum())
                 kl_n[is_frontier] += int(where.sum())
 
-        forced = sampler.generate(student, batch, seed=seed, force=t_trace, on_step=on_step)
+        forced = sampler.generate(
+            student, batch, seed=seed, force=t_trace, on_step=on_step, spec=spec
+        )
         frontier = t_trace.committed
         flipped = (forced.prediction != t_trace.prediction) & frontier
         flips_step += flipped.sum((1, 2)).cpu().float()
@@ -125,7 +104,9 @@ def compare_decisions(
         flips_pos += flipped[..., answer].sum((0, 1)).cpu().float()
         count_pos += frontier[..., answer].sum((0, 1)).cpu().float()
 
-        free = sampler.generate(student, batch, seed=seed)
+        free = sampler.generate(
+            student, batch, seed=seed, spec=spec, on_step=lambda *_: bar.update()
+        )
         differ = free.generated != t_trace.generated
         mismatches += int(differ.sum())
         tokens += differ.numel()
@@ -135,6 +116,7 @@ def compare_decisions(
         )
         first_div.extend(first.tolist())
 
+    bar.close()
     decisions = int(count_step.sum())
     return FrontierReport(
         frontier_flip_rate=float(flips_step.sum()) / max(decisions, 1),
@@ -155,6 +137,7 @@ def elbo_perplexity(
     *,
     mc_samples: int = 8,
     seed: int = 0,
+    spec: DiffusionLMSpec | None = None,
 ) -> float:
     """Perplexity from LLaDA's low-variance masked-diffusion bound.
 
@@ -162,7 +145,7 @@ def elbo_perplexity(
     random ``l``-subset and score ``-(L/l) * sum log p(x_i | x_masked)`` over masked ``i``. The
     mean over draws bounds ``-log p(x)``; perplexity is ``exp(bound / L)`` pooled over tokens.
     """
-    spec = diffusion_spec(model)
+    spec = spec or diffusion_spec(model)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     nll, n_tokens = 0.0, 0

@@ -16,7 +16,7 @@ random remasking inside semi-autoregressive blocks, Gumbel-max sampling) and Dre
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,11 +29,14 @@ from fair_calib_llmc.models.family import DiffusionLMSpec, denoiser_logits, diff
 
 __all__ = [
     "DiffusionTrace",
+    "SamplerBase",
     "LLaDASampler",
     "DreamSampler",
     "sampler_for",
     "default_sampler",
     "StepHook",
+    "progress",
+    "teacher_traces",
 ]
 
 #: Called once per step with (step index, state before the step, aligned float32 logits).
@@ -90,7 +93,7 @@ class DiffusionTrace:
         return DiffusionTrace(**moved)
 
 
-class _SamplerBase(BaseModel):
+class SamplerBase(BaseModel):
     """Shared loop: state, prediction, commit, record. Subclasses choose what to commit."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -130,14 +133,17 @@ class _SamplerBase(BaseModel):
         seed: int = 0,
         force: DiffusionTrace | None = None,
         on_step: StepHook | None = None,
+        spec: DiffusionLMSpec | None = None,
     ) -> DiffusionTrace:
         """Generate ``gen_length`` tokens after each prompt row; return the trace.
 
         :param prompt_ids: ``(B, P)`` or ``(P,)`` prompt tokens (equal lengths, no padding).
         :param force: replay this trace's commits (positions and tokens) instead of choosing.
         :param on_step: hook called before each commit with the state and aligned logits.
+        :param spec: the model's :class:`DiffusionLMSpec` when the caller has it already
+            (read from ``model`` and ``tokenizer`` otherwise).
         """
-        spec = diffusion_spec(model, tokenizer)
+        spec = spec or diffusion_spec(model, tokenizer)
         prompt_ids = prompt_ids if prompt_ids.dim() == 2 else prompt_ids.unsqueeze(0)
         device = next(model.parameters()).device
         prompt_ids = prompt_ids.to(device)
@@ -205,7 +211,7 @@ def _select_top(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return commit
 
 
-class LLaDASampler(_SamplerBase):
+class LLaDASampler(SamplerBase):
     """LLaDA's sampler: semi-autoregressive blocks, ``steps // n_blocks`` steps per block,
     committing the most confident (``low_confidence`` remasking) or random masked positions of
     the current block, with an even split of the block's tokens over its steps."""
@@ -280,7 +286,7 @@ def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator) -> torch
     return (logits.exp() / gumbel).argmax(-1)
 
 
-class DreamSampler(_SamplerBase):
+class DreamSampler(SamplerBase):
     """Dream's ``diffusion_generate``: no blocks; at step ``i`` of ``steps`` the fraction
     ``1 - s/t`` of the remaining masked positions is committed, chosen by ``alg``:
     ``origin`` (random), ``maskgit_plus`` (top-1 probability), ``topk_margin``
@@ -351,12 +357,57 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(-1, order, remove), -math.inf)
 
 
-def sampler_for(spec: DiffusionLMSpec, **settings) -> _SamplerBase:
+def _as_batches(prompts: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    """Group 1-D prompts of equal length into batches (samplers take unpadded rows)."""
+    if torch.is_tensor(prompts):
+        return [prompts if prompts.dim() == 2 else prompts.unsqueeze(0)]
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for p in prompts:
+        by_length.setdefault(int(p.numel()), []).append(p.flatten())
+    if not by_length:
+        raise ValueError("no prompts given; pass at least one prompt")
+    return [torch.stack(rows) for _, rows in sorted(by_length.items())]
+
+
+def teacher_traces(
+    teacher: nn.Module,
+    sampler: SamplerBase,
+    prompts,
+    *,
+    seed: int = 0,
+    spec: DiffusionLMSpec | None = None,
+) -> list[tuple[torch.Tensor, DiffusionTrace]]:
+    """The teacher's own (prompt batch, trace) pairs; reuse them for every student.
+
+    One progress bar over all denoising steps of all batches, so its ETA is meaningful even
+    when every prompt fits one batch.
+    """
+    spec = spec or diffusion_spec(teacher)
+    batches = _as_batches(prompts)
+    desc = f"rollouts ({sum(len(b) for b in batches)} prompts)"
+    traces = []
+    with progress(total=sampler.steps * len(batches), desc=desc) as bar:
+        for batch in batches:
+            trace = sampler.generate(
+                teacher, batch, seed=seed, spec=spec, on_step=lambda *_: bar.update()
+            )
+            traces.append((batch, trace))
+    return traces
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """tqdm for the project's long loops: transient, with an ETA, and shown even where the
+    command line hides library bars (``TQDM_DISABLE``)."""
+    kwargs.setdefault("leave", False)
+    return tqdm(iterable, disable=False, dynamic_ncols=True, **kwargs)
+
+
+def sampler_for(spec: DiffusionLMSpec, **settings) -> SamplerBase:
     """The family's own sampler with ``settings`` (unknown keys raise a ValidationError)."""
     return (LLaDASampler if spec.family == "llada" else DreamSampler)(**settings)
 
 
-def default_sampler(spec: DiffusionLMSpec, gen_length: int = 32) -> _SamplerBase:
+def default_sampler(spec: DiffusionLMSpec, gen_length: int = 32) -> SamplerBase:
     """One token per step, the whole answer as one block: the finest-grained frontier."""
     settings = {"steps": gen_length, "gen_length": gen_length}
     if spec.family == "llada":

@@ -7,24 +7,28 @@ tokens of the batch (LLaDA, eq. 3). Deterministic for a seed on a given device.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 from loguru import logger
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
-from fair_calib_llmc.models.family import align_logits, diffusion_spec
+from fair_calib_llmc.models.family import DiffusionLMSpec, align_logits, diffusion_spec
 
 __all__ = ["masked_diffusion_loss", "train_masked_diffusion"]
 
 
 def masked_diffusion_loss(
-    model: nn.Module, x: torch.Tensor, generator: torch.Generator, eps: float = 1e-3
+    model: nn.Module,
+    x: torch.Tensor,
+    generator: torch.Generator,
+    eps: float = 1e-3,
+    spec: DiffusionLMSpec | None = None,
 ) -> torch.Tensor:
     """LLaDA's ``1/t``-weighted masked cross-entropy for a batch ``x`` of shape (B, L)."""
-    spec = diffusion_spec(model)
+    spec = spec or diffusion_spec(model)
     batch, length = x.shape
     t = (1 - eps) * torch.rand(batch, generator=generator, device=x.device) + eps
     p_mask = t[:, None].expand(batch, length)
@@ -50,9 +54,10 @@ def train_masked_diffusion(
 ) -> list[float]:
     """Train ``model`` in place on random windows of the 1-D ``tokens`` stream.
 
-    AdamW with linear warm-up and cosine decay; stops early after ``max_seconds``. Returns the
-    loss of every step.
+    AdamW with transformers' linear warm-up + cosine decay schedule; stops early after
+    ``max_seconds``. Returns the loss of every step.
     """
+    spec = diffusion_spec(model)
     device = next(model.parameters()).device
     if tokens.numel() <= seq_len:
         raise ValueError(f"need more than seq_len={seq_len} training tokens, got {tokens.numel()}")
@@ -60,12 +65,7 @@ def train_masked_diffusion(
     cpu_gen = torch.Generator().manual_seed(seed)
     tokens = tokens.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-        ),
-    )
+    schedule = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
     model.train()
     losses: list[float] = []
     start = time.monotonic()
@@ -74,7 +74,7 @@ def train_masked_diffusion(
         offsets = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=cpu_gen)
         x = torch.stack([tokens[o : o + seq_len] for o in offsets.tolist()])
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = masked_diffusion_loss(model, x, generator)
+            loss = masked_diffusion_loss(model, x, generator, spec=spec)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)

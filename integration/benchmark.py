@@ -19,16 +19,11 @@ from pathlib import Path
 
 import torch
 
-from fair_calib_llmc.benchmark import (
-    METHOD_RECIPES,
-    RECIPES_DIR,
-    REFERENCE_METHOD,
-    BenchmarkSettings,
-    run_benchmark,
-)
-from fair_calib_llmc.calibration import load_texts
+from fair_calib_llmc.benchmark import METHOD_RECIPES, BenchmarkSettings, run_benchmark
 from fair_calib_llmc.corpus import chunk_text, shipped_texts, stdlib_split
-from fair_calib_llmc.default_model import load_default_model
+from fair_calib_llmc.data import load_texts
+from fair_calib_llmc.loading import load_model
+from fair_calib_llmc.report import REFERENCE_METHOD
 
 
 def main(argv=None) -> None:
@@ -51,6 +46,7 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-prompts", type=int, default=256)
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,11 +60,9 @@ def main(argv=None) -> None:
     heldout = load_texts(args.heldout) if args.heldout else heldout
 
     def load():
-        model, tokenizer = load_default_model(args.model, dtype=dtype)
-        return model.to(device), tokenizer
+        return load_model(args.model, dtype=dtype, device=device)
 
-    recipes = {name: RECIPES_DIR / file for name, file in METHOD_RECIPES.items()}
-    recipes.update(dict(item.split("=", 1) for item in args.recipe))
+    recipes = {**METHOD_RECIPES, **dict(item.split("=", 1) for item in args.recipe)}
     settings = BenchmarkSettings(
         methods=tuple(args.methods),
         reference_method=args.reference_method,
@@ -80,7 +74,15 @@ def main(argv=None) -> None:
         heldout_length=256,
     )
     start = time.monotonic()
-    run_benchmark(load, calibration, heldout, args.out, settings, recipes)
+    run_benchmark(
+        load,
+        calibration,
+        heldout,
+        args.out,
+        settings,
+        recipes=recipes,
+        overwrite=args.overwrite,
+    )
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     footer = (
         f"\nMeasured on {gpu}, {time.strftime('%Y-%m-%d')}, "

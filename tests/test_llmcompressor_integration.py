@@ -4,19 +4,20 @@ recipe, compressed save, reload with plain transformers, exact logits."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from llmcompressor import oneshot
 from transformers import AutoModel
 
+from fair_calib_llmc.checkpoint import save_atomically
 from fair_calib_llmc.models import diffusion_spec
-from fair_calib_llmc.pipeline import save_atomically
+from fair_calib_llmc.recipe import shipped_recipes
 
-from .conftest import masked_states, saved
+from .helpers import masked_states, saved
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+pytestmark = pytest.mark.integration
+
 GPTQ_W4A16 = """
 gptq_stage:
   gptq_modifiers:
@@ -64,7 +65,7 @@ def _text_dataset(texts):
     return Dataset.from_dict({"text": texts})
 
 
-@pytest.mark.parametrize("recipe", ["fair_calib_w4a4.yaml", "fair_calib_uniform_w4a4.yaml"])
+@pytest.mark.parametrize("recipe", ["fair_calib_w4a4", "fair_calib_uniform_w4a4"])
 def test_fair_calib_recipe_through_oneshot(dllm, tokenizer, calibration_texts, tmp_path, recipe):
     model = saved(dllm, tokenizer, tmp_path / "fp")
     embedding = model.get_input_embeddings().weight.clone()
@@ -73,7 +74,7 @@ def test_fair_calib_recipe_through_oneshot(dllm, tokenizer, calibration_texts, t
     model = oneshot(
         model=model,
         processor=tokenizer,
-        recipe=str(RECIPES / recipe),
+        recipe=shipped_recipes()[recipe],
         dataset=dataset,
         use_loss_mask=True,
         num_calibration_samples=len(dataset),

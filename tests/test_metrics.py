@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 
 from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity
 from fair_calib_llmc.sampling import DreamSampler, LLaDASampler
+
+pytestmark = pytest.mark.unit
 
 
 def _sampler(model):

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from fair_calib_llmc.models import DreamModel, LLaDAModelLM
+from fair_calib_llmc.models import DreamModel, LLaDAModelLM, diffusion_spec
 
-from .conftest import save_with_tokenizer
+from .helpers import llada_config, save_with_tokenizer
+
+pytestmark = pytest.mark.unit
 
 # Key names of the public checkpoints (GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-*-7B),
 # written out here by hand so the test does not derive them from our own modules.
@@ -234,7 +237,40 @@ def test_padding_mask_forms(dllm, attn):
 
 
 def test_unsupported_llada_variant_is_rejected(tokenizer):
-    from .conftest import llada_config
-
     with pytest.raises(ValueError, match="block_type"):
         llada_config(tokenizer, block_type="sequential")
+
+
+def test_mask_token_is_never_guessed(tokenizer):
+    """No family default: the config states it, or the tokenizer's mask token is used and
+    recorded in the config, or diffusion_spec fails naming the fix."""
+    from fair_calib_llmc.models import DreamConfig, LLaDAConfig, diffusion_spec
+
+    assert LLaDAConfig().mask_token_id is None and DreamConfig().mask_token_id is None
+    model = LLaDAModelLM(llada_config(tokenizer, mask_token_id=None))
+    assert diffusion_spec(model, tokenizer).mask_token_id == tokenizer.mask_token_id
+    assert model.config.mask_token_id == tokenizer.mask_token_id  # saved with the checkpoint
+    with pytest.raises(ValueError, match="no mask token.*LLaDA-8B: 126336"):
+        diffusion_spec(LLaDAModelLM(llada_config(tokenizer, mask_token_id=None)))
+
+
+def test_causal_model_is_not_a_diffusion_lm(tokenizer):
+    causal = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=len(tokenizer),
+        )
+    )
+    with pytest.raises(ValueError, match="not a diffusion language model"):
+        diffusion_spec(causal, tokenizer)
+
+
+def test_missing_mask_token_is_rejected(tokenizer):
+    model = LLaDAModelLM(llada_config(tokenizer, mask_token_id=None))
+    no_mask = copy.deepcopy(tokenizer)
+    no_mask.mask_token = None
+    with pytest.raises(ValueError, match="no mask token"):
+        diffusion_spec(model, no_mask)

@@ -15,6 +15,8 @@ from fair_calib_llmc.prior import (
 )
 from fair_calib_llmc.sampling import DiffusionTrace
 
+pytestmark = pytest.mark.unit
+
 
 def _trace() -> DiffusionTrace:
     """Prompt of 1 token, answer of 3 committed one per step in order (pos 1, 2, 3)."""

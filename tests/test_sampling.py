@@ -9,6 +9,8 @@ from pydantic import ValidationError
 from fair_calib_llmc.models import diffusion_spec
 from fair_calib_llmc.sampling import DreamSampler, LLaDASampler, sampler_for
 
+pytestmark = pytest.mark.unit
+
 SAMPLERS = [
     LLaDASampler(steps=8, gen_length=16, block_length=8),
     LLaDASampler(steps=16, gen_length=16, block_length=4, temperature=0.7),

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import pytest
 import torch
 from llmcompressor import oneshot
 from transformers import AutoModel
 
-from fair_calib_llmc.pipeline import save_atomically
+from fair_calib_llmc.checkpoint import save_atomically
+from fair_calib_llmc.recipe import shipped_recipes
 
-from .conftest import masked_states, saved
+from .helpers import masked_states, saved
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+pytestmark = pytest.mark.integration
 
 
 def _probe(model):
@@ -30,7 +31,7 @@ def test_online_rotation_checkpoint_reloads_with_identical_logits(
     model = oneshot(
         model=model,
         processor=tokenizer,
-        recipe=str(RECIPES / "quarot_gptq_w4a4.yaml"),
+        recipe=shipped_recipes()["quarot_gptq_w4a4"],
         dataset=dataset,
         num_calibration_samples=len(dataset),
     )

@@ -34,10 +34,14 @@ DREAM_MASK_TOKEN_ID = 151666
 
 
 class DreamConfig(Qwen2Config):
-    """Qwen2 configuration plus Dream's ``mask_token_id`` (``model_type`` is ``"Dream"``)."""
+    """Qwen2 configuration plus Dream's ``mask_token_id`` (``model_type`` is ``"Dream"``).
+
+    ``mask_token_id`` has no default (Dream-v0's config sets :data:`DREAM_MASK_TOKEN_ID`); see
+    :class:`~fair_calib_llmc.models.LLaDAConfig`.
+    """
 
     model_type = "Dream"
-    mask_token_id: int | None = DREAM_MASK_TOKEN_ID
+    mask_token_id: int | None = None
 
 
 class DreamDecoderLayer(Qwen2DecoderLayer):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from loguru import logger
 from torch import nn
 
 from fair_calib_llmc.models.dream import DreamConfig
@@ -49,6 +50,13 @@ def diffusion_spec(model: nn.Module, tokenizer=None) -> DiffusionLMSpec:
     mask_id = getattr(config, "mask_token_id", None)
     if mask_id is None and tokenizer is not None:
         mask_id = getattr(tokenizer, "mask_token_id", None)
+        if mask_id is not None:
+            # recorded in the config, so the quantized checkpoint states it explicitly
+            config.mask_token_id = int(mask_id)
+            logger.info(
+                f"config.mask_token_id is not set: using the tokenizer's mask token "
+                f"{tokenizer.mask_token!r} (id {mask_id}) and recording it in the config"
+            )
     if mask_id is None:
         raise ValueError(
             f"{type(model).__name__} has no mask token: neither config.mask_token_id nor the "

@@ -49,7 +49,12 @@ _SUPPORTED = {
 
 
 class LLaDAConfig(PreTrainedConfig):
-    """LLaDA configuration with the field names of the public ``config.json``."""
+    """LLaDA configuration with the field names of the public ``config.json``.
+
+    ``mask_token_id`` has no default: the public checkpoints set it (LLaDA-8B:
+    :data:`LLADA_MASK_TOKEN_ID`); without it :func:`~fair_calib_llmc.models.diffusion_spec`
+    takes the tokenizer's mask token or fails, instead of guessing another model's id.
+    """
 
     model_type = "llada"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -84,7 +89,7 @@ class LLaDAConfig(PreTrainedConfig):
         embedding_size: int | None = 126464,
         weight_tying: bool = False,
         init_std: float = 0.02,
-        mask_token_id: int | None = LLADA_MASK_TOKEN_ID,
+        mask_token_id: int | None = None,
         eos_token_id: int | None = 126081,
         pad_token_id: int | None = 126081,
         use_cache: bool = False,

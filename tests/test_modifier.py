@@ -1,25 +1,18 @@
-"""FAIR-Calib Stage II: weighted Hessian, quantized propagation, clipping, fail-fast errors."""
+"""FAIR-Calib Stage II: statistics against hand-written references, the FP stream, batching,
+W4A4 propagation, and fail-fast errors."""
 
 from __future__ import annotations
-
-import copy
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from llmcompressor import oneshot
 from llmcompressor.core import active_session
 from pydantic import ValidationError
-from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel
 
 from fair_calib_llmc import FAIRCalibModifier, quantize
-from fair_calib_llmc.models import diffusion_spec
-from fair_calib_llmc.pipeline import check_recipe_shape
 
-from .conftest import llada_config, masked_states, saved
-
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+from .helpers import masked_states, saved
 
 
 def _w4a4_linear(in_features=16, out_features=8, seed=0):
@@ -54,6 +47,13 @@ def _statistics(modifier, linear, batches):
     return modifier._hessians[linear] / n, modifier._cross[linear] / n
 
 
+def _fp_states(model, dataset, rows):
+    with torch.no_grad():
+        ids = torch.tensor(dataset[:rows]["input_ids"])
+        return model(input_ids=ids, output_hidden_states=True).hidden_states
+
+
+@pytest.mark.unit
 def test_statistics_pair_fp_targets_with_quantized_inputs_and_token_weights():
     linear = _w4a4_linear()
     torch.manual_seed(1)
@@ -66,6 +66,7 @@ def test_statistics_pair_fp_targets_with_quantized_inputs_and_token_weights():
     torch.testing.assert_close(cross.double(), (ref_fp.T * w) @ ref_q, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.unit
 def test_uniform_ablation_really_turns_the_weights_off():
     torch.manual_seed(2)
     batches = [(torch.randn(1, 6, 16), torch.randn(1, 6, 16), torch.rand(1, 6) * 5)]
@@ -79,6 +80,7 @@ def test_uniform_ablation_really_turns_the_weights_off():
     assert (on[0] - off[0]).abs().max() > 1e-2
 
 
+@pytest.mark.unit
 def test_zero_weight_token_has_no_effect():
     torch.manual_seed(3)
     x = torch.randn(1, 6, 16)
@@ -91,6 +93,7 @@ def test_zero_weight_token_has_no_effect():
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.unit
 def test_fp_target_is_the_weighted_least_squares_weight():
     from fair_calib_llmc.reconstruction import fp_target_weight
 
@@ -111,6 +114,7 @@ def test_fp_target_is_the_weighted_least_squares_weight():
     assert fp_target_weight(weight, cross, hessian, strength=0.0).equal(weight)
 
 
+@pytest.mark.unit
 def test_weighted_and_uniform_fits_differ_where_the_frontier_differs():
     """Two token populations need different corrections; the weighted fit serves the
     heavily weighted one (the "frontier") better than the uniform fit does."""
@@ -138,6 +142,7 @@ def test_weighted_and_uniform_fits_differ_where_the_frontier_differs():
     assert frontier_error(weighted) < 0.1 * frontier_error(uniform)
 
 
+@pytest.mark.unit
 def test_missing_token_weights_fail_with_the_fix():
     with pytest.raises(ValueError, match="use_loss_mask=True"):
         _statistics(
@@ -147,12 +152,28 @@ def test_missing_token_weights_fail_with_the_fix():
         )
 
 
-def _fp_states(model, dataset, rows):
-    with torch.no_grad():
-        ids = torch.tensor(dataset[:rows]["input_ids"])
-        return model(input_ids=ids, output_hidden_states=True).hidden_states
+@pytest.mark.unit
+def test_unknown_scheme_name():
+    with pytest.raises(ValidationError, match="unknown scheme 'W3A5'"):
+        FAIRCalibModifier(scheme="W3A5")
 
 
+@pytest.mark.unit
+def test_unknown_modifier_field_is_rejected():
+    with pytest.raises(ValidationError, match="frontier_wieght"):
+        FAIRCalibModifier(scheme="W4A4", frontier_wieght=2.0)
+
+
+@pytest.mark.unit
+def test_nan_activations_fail_with_the_layer_name():
+    fair, linear = FAIRCalibModifier(scheme="W4A4"), _w4a4_linear(4, 4)
+    nan = torch.full((1, 2, 4), float("nan"))
+    _statistics(fair, linear, [(nan, nan, torch.ones(1, 2))])
+    with pytest.raises(FloatingPointError, match="NaN/Inf activations entered probe"):
+        fair._check_finite_hessians([linear])
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_fp_stream_is_the_full_precision_models_hidden_states(
     llada, tokenizer, calibration_texts, tmp_path, batch_size
@@ -193,6 +214,7 @@ def test_fp_stream_is_the_full_precision_models_hidden_states(
     assert (quantized_input - reference[1]).abs().max() > 1e-3  # W4A4 error of layer 0
 
 
+@pytest.mark.integration
 def test_batched_calibration_gives_the_same_statistics(
     dream, tokenizer, calibration_texts, tmp_path, monkeypatch
 ):
@@ -216,7 +238,7 @@ def test_batched_calibration_gives_the_same_statistics(
         quantize(
             model,
             tokenizer,
-            RECIPES / "fair_calib_w4a4.yaml",
+            "fair_calib_w4a4",
             calibration_texts,
             max_prompts=4,
             batch_size=batch_size,
@@ -231,6 +253,7 @@ def test_batched_calibration_gives_the_same_statistics(
         torch.testing.assert_close(cross_4, cross_1, rtol=2e-3, atol=2e-3 * cross_1.abs().max())
 
 
+@pytest.mark.integration
 def test_propagation_feeds_layer_two_what_the_w4a4_model_computes(
     llada, tokenizer, calibration_texts, tmp_path
 ):
@@ -264,136 +287,3 @@ def test_propagation_feeds_layer_two_what_the_w4a4_model_computes(
         for h in m._forward_pre_hooks.values()
         if getattr(h, "__name__", "") == "<lambda>"
     )
-
-
-# --- bad input fails fast, with the fix in the message -------------------------------------
-def test_causal_model_is_rejected(tokenizer):
-    causal = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            vocab_size=len(tokenizer),
-        )
-    )
-    with pytest.raises(ValueError, match="not a diffusion language model"):
-        diffusion_spec(causal, tokenizer)
-    with pytest.raises(ValueError, match="not a diffusion language model"):
-        quantize(causal, tokenizer, RECIPES / "fair_calib_w4a4.yaml", ["text"])
-
-
-def test_missing_mask_token_is_rejected(tokenizer):
-    from fair_calib_llmc.models import LLaDAModelLM
-
-    model = LLaDAModelLM(llada_config(tokenizer, mask_token_id=None))
-    no_mask = copy.deepcopy(tokenizer)
-    no_mask.mask_token = None
-    with pytest.raises(ValueError, match="no mask token"):
-        diffusion_spec(model, no_mask)
-
-
-def test_empty_or_short_calibration_set(llada, tokenizer):
-    for texts in ([], ["too short"]):
-        with pytest.raises(ValueError, match="calibration set is empty or too short"):
-            quantize(llada, tokenizer, RECIPES / "fair_calib_w4a4.yaml", texts)
-
-
-def test_unknown_scheme_name():
-    with pytest.raises(ValidationError, match="unknown scheme 'W3A5'"):
-        FAIRCalibModifier(scheme="W3A5")
-
-
-def test_unknown_modifier_field_is_rejected():
-    with pytest.raises(ValidationError, match="frontier_wieght"):
-        FAIRCalibModifier(scheme="W4A4", frontier_wieght=2.0)
-
-
-@pytest.mark.parametrize(
-    "recipe,where",
-    [
-        ({"FAIRCalibModifier": {"scheme": "W4A4"}}, "FAIRCalibModifier"),
-        ({"fair_stage": {"FAIRCalibModifier": {"scheme": "W4A4"}}}, "fair_stage.FAIRCalibModifier"),
-        ({"fair_stage": {"fair_modifiers": {}}}, "no modifier"),
-    ],
-)
-def test_recipe_of_the_wrong_shape_fails_loudly(recipe, where):
-    with pytest.raises(ValueError, match=where):
-        check_recipe_shape(recipe)
-
-
-def test_nan_weights_fail_before_calibration(llada, tokenizer, calibration_texts, tmp_path):
-    with torch.no_grad():
-        llada.model.transformer.blocks[0].q_proj.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN/Inf weights"):
-        quantize(
-            llada,
-            tokenizer,
-            RECIPES / "fair_calib_w4a4.yaml",
-            calibration_texts,
-            output_dir=tmp_path / "out",
-            max_prompts=2,
-        )
-    assert not (tmp_path / "out").exists()
-
-
-def test_failed_save_leaves_no_checkpoint(
-    llada, tokenizer, calibration_texts, tmp_path, monkeypatch
-):
-    model = saved(llada, tokenizer, tmp_path / "fp")
-
-    def broken_save(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(type(model), "save_pretrained", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        quantize(
-            model,
-            tokenizer,
-            RECIPES / "fair_calib_w4a4.yaml",
-            calibration_texts,
-            output_dir=tmp_path / "out",
-            max_prompts=2,
-        )
-    assert sorted(os.listdir(tmp_path)) == ["fp"]
-
-
-def test_nan_activations_fail_with_the_layer_name():
-    fair, linear = FAIRCalibModifier(scheme="W4A4"), _w4a4_linear(4, 4)
-    nan = torch.full((1, 2, 4), float("nan"))
-    _statistics(fair, linear, [(nan, nan, torch.ones(1, 2))])
-    with pytest.raises(FloatingPointError, match="NaN/Inf activations entered probe"):
-        fair._check_finite_hessians([linear])
-
-
-@pytest.mark.parametrize("form", ["list", "jsonl", "json", "txt", "datasets"])
-def test_quantize_from_raw_text_forms(dream, tokenizer, calibration_texts, tmp_path, form):
-    """Raw text in any common form + the recipe is all a user needs; the checkpoint reloads."""
-    import json
-
-    from datasets import Dataset
-    from transformers import AutoModel
-
-    texts = [t.replace("\n", " ") for t in calibration_texts[:3]]
-    data = {
-        "list": lambda: texts,
-        "datasets": lambda: Dataset.from_dict({"text": texts}),
-        "jsonl": lambda: _write(
-            tmp_path / "c.jsonl", "\n".join(json.dumps({"text": t}) for t in texts)
-        ),
-        "json": lambda: _write(tmp_path / "c.json", json.dumps([{"text": t} for t in texts])),
-        "txt": lambda: _write(tmp_path / "c.txt", "\n".join(texts)),
-    }[form]()
-    model = saved(dream, tokenizer, tmp_path / "fp")
-    result = quantize(
-        model, tokenizer, RECIPES / "fair_calib_w4a4.yaml", data, output_dir=tmp_path / "q"
-    )
-    assert len(result.calibration) == 3 * 4  # prompts x states_per_prompt
-    weights = torch.tensor([w for row in result.calibration["loss_mask"] for w in row])
-    assert abs(weights.mean().item() - 1) < 1e-5 and weights.min() >= 0.1
-    AutoModel.from_pretrained(tmp_path / "q")
-
-
-def _write(path, text):
-    path.write_text(text)
-    return str(path)

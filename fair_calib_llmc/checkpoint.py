@@ -1,0 +1,289 @@
+"""Writing a compressed checkpoint without ever losing a user's files.
+
+Two steps, kept apart so the cheap one runs before any calibration work:
+
+* :func:`check_output_dir` runs first (``quantize`` calls it before Stage I). It refuses an
+  existing file, a non-empty directory (unless ``overwrite``), the model's own directory, the
+  working directory and any directory that contains one of them (even with ``overwrite``), a
+  place that cannot be written (read-only directory or mount, ``/proc``), and, when the
+  expected size is known, a disk without room for it. It also clears what an earlier run of
+  the same target left behind when it was killed (``.NAME.partial-*`` and ``.NAME.old-*``).
+* :func:`save_atomically` writes into a hidden sibling ``.NAME.partial-PID-XXXX`` and renames
+  it into place only after ``save_pretrained`` succeeded. An existing checkpoint is moved
+  aside first and deleted only once the new one is in place (and moved back if the rename
+  fails). SIGTERM and Ctrl-C during the save remove the partial directory before the process
+  ends; after SIGKILL the next run of the same target removes it (and says so).
+
+The result carries the permissions a plain ``mkdir`` / ``open`` would give under the user's
+umask: ``tempfile.mkdtemp`` makes its directory 0700 and safetensors writes shards 0600, which
+would hide a shared checkpoint from the engine's service account.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import secrets
+import shutil
+import signal
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+__all__ = [
+    "OutputDirError",
+    "check_output_dir",
+    "expected_checkpoint_bytes",
+    "model_directory",
+    "remove_stale_leftovers",
+    "save_atomically",
+]
+
+#: Free space asked for on top of the expected checkpoint size (config, tokenizer, recipe).
+_SPACE_MARGIN = 1.1
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot (or must not) receive the checkpoint."""
+
+
+def model_directory(model) -> Path | None:
+    """The local directory the model was loaded from (``config._name_or_path``), if any."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    path = Path(name).expanduser()
+    return path.resolve() if name and path.is_dir() else None
+
+
+def expected_checkpoint_bytes(model, weight_bits: int = 4) -> int:
+    """A lower bound of the compressed checkpoint's size: ``weight_bits`` per linear weight
+    (the LM head stays in full precision), everything else at its current size."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    quantized = {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+    }
+    total = 0.0
+    for p in model.parameters():
+        per_element = weight_bits / 8 if id(p) in quantized else p.element_size()
+        total += p.numel() * per_element
+    return int(total)
+
+
+def check_output_dir(
+    output_dir: str | os.PathLike,
+    *,
+    model_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    expected_bytes: int | None = None,
+) -> Path:
+    """Return the resolved target or raise :class:`OutputDirError` naming the fix.
+
+    :param model_dir: the directory the FP model was loaded from; never written to
+    :param overwrite: allow replacing a non-empty directory (moved aside, deleted last)
+    :param expected_bytes: checkpoint size to check the free disk space against
+    """
+    shown = str(output_dir)
+    target = Path(output_dir).expanduser().resolve()
+    protected = [(Path.cwd().resolve(), "the working directory")]
+    if model_dir is not None:
+        protected.append((Path(model_dir).expanduser().resolve(), "the model's own directory"))
+    for path, what in protected:
+        if target == path or target in path.parents:
+            relation = "is" if target == path else "contains"
+            raise OutputDirError(
+                f"output directory {shown!r} {relation} {what} ({path}); writing the "
+                f"checkpoint there would delete it: choose a new directory, e.g. "
+                f"{path.parent / (path.name + '-w4a4')}"
+            )
+    if target.exists() and not target.is_dir():
+        raise OutputDirError(
+            f"output directory {shown!r} is an existing file; choose a directory path"
+        )
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise OutputDirError(
+            f"output directory {shown!r} exists and is not empty; choose a new directory or "
+            "pass --overwrite (overwrite=True in quantize()) to replace it (the old one is "
+            "deleted only after the new checkpoint is in place)"
+        )
+    parent = _nearest_existing(target.parent)
+    if not parent.is_dir():
+        raise OutputDirError(f"cannot create {shown!r}: {parent} is a file, not a directory")
+    _check_writable(parent, shown)
+    if expected_bytes:
+        free = shutil.disk_usage(parent).free
+        if free < expected_bytes * _SPACE_MARGIN:
+            raise OutputDirError(
+                f"not enough disk space for {shown!r}: the checkpoint needs about "
+                f"{expected_bytes * _SPACE_MARGIN / 2**20:.0f} MiB, {parent} has "
+                f"{free / 2**20:.0f} MiB free; free space or choose another disk"
+            )
+    remove_stale_leftovers(target)
+    return target
+
+
+def save_atomically(
+    model,
+    tokenizer,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    model_dir: str | os.PathLike | None = None,
+) -> Path:
+    """``save_pretrained(save_compressed=True)`` into a hidden sibling, then rename into place.
+
+    Repeats the cheap :func:`check_output_dir` checks (the directory may have changed since).
+    """
+    model_dir = model_dir if model_dir is not None else model_directory(model)
+    target = check_output_dir(output_dir, model_dir=model_dir, overwrite=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = _make_dir(target.parent, f".{target.name}.partial-{os.getpid()}-")
+    try:
+        with _raise_on_sigterm():
+            with warnings.catch_warnings():
+                # transformers warns about "offloaded modules (50GB default)" because
+                # llm-compressor dispatches the model through accelerate hooks to save it
+                warnings.filterwarnings("ignore", message=".*offloaded modules.*")
+                model.save_pretrained(partial, save_compressed=True)
+            tokenizer.save_pretrained(partial)
+            _apply_umask(partial)
+            _swap_into_place(partial, target)
+    except _Terminated:
+        shutil.rmtree(partial, ignore_errors=True)
+        logger.warning(f"SIGTERM while saving {target}: removed the partial checkpoint")
+        signal.raise_signal(signal.SIGTERM)  # the default action again: end the process
+        raise
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return target
+
+
+def remove_stale_leftovers(target: Path) -> None:
+    """Clear what a killed run of ``target`` left: partial saves, and a moved-aside old
+    checkpoint (put back if the new one never arrived, deleted if it did)."""
+    if not target.parent.is_dir():
+        return
+    name = glob.escape(target.name)
+    for path in sorted(target.parent.glob(f".{name}.partial-*")):
+        if _owner_alive(path):
+            continue
+        logger.warning(f"removing {path}: an unfinished save of {target} by a run that ended")
+        shutil.rmtree(path, ignore_errors=True)
+    for path in sorted(target.parent.glob(f".{name}.old-*")):
+        if _owner_alive(path):
+            continue
+        if target.exists():
+            logger.warning(f"removing {path}: the checkpoint {target} replaced it")
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            logger.warning(f"restoring {target} from {path}: its replacement never arrived")
+            os.rename(path, target)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler so the partial directory is removed on the way out."""
+
+
+@contextlib.contextmanager
+def _raise_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into :class:`_Terminated` while it would otherwise kill the process.
+
+    Only where SIGTERM has its default action (and in the main thread, where Python runs
+    handlers): a program with its own handler keeps it, and its handler's exception still
+    removes the partial directory.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    if not main or previous != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _swap_into_place(partial: Path, target: Path) -> None:
+    if not target.exists() or not any(target.iterdir()):
+        os.replace(partial, target)  # a missing or empty target: one atomic rename
+        return
+    old = _make_name(target.parent, f".{target.name}.old-{os.getpid()}-")
+    os.rename(target, old)
+    try:
+        os.rename(partial, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _owner_alive(path: Path) -> bool:
+    """Whether the process named in ``.NAME.partial-PID-XXXX`` still runs (on this host)."""
+    pid = path.name.rsplit("-", 2)[-2]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable(directory: Path, shown: str) -> None:
+    """Create and remove a hidden directory: the only test that sees read-only mounts,
+    ``/proc`` and permissions the way the save will."""
+    try:
+        probe = _make_dir(directory, ".fair-calib-llmc-probe-")
+        probe.rmdir()
+    except OSError as err:
+        raise OutputDirError(
+            f"cannot write the checkpoint {shown!r}: {directory} is not writable "
+            f"({err.strerror}); choose a directory you can write to"
+        ) from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_name(parent: Path, prefix: str) -> Path:
+    return parent / f"{prefix}{secrets.token_hex(4)}"
+
+
+def _make_dir(parent: Path, prefix: str) -> Path:
+    """``mkdtemp`` with the umask's permissions instead of 0700."""
+    for _ in range(100):
+        path = _make_name(parent, prefix)
+        try:
+            path.mkdir(mode=0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a unique directory {prefix}* in {parent}")
+
+
+def _apply_umask(directory: Path) -> None:
+    mask = _umask()
+    directory.chmod(0o777 & ~mask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

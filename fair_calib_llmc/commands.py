@@ -1,0 +1,108 @@
+"""What ``fair-calib-llmc demo`` and ``fair-calib-llmc quantize`` do (parsing lives in the
+light ``fair_calib_llmc_cli`` module, so ``--help`` does not import torch).
+
+Both check everything cheap before loading the model: the recipe, the calibration text, the
+device and the output directory. Logs go to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from argparse import Namespace
+from functools import partial
+from pathlib import Path
+
+from loguru import logger
+
+from fair_calib_llmc.benchmark import BenchmarkSettings, run_benchmark
+from fair_calib_llmc.checkpoint import check_output_dir
+from fair_calib_llmc.corpus import shipped_texts
+from fair_calib_llmc.data import load_texts
+from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
+from fair_calib_llmc.loading import load_model, resolve_device, resolve_dtype
+from fair_calib_llmc.pipeline import quantize
+from fair_calib_llmc.recipe import load_recipe
+
+__all__ = ["configure_logging", "run_demo", "run_quantize"]
+
+#: Library log lines the CLI drops unless ``--verbose``: per-layer GPTQ metrics, and the
+#: "no accelerator" warning llm-compressor repeats per call (the CLI states the device once).
+_NOISE = ("No accelerator available",)
+
+
+def configure_logging(verbose: bool) -> None:
+    """One stderr sink: our INFO lines and library warnings, or everything with ``verbose``."""
+    logger.enable("llmcompressor")
+    try:
+        logger.level("METRIC")
+    except ValueError:  # llm-compressor defines it only when its own logging is configured
+        logger.level("METRIC", no=38)
+    logger.remove()
+    if verbose:
+        logger.add(sys.stderr, level="DEBUG")
+        return
+    # torch warns that is_fx_tracing also covers torch.export while llm-compressor traces
+    logging.getLogger("torch.fx").setLevel(logging.ERROR)
+
+    def keep(record) -> bool:
+        if record["name"].startswith("fair_calib_llmc"):
+            return record["level"].no >= logger.level("INFO").no
+        if record["level"].name == "METRIC" or record["message"].startswith(_NOISE):
+            return False
+        return record["level"].no >= logger.level("WARNING").no
+
+    logger.add(sys.stderr, level="DEBUG", filter=keep, format="{time:HH:mm:ss} | {message}")
+
+
+def run_demo(args: Namespace) -> None:
+    settings = BenchmarkSettings(
+        methods=tuple(args.methods),
+        seeds=tuple(args.seeds),
+        calibration_prompts=args.calibration_prompts,
+        eval_prompts=args.eval_prompts,
+    )
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    model_path = args.model or DEFAULT_MODEL_DIR
+    logger.info(f"demo: {', '.join(settings.methods)} on {device}; results in {args.out}")
+    run_benchmark(
+        partial(load_model, model_path, dtype=dtype, device=device),
+        shipped_texts("calibration"),
+        shipped_texts("heldout"),
+        args.out,
+        settings,
+        overwrite=args.overwrite,
+    )
+    print((Path(args.out) / "results.md").read_text())
+    print(f"checkpoints, results.json, results.md and flips.png are in {args.out}")
+
+
+def run_quantize(args: Namespace) -> None:
+    recipe = load_recipe(args.recipe)
+    texts = (
+        load_texts(args.dataset, args.text_column) if args.dataset else shipped_texts("calibration")
+    )
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    model_path = Path(args.model).expanduser() if args.model else DEFAULT_MODEL_DIR
+    # before loading: an 8B model takes minutes to load, a wrong --output-dir seconds to find
+    check_output_dir(
+        args.output_dir,
+        model_dir=model_path if model_path.is_dir() else None,
+        overwrite=args.overwrite,
+    )
+    logger.info(f"quantizing {model_path} with {args.recipe} on {device}")
+    model, tokenizer = load_model(model_path, dtype=dtype, device=device)
+    result = quantize(
+        model,
+        tokenizer,
+        recipe,
+        texts,
+        output_dir=args.output_dir,
+        overwrite=args.overwrite,
+        max_prompts=args.max_prompts,
+    )
+    print(f"saved compressed checkpoint to {result.output_dir}")
+    print(
+        "load it with: import fair_calib_llmc; "
+        f"transformers.AutoModel.from_pretrained({str(result.output_dir)!r})"
+    )

@@ -1,0 +1,86 @@
+"""Calibration text from whatever a user has: a list of strings, a ``datasets.Dataset``, or a
+local ``.json`` / ``.jsonl`` / ``.csv`` / ``.txt`` / ``.parquet`` file.
+
+Files are read by ``datasets``' own packaged loaders (``json`` takes a list of records or
+JSON lines, ``text`` one sample per line), so every format behaves as it does
+in llm-compressor's own examples. What stays hand-written is the small part ``datasets`` does
+not decide for us: picking the text column (and naming the columns found when it is missing)
+and dropping empty lines, which would otherwise become empty calibration samples.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from datasets import Dataset
+
+__all__ = ["load_texts"]
+
+#: file suffix -> ``datasets`` packaged loader
+_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
+
+
+def load_texts(dataset, text_column: str = "text") -> list[str]:
+    """Non-empty calibration texts from ``dataset`` (see the module docstring)."""
+    source = "calibration dataset"
+    if isinstance(dataset, (str, os.PathLike)) and not isinstance(dataset, Dataset):
+        path = Path(dataset).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no such calibration file: {dataset}; pass a local "
+                f"{'/'.join(_LOADERS)} file (hub dataset names are not downloaded)"
+            )
+        dataset, source = _read_file(path), str(path)
+    if isinstance(dataset, Dataset):
+        if text_column not in dataset.column_names:
+            raise ValueError(
+                f"{source} has no {text_column!r} column (columns: "
+                f"{', '.join(dataset.column_names) or 'none'}); pass --text-column NAME "
+                "(text_column= in quantize()) naming the column that holds the text"
+            )
+        texts = dataset[text_column]
+        if texts and not all(isinstance(t, str) for t in texts):
+            kind = type(next(t for t in texts if not isinstance(t, str))).__name__
+            raise ValueError(
+                f"column {text_column!r} of {source} holds {kind}, not text; pass --text-column "
+                f"naming a text column (columns: {', '.join(dataset.column_names)})"
+            )
+        return [t for t in texts if t.strip()]
+    if isinstance(dataset, Sequence) and all(isinstance(t, str) for t in dataset):
+        return [t for t in dataset if t.strip()]
+    raise TypeError(
+        f"unsupported calibration dataset type {type(dataset).__name__}; pass a list of "
+        "strings, a datasets.Dataset with a text column, or a local "
+        f"{'/'.join(_LOADERS)} path"
+    )
+
+
+def _read_file(path: Path) -> Dataset:
+    from datasets import load_dataset
+    from datasets.utils import logging as datasets_logging
+    from datasets.utils.tqdm import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    loader = _LOADERS.get(path.suffix.lower())
+    if loader is None:
+        raise ValueError(
+            f"cannot read calibration file {path}: unknown suffix {path.suffix!r}; use one of "
+            f"{', '.join(_LOADERS)}"
+        )
+    bars_were_disabled = are_progress_bars_disabled()
+    verbosity = datasets_logging.get_verbosity()
+    disable_progress_bars()
+    datasets_logging.set_verbosity_error()
+    try:
+        return load_dataset(loader, data_files=str(path), split="train")
+    except Exception as err:  # datasets raises its own types for malformed files
+        raise ValueError(f"cannot read calibration file {path}: {err}") from err
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if not bars_were_disabled:
+            enable_progress_bars()

@@ -1,0 +1,89 @@
+"""Loading a LLaDA / Dream checkpoint where the user runs: device and dtype.
+
+Defaults follow llm-compressor users' expectations: the GPU when there is one, the
+checkpoint's own dtype (``dtype="auto"``). The model is loaded on the CPU and then moved:
+Stage I's rollouts run the whole model on ``device``, and ``oneshot`` keeps modules on the
+device they are on (its sequential pipeline onloads CPU modules to the GPU layer by layer).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+__all__ = ["DTYPES", "load_model", "resolve_device", "resolve_dtype"]
+
+#: ``--dtype`` names; ``auto`` keeps the checkpoint's dtype.
+DTYPES = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` -> ``cuda`` when a GPU is visible, else ``cpu``; a GPU that is not there
+    fails here, not inside the first forward pass."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(
+                f"device {device} was asked for but {count} CUDA GPU(s) are visible; use "
+                "--device cpu or check CUDA_VISIBLE_DEVICES"
+            )
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    """A ``torch.dtype`` or one of :data:`DTYPES`' names."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+):
+    """Return ``(model, tokenizer)`` of a local LLaDA / Dream checkpoint (or a hub id, where
+    the hub can be reached), in ``dtype`` on ``device``."""
+    from transformers import AutoModel, AutoTokenizer
+
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} has no config.json; pass --model a LLaDA or Dream checkpoint directory "
+            "(the folder that holds config.json and the safetensors)"
+        )
+    if not local.exists() and not _HUB_ID.match(str(path)):
+        raise FileNotFoundError(
+            f"no such model directory: {path}; pass --model a LLaDA or Dream checkpoint "
+            "directory or a hub id (org/name)"
+        )
+    device = resolve_device(device)
+    source = str(local) if local.exists() else str(path)
+    try:
+        model = AutoModel.from_pretrained(source, dtype=resolve_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise FileNotFoundError(f"could not load {path}: {str(err).splitlines()[0]}") from err
+    model = model.to(device).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.debug(f"loaded {source}: {n_params / 1e6:.1f}M parameters, {model.dtype}, on {device}")
+    return model, tokenizer

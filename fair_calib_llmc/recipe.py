@@ -1,0 +1,122 @@
+"""Recipes: shipped by name, local files by path, or YAML text, all checked before any work.
+
+The shipped recipes live in the repository's top-level ``recipes/`` folder, which the wheel
+installs as the ``fair_calib_llmc.recipes`` package (``[tool.setuptools.package-dir]``), so
+``fair_calib_w4a4`` resolves the same way from a source checkout, an editable install and a
+wheel.
+
+:func:`load_recipe` tells the three forms apart without handing recipe text to the file
+system: text has a line break or a ``key: value`` colon, a path ends in ``.yaml`` / ``.yml``
+or names a directory, anything else is a shipped recipe's name. Errors name the file (and line)
+they come from, on one line.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.resources import files
+from pathlib import Path
+
+import yaml
+from llmcompressor.recipe import Recipe
+from pydantic import ValidationError
+
+__all__ = ["RecipeError", "check_recipe_shape", "load_recipe", "read_recipe", "shipped_recipes"]
+
+_SHAPE = "<name>_stage: {<group>_modifiers: {<ModifierClass>: {fields}}}"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be found, parsed or applied; the message names its source."""
+
+
+def shipped_recipes() -> dict[str, str]:
+    """Name -> YAML text of every recipe shipped with the package."""
+    folder = files("fair_calib_llmc.recipes")
+    return {
+        entry.name.removesuffix(".yaml"): entry.read_text()
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".yaml")
+    }
+
+
+def read_recipe(recipe: str | os.PathLike) -> tuple[str, str]:
+    """Return ``(yaml_text, source)`` for a shipped name, a file path or YAML text."""
+    if not isinstance(recipe, (str, os.PathLike)):
+        raise RecipeError(
+            f"a recipe is a shipped name, a .yaml path, YAML text or an llmcompressor Recipe; "
+            f"got {type(recipe).__name__}"
+        )
+    text = os.fspath(recipe)
+    is_path = isinstance(recipe, os.PathLike) or text.endswith((".yaml", ".yml"))
+    if not is_path and ("\n" in text or ": " in text or text.rstrip().endswith(":")):
+        return text, "<recipe text>"
+    is_path = is_path or os.sep in text
+    shipped = shipped_recipes()
+    if not is_path and text in shipped:
+        return shipped[text], f"shipped recipe {text!r}"
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path.read_text(), str(path)
+    if is_path:
+        raise RecipeError(f"no such recipe file: {text}")
+    raise RecipeError(
+        f"unknown recipe {text!r}: not a shipped recipe name ({', '.join(shipped)}) and not a "
+        "file; pass one of those names or a path to a .yaml recipe"
+    )
+
+
+def check_recipe_shape(recipe: dict, source: str = "the recipe") -> None:
+    """Fail loudly on recipes llm-compressor would parse to zero modifiers.
+
+    llm-compressor only reads ``<name>_stage: <group>_modifiers: <ClassName>: {fields}`` and
+    silently ignores anything else.
+    """
+    if not isinstance(recipe, dict) or not recipe:
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping of the shape {_SHAPE}")
+    n_modifiers = 0
+    for stage_key, stage in recipe.items():
+        if stage_key == "args":
+            continue
+        if not str(stage_key).endswith("_stage") or not isinstance(stage, dict):
+            raise RecipeError(
+                f"{source}: key {stage_key!r} is not a '<name>_stage' mapping, which "
+                f"llm-compressor would silently ignore; use the shape {_SHAPE}"
+            )
+        for group_key, group in stage.items():
+            if not str(group_key).endswith("_modifiers") or not isinstance(group, dict):
+                raise RecipeError(
+                    f"{source}: key {stage_key}.{group_key} is not a '<group>_modifiers' "
+                    f"mapping, which llm-compressor would silently ignore; use the shape {_SHAPE}"
+                )
+            for name, fields in group.items():
+                if not isinstance(fields, dict):
+                    raise RecipeError(f"{source}: modifier {name!r} needs a mapping of fields")
+                n_modifiers += 1
+    if n_modifiers == 0:
+        raise RecipeError(f"{source}: the recipe declares no modifier; use the shape {_SHAPE}")
+
+
+def load_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:
+    """Parse a shipped name, a file or YAML text into an llmcompressor ``Recipe``, after
+    :func:`check_recipe_shape`; every error names the source."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    text, source = read_recipe(recipe)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{source}{where}: invalid YAML: {problem}") from None
+    check_recipe_shape(data, source)
+    try:
+        return Recipe.create_instance(text)
+    except ValidationError as err:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or err.title}: {e['msg']}" for e in err.errors()
+        )
+        raise RecipeError(f"{source}: {err.title}: {details}") from err
+    except (ValueError, TypeError, KeyError) as err:
+        raise RecipeError(f"{source}: {str(err).splitlines()[0]}") from err

@@ -1,0 +1,140 @@
+"""Results people compare: ``results.json``, the ``results.md`` table and ``flips.png``.
+
+Rows come from :func:`fair_calib_llmc.benchmark.run_benchmark`, one per (method, seed), and
+``per_step`` holds each method's flip rate per sampler step, one curve per seed. The table
+shows the mean over seeds with the min-max half range; the plot shows the mean curve over
+seeds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = [
+    "COLUMNS",
+    "REFERENCE_METHOD",
+    "paired_differences",
+    "summarise",
+    "write_report",
+    "write_results",
+]
+
+#: The strongest baseline: every other row is also reported as a paired difference to it.
+REFERENCE_METHOD = "quarot+gptq"
+
+COLUMNS = [
+    "method",
+    "frontier_flip_rate",
+    "post_commit_mismatch",
+    "first_divergence",
+    "kl_frontier",
+    "kl_non_frontier",
+    "elbo_ppl",
+    "stage1_seconds",
+    "stage2_seconds",
+    "peak_gpu_mib",
+    "checkpoint_mib",
+]
+
+
+def write_results(out_dir: Path, rows: list[dict], per_step: dict, settings: dict) -> str:
+    """``results.json`` (every row, per-step flips, settings), then :func:`write_report`."""
+    payload = {"rows": rows, "flips_per_step": per_step, "settings": settings}
+    (Path(out_dir) / "results.json").write_text(json.dumps(payload, indent=1))
+    return write_report(rows, per_step, out_dir, settings.get("reference_method", REFERENCE_METHOD))
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and spread (min-max half range) over seeds, per method, in input order."""
+    summary = []
+    rows = [r for r in rows if "error" not in r]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        group = [r for r in rows if r["method"] == method]
+        entry = {"method": method, "seeds": len(group)}
+        for col in COLUMNS[1:]:
+            values = [r[col] for r in group if r.get(col) is not None]
+            if values:
+                mean = sum(values) / len(values)
+                entry[col] = (mean, (max(values) - min(values)) / 2)
+        summary.append(entry)
+    return summary
+
+
+def paired_differences(
+    rows: list[dict], reference: str, column: str = "frontier_flip_rate"
+) -> dict[str, tuple[float, float, list[float], float]]:
+    """Per method: ``column`` minus the reference method's on the same seed (same prompts,
+    same calibration text), as ``(mean, half-range, per-seed list, ratio of means)``."""
+    ok = [r for r in rows if "error" not in r and r.get("seed") is not None]
+    base = {r["seed"]: r[column] for r in ok if r["method"] == reference}
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in ok):
+        pairs = [
+            (r[column], base[r["seed"]]) for r in ok if r["method"] == method and r["seed"] in base
+        ]
+        if method == reference or not pairs:
+            continue
+        diffs = [a - b for a, b in pairs]
+        ratio = sum(a for a, _ in pairs) / max(sum(b for _, b in pairs), 1e-12)
+        out[method] = (sum(diffs) / len(diffs), (max(diffs) - min(diffs)) / 2, diffs, ratio)
+    return out
+
+
+def write_report(
+    rows: list[dict], per_step: dict, out_dir: Path, reference: str = REFERENCE_METHOD
+) -> str:
+    """``results.md`` (mean ± half-range over seeds, then every method's paired per-seed
+    difference to ``reference``, then failed runs) and ``flips.png``; returns the markdown."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for entry in summarise(rows):
+        cells = [entry["method"]]
+        for col in COLUMNS[1:]:
+            if col not in entry:
+                cells.append("-")
+                continue
+            mean, spread = entry[col]
+            cells.append(f"{mean:.4g}" + (f" ± {spread:.2g}" if entry["seeds"] > 1 else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    diffs = paired_differences(rows, reference)
+    if diffs:
+        lines += [
+            "",
+            f"Frontier flip rate minus {reference}'s on the same seed (negative = fewer flips):",
+            "",
+            "| method | mean difference | ± half-range | per seed | ratio of means |",
+            "|---|---|---|---|---|",
+        ]
+        for method, (mean, spread, per_seed, ratio) in diffs.items():
+            seeds = ", ".join(f"{d:+.4f}" for d in per_seed)
+            lines.append(f"| {method} | {mean:+.4f} | {spread:.4f} | {seeds} | {ratio:.3f} |")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        lines += ["", "Failed runs:", ""]
+        lines += [f"- {r['method']} (seed {r['seed']}): {r['error']}" for r in failed]
+    table = "\n".join(lines)
+    (Path(out_dir) / "results.md").write_text(table + "\n")
+    _plot(per_step, Path(out_dir) / "flips.png")
+    return table
+
+
+def _plot(per_step: dict[str, list[list[float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    n_seeds = 0
+    for method, curves in per_step.items():
+        mean = [sum(step) / len(step) for step in zip(*curves, strict=True)]
+        ax.plot(range(1, len(mean) + 1), mean, label=method, marker=".")
+        n_seeds = max(n_seeds, len(curves))
+    ax.set_xlabel("sampler step")
+    ax.set_ylabel("frontier flip rate")
+    seeds = f"mean over {n_seeds} seeds" if n_seeds > 1 else "one seed"
+    ax.set_title(f"Frontier decision flips vs. FP teacher (W4A4), {seeds}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,91 @@
+"""Shared test helpers: tiny LLaDA / Dream configs, save/reload, test-size Stage I.
+
+Fixtures live in ``conftest.py``; plain functions live here so tests import them by name
+(``from .helpers import saved``) instead of importing from ``conftest``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import fair_calib_llmc
+from fair_calib_llmc.models import DreamConfig, LLaDAConfig
+
+#: This package's own sources: the text the test tokenizer is trained on.
+PACKAGE_SOURCES = sorted(Path(fair_calib_llmc.__file__).parent.rglob("*.py"))
+
+
+def llada_config(tokenizer, **overrides) -> LLaDAConfig:
+    fields = dict(
+        d_model=128,
+        n_heads=4,
+        n_kv_heads=2,
+        n_layers=2,
+        mlp_hidden_size=256,
+        vocab_size=len(tokenizer),
+        embedding_size=len(tokenizer),
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_sequence_length=256,
+        rope_theta=10000.0,
+    )
+    return LLaDAConfig(**{**fields, **overrides})
+
+
+def dream_config(tokenizer, **overrides) -> DreamConfig:
+    fields = dict(
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=256,
+        vocab_size=len(tokenizer),
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+    )
+    return DreamConfig(**{**fields, **overrides})
+
+
+def sharpen(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random init with larger weights so predictions are confident and input-dependent."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15 if "embed" not in name and "wte" not in name else 1.0)
+    return model.eval()
+
+
+def save_with_tokenizer(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def saved(model, tokenizer, path: Path):
+    """Save and reload, so the model has a directory (``config._name_or_path``)."""
+    from transformers import AutoModel
+
+    save_with_tokenizer(model, tokenizer, path)
+    return AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def masked_states(model, tokenizer, texts, max_prompts: int, prompt_length: int = 16):
+    """Stage I at test size: 16-token prompts, 16-step rollouts, 2 states per prompt."""
+    from fair_calib_llmc import Stage1Settings, build_calibration_dataset
+    from fair_calib_llmc.models import diffusion_spec
+    from fair_calib_llmc.sampling import default_sampler
+
+    sampler = default_sampler(diffusion_spec(model, tokenizer), gen_length=16)
+    settings = Stage1Settings(sampler=sampler, prompt_length=prompt_length, states_per_prompt=2)
+    dataset, _, _ = build_calibration_dataset(
+        model, tokenizer, texts, settings, max_prompts=max_prompts
+    )
+    return dataset

@@ -1,0 +1,229 @@
+"""Output directories: nothing of the user's is lost, nothing is left behind, and bad paths
+fail before Stage I."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fair_calib_llmc import quantize
+from fair_calib_llmc.checkpoint import (
+    OutputDirError,
+    check_output_dir,
+    expected_checkpoint_bytes,
+    save_atomically,
+)
+
+from .helpers import saved
+
+RECIPE = "rtn_w4a4"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture
+def no_stage_one(monkeypatch):
+    """Fail the test if quantize() got as far as Stage I."""
+
+    def stage_one(*args, **kwargs):
+        raise AssertionError("Stage I ran before the output directory was checked")
+
+    monkeypatch.setattr("fair_calib_llmc.pipeline.build_calibration_dataset", stage_one)
+
+
+@pytest.fixture
+def fp_model(llada, tokenizer, tmp_path):
+    return saved(llada, tokenizer, tmp_path / "fp")
+
+
+@pytest.mark.unit
+def test_non_empty_output_is_refused_before_stage_one(fp_model, tokenizer, tmp_path, no_stage_one):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match="exists and is not empty.*--overwrite"):
+        quantize(fp_model, tokenizer, RECIPE, ["text"], output_dir=out)
+    assert _tree(out) == {"notes.txt": b"mine"}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_model_directory_and_its_ancestors_are_refused(
+    fp_model, tokenizer, tmp_path, no_stage_one, overwrite
+):
+    before = _tree(tmp_path)
+    for target in (tmp_path / "fp", tmp_path, tmp_path / "fp" / ".."):
+        with pytest.raises(OutputDirError, match="the model's own directory"):
+            quantize(fp_model, tokenizer, RECIPE, ["t"], output_dir=target, overwrite=overwrite)
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.unit
+def test_working_directory_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "work.txt").write_text("keep")
+    monkeypatch.chdir(tmp_path)
+    for target in (".", "..", str(tmp_path)):
+        with pytest.raises(OutputDirError, match="working directory"):
+            check_output_dir(target, overwrite=True)
+    assert (tmp_path / "work.txt").read_text() == "keep"
+    assert check_output_dir("sub/out") == tmp_path / "sub" / "out"  # below it is fine
+
+
+@pytest.mark.unit
+def test_existing_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(OutputDirError, match="is an existing file"):
+        check_output_dir(tmp_path / "out", overwrite=True)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("target", ["/proc/fair-calib-out", "/sys/fair-calib-out/ckpt"])
+def test_unwritable_places_are_refused(target):
+    with pytest.raises(OutputDirError, match="is not writable"):
+        check_output_dir(target)
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permission bits")
+def test_read_only_parent_is_refused(tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir(mode=0o555)
+    try:
+        with pytest.raises(OutputDirError, match="is not writable"):
+            check_output_dir(parent / "out")
+    finally:
+        parent.chmod(0o755)
+
+
+@pytest.mark.unit
+def test_full_disk_is_refused_before_stage_one(fp_model, tokenizer, tmp_path, monkeypatch):
+    usage = os.statvfs(tmp_path)
+    with pytest.raises(OutputDirError, match="not enough disk space"):
+        check_output_dir(tmp_path / "out", expected_bytes=usage.f_bavail * usage.f_frsize * 2)
+    # the estimate: int4 linears, full-precision embeddings and LM head
+    embeddings = 2 * fp_model.get_input_embeddings().weight.numel() * 4
+    assert embeddings < expected_checkpoint_bytes(fp_model) < embeddings * 1.5
+
+
+@pytest.mark.integration
+def test_overwrite_replaces_only_after_the_new_checkpoint_exists(
+    fp_model, tokenizer, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    seen_during_save = []
+    original = type(tokenizer).save_pretrained
+
+    def save_and_look(self, path, **kwargs):
+        seen_during_save.append(_tree(out))  # the old checkpoint is still in place
+        return original(self, path, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", save_and_look)
+    result = quantize(
+        fp_model, tokenizer, RECIPE, _texts(), output_dir=out, overwrite=True, max_prompts=2
+    )
+    assert seen_during_save == [{"old.txt": b"old"}]
+    assert result.output_dir == out and (out / "config.json").exists()
+    assert not (out / "old.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["fp", "out"]  # nothing left aside
+
+
+@pytest.mark.integration
+def test_permissions_follow_the_umask(fp_model, tokenizer, tmp_path):
+    old = os.umask(0o027)
+    try:
+        quantize(fp_model, tokenizer, RECIPE, _texts(), output_dir=tmp_path / "q", max_prompts=2)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "q").stat().st_mode & 0o777 == 0o750
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "q").iterdir()}
+    assert set(modes.values()) == {0o640}, modes
+
+
+@pytest.mark.unit
+def test_stale_leftovers_of_killed_runs_are_cleared(tmp_path):
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    partial = tmp_path / f".out.partial-{dead}-abcd"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+    old = tmp_path / f".out.old-{dead}-abcd"
+    old.mkdir()
+    (old / "config.json").write_text("previous")
+    (tmp_path / ".other.partial-1-x").mkdir()  # another target's: not ours to touch
+    check_output_dir(tmp_path / "out")
+    # the killed run had moved the old checkpoint aside: it comes back
+    assert sorted(os.listdir(tmp_path)) == [".other.partial-1-x", "out"]
+    assert (tmp_path / "out" / "config.json").read_text() == "previous"
+
+
+_SLOW_SAVE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from fair_calib_llmc.checkpoint import save_atomically
+
+    class SlowModel:
+        def save_pretrained(self, path, **kwargs):
+            (Path(path) / "model.safetensors").write_bytes(b"x" * 4096)
+            print("saving", flush=True)
+            time.sleep(120)
+
+    class Tokenizer:
+        def save_pretrained(self, path):
+            pass
+
+    save_atomically(SlowModel(), Tokenizer(), sys.argv[1], overwrite=True)
+    """
+)
+
+
+@pytest.mark.integration
+def test_sigterm_during_save_loses_nothing_and_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("the previous checkpoint")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_SAVE, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in proc.stdout:  # llm-compressor logs to stdout on import
+            if line.strip() == "saving":
+                break
+        else:
+            raise AssertionError(proc.stderr.read())
+        assert any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir())
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM
+    assert "removed the partial checkpoint" in proc.stdout.read() + proc.stderr.read()
+    assert os.listdir(tmp_path) == ["out"]
+    assert _tree(out) == {"config.json": b"the previous checkpoint"}
+
+
+@pytest.mark.unit
+def test_save_atomically_refuses_the_model_directory(fp_model, tokenizer, tmp_path):
+    before = _tree(tmp_path / "fp")
+    with pytest.raises(OutputDirError, match="the model's own directory"):
+        save_atomically(fp_model, tokenizer, tmp_path / "fp", overwrite=True)
+    assert _tree(tmp_path / "fp") == before
+
+
+def _texts():
+    source = Path(__file__).read_text()
+    return [source[i : i + 400] for i in range(0, 1600, 400)]

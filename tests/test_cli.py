@@ -1,0 +1,127 @@
+"""The ``fair-calib-llmc`` command: fast help, one-line user errors before heavy work, and a
+recipe-by-name quantize from another directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from loguru import logger
+
+import fair_calib_llmc_cli as cli
+from fair_calib_llmc.corpus import shipped_texts
+from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def restore_process_state(monkeypatch):
+    """main() sets environment defaults and the CLI's log sink: undo both."""
+    for name in ("TQDM_DISABLE", "TQDM_LEAVE", "LLM_COMPRESSOR_LOG_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    yield
+    logger.remove()
+    logger.add(sys.stderr)
+
+
+def test_help_imports_nothing_heavy():
+    code = textwrap.dedent(
+        """
+        import sys, fair_calib_llmc_cli as cli
+        for argv in (["--help"], ["quantize", "--help"], ["demo", "--help"]):
+            try:
+                cli.main(argv)
+            except SystemExit as e:
+                assert e.code == 0
+        heavy = {"torch", "transformers", "llmcompressor", "fair_calib_llmc"} & set(sys.modules)
+        assert not heavy, heavy
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "--recipe" in out.stdout and "--overwrite" in out.stdout and "--device" in out.stdout
+
+
+def _error(capsys, *argv) -> str:
+    assert cli.main(list(argv)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("fair-calib-llmc: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def jsonl_without_text(tmp_path):
+    path = tmp_path / "calib.jsonl"
+    texts = shipped_texts("calibration")[:4]
+    path.write_text("\n".join(json.dumps({"body": t, "n": 1}) for t in texts))
+    return path
+
+
+def test_user_errors_are_one_line_naming_the_fix(capsys, tmp_path, jsonl_without_text):
+    out = ["--output-dir", str(tmp_path / "q")]
+    cases = [
+        (["--recipe", "fair_calib"], "unknown recipe 'fair_calib'"),
+        (["--recipe", str(tmp_path / "missing.yaml")], "no such recipe file"),
+        (["--recipe", "rtn_w4a4", "--model", str(tmp_path / "nope")], "no such model directory"),
+        (["--recipe", "rtn_w4a4", "--dataset", str(jsonl_without_text)], "--text-column"),
+        (["--recipe", "rtn_w4a4", "--device", "cuda:7"], "--device cpu"),
+    ]
+    for args, expected in cases:
+        assert expected in _error(capsys, "quantize", *args, *out)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("rtn_stage:\n  quant_modifiers: [\n")
+    assert f"{broken}:" in _error(capsys, "quantize", "--recipe", str(broken), *out)
+    assert not (tmp_path / "q").exists()
+
+
+def test_output_problems_fail_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output directory was checked")
+
+    monkeypatch.setattr("fair_calib_llmc.commands.load_model", no_loading)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep")
+    base = ["quantize", "--recipe", "rtn_w4a4", "--output-dir"]
+    assert "--overwrite" in _error(capsys, *base, str(tmp_path / "full"))
+    assert "model's own directory" in _error(capsys, *base, str(DEFAULT_MODEL_DIR), "--overwrite")
+    monkeypatch.chdir(tmp_path)
+    assert "working directory" in _error(capsys, *base, ".", "--overwrite")
+    assert (tmp_path / "full" / "mine.txt").read_text() == "keep"
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    with pytest.raises(ValueError, match="unknown recipe"):
+        cli.main(["quantize", "--recipe", "nope", "--output-dir", str(tmp_path), "-v"])
+
+
+def test_quantize_by_recipe_name_from_another_directory(capsys, tmp_path, monkeypatch):
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"body": t}) for t in shipped_texts("calibration")[:4]))
+    monkeypatch.chdir(tmp_path)
+    argv = ["quantize", "--recipe", "fair_calib_w4a4", "--output-dir", "q", "--max-prompts", "2"]
+    assert cli.main([*argv, "--dataset", str(data), "--text-column", "body"]) == 0
+    assert "saved compressed checkpoint to" in capsys.readouterr().out
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert sorted(os.listdir(tmp_path)) == ["calib.jsonl", "q"]
+
+
+def test_parser_lists_what_the_package_offers():
+    """The light parser repeats a few names it cannot import; keep them in step."""
+    from fair_calib_llmc.benchmark import METHOD_RECIPES
+    from fair_calib_llmc.loading import DTYPES
+    from fair_calib_llmc.recipe import shipped_recipes
+
+    assert cli.DTYPES == tuple(DTYPES)
+    assert set(cli.METHODS.split(", ")) == set(METHOD_RECIPES)
+    quantize_help = cli.build_parser()._subparsers._group_actions[0].choices["quantize"]
+    recipe_help = next(a.help for a in quantize_help._actions if a.dest == "recipe")
+    assert all(name in recipe_help for name in shipped_recipes())

@@ -1,0 +1,49 @@
+"""Loading where users run: device and dtype defaults, clear errors for a wrong --model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
+from fair_calib_llmc.loading import load_model, resolve_device, resolve_dtype
+
+from .helpers import save_with_tokenizer
+
+pytestmark = pytest.mark.unit
+
+
+def test_default_device_is_the_gpu_when_there_is_one():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(None).type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_missing_gpu_fails_with_the_fix():
+    with pytest.raises(ValueError, match="--device cpu"):
+        resolve_device("cuda")
+
+
+def test_unknown_device_and_dtype():
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'.*bfloat16"):
+        resolve_dtype("fp8")
+
+
+def test_auto_dtype_keeps_the_checkpoint_dtype(llada, tokenizer, tmp_path):
+    save_with_tokenizer(llada.to(torch.bfloat16), tokenizer, tmp_path / "bf16")
+    model, _ = load_model(tmp_path / "bf16", device="cpu")
+    assert model.dtype == torch.bfloat16
+    model, _ = load_model(tmp_path / "bf16", dtype="float32", device="cpu")
+    assert model.dtype == torch.float32
+    model, _ = load_model(DEFAULT_MODEL_DIR, dtype="bfloat16", device="cpu")
+    assert model.dtype == torch.bfloat16
+
+
+def test_wrong_model_path_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model directory: .*checkpoint directory"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_model(tmp_path / "empty")

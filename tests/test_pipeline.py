@@ -1,0 +1,104 @@
+"""``quantize()``: raw text in, compressed checkpoint out, for saved and in-memory models."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+
+from fair_calib_llmc import quantize
+
+from .helpers import saved
+
+pytestmark = pytest.mark.integration
+
+
+def test_quantize_a_model_built_in_memory(llada, tokenizer, calibration_texts, tmp_path):
+    assert llada.config._name_or_path == ""  # never saved: llm-compressor has no config file
+    result = quantize(
+        llada,
+        tokenizer,
+        "fair_calib_w4a4",
+        calibration_texts,
+        output_dir=tmp_path / "q",
+        max_prompts=2,
+    )
+    assert llada.config._name_or_path == ""
+    reloaded = AutoModel.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    probe = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(reloaded(probe).logits, result.model(probe).logits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_quantize_from_a_jsonl_file(dream, tokenizer, calibration_texts, tmp_path):
+    """Raw text + a recipe name is all a user needs; the checkpoint reloads. (Every text form
+    is checked in test_data.py.)"""
+    texts = [t.replace("\n", " ") for t in calibration_texts[:3]]
+    data = tmp_path / "c.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    model = saved(dream, tokenizer, tmp_path / "fp")
+    result = quantize(model, tokenizer, "fair_calib_w4a4", data, output_dir=tmp_path / "q")
+    assert len(result.calibration) == 3 * 4  # prompts x states_per_prompt
+    weights = torch.tensor([w for row in result.calibration["loss_mask"] for w in row])
+    assert abs(weights.mean().item() - 1) < 1e-5 and weights.min() >= 0.1
+    AutoModel.from_pretrained(tmp_path / "q")
+
+
+def test_causal_model_is_rejected_before_stage_one(tokenizer):
+    causal = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=len(tokenizer),
+        )
+    )
+    with pytest.raises(ValueError, match="not a diffusion language model"):
+        quantize(causal, tokenizer, "fair_calib_w4a4", ["text"])
+
+
+def test_empty_or_short_calibration_set(llada, tokenizer):
+    for texts in ([], ["too short"]):
+        with pytest.raises(ValueError, match="calibration set is empty or too short"):
+            quantize(llada, tokenizer, "fair_calib_w4a4", texts)
+
+
+def test_nan_weights_fail_before_calibration(llada, tokenizer, calibration_texts, tmp_path):
+    with torch.no_grad():
+        llada.model.transformer.blocks[0].q_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf weights"):
+        quantize(
+            llada,
+            tokenizer,
+            "fair_calib_w4a4",
+            calibration_texts,
+            output_dir=tmp_path / "out",
+            max_prompts=2,
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_save_leaves_no_checkpoint(
+    llada, tokenizer, calibration_texts, tmp_path, monkeypatch
+):
+    model = saved(llada, tokenizer, tmp_path / "fp")
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        quantize(
+            model,
+            tokenizer,
+            "fair_calib_w4a4",
+            calibration_texts,
+            output_dir=tmp_path / "out",
+            max_prompts=2,
+        )
+    assert sorted(os.listdir(tmp_path)) == ["fp"]

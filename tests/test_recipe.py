@@ -1,0 +1,90 @@
+"""Recipes by shipped name, path or YAML text; every error names its source on one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from llmcompressor.recipe import Recipe
+
+from fair_calib_llmc.recipe import (
+    RecipeError,
+    check_recipe_shape,
+    load_recipe,
+    read_recipe,
+    shipped_recipes,
+)
+
+pytestmark = pytest.mark.unit
+
+REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def test_shipped_names_are_the_repository_recipes():
+    shipped = shipped_recipes()
+    assert set(shipped) == {p.stem for p in REPO_RECIPES.glob("*.yaml")}
+    for name, text in shipped.items():
+        assert text == (REPO_RECIPES / f"{name}.yaml").read_text()
+        assert isinstance(load_recipe(name), Recipe)
+
+
+def test_long_yaml_text_is_not_taken_for_a_path():
+    text = shipped_recipes()["fair_calib_w4a4"]
+    assert len(text) > 255  # longer than a file name may be
+    assert read_recipe(text) == (text, "<recipe text>")
+    modifiers = [type(m).__name__ for m in load_recipe(text).modifiers]
+    assert modifiers == ["SpinQuantModifier", "FAIRCalibModifier"]
+
+
+def test_path_and_path_object(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(shipped_recipes()["rtn_w4a4"])
+    assert read_recipe(str(path))[1] == str(path)
+    assert read_recipe(path)[1] == str(path)
+
+
+@pytest.mark.parametrize("missing", ["missing.yaml", "no/such/dir/recipe.yml"])
+def test_missing_file_says_so(missing):
+    with pytest.raises(RecipeError, match=f"no such recipe file: {missing}$"):
+        load_recipe(missing)
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(Path(missing))
+
+
+def test_unknown_name_lists_the_shipped_ones():
+    with pytest.raises(RecipeError, match="unknown recipe 'fair_calib'.*fair_calib_w4a4"):
+        load_recipe("fair_calib")
+
+
+def test_yaml_error_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("fair_stage:\n  fair_modifiers:\n    FAIRCalibModifier: {scheme: [W4A4\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(err.value).startswith(f"{path}:4:")
+    assert "\n" not in str(err.value)
+
+
+def test_modifier_field_error_names_the_file(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(
+        "gptq_stage:\n  gptq_modifiers:\n    GPTQModifier:\n      scheme: W4A4\n"
+        "      dampening_frac: lots\n"
+    )
+    with pytest.raises(RecipeError, match=f"^{path}: .*dampening_frac") as err:
+        load_recipe(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "recipe,where",
+    [
+        ({"FAIRCalibModifier": {"scheme": "W4A4"}}, "FAIRCalibModifier"),
+        ({"fair_stage": {"FAIRCalibModifier": {"scheme": "W4A4"}}}, "fair_stage.FAIRCalibModifier"),
+        ({"fair_stage": {"fair_modifiers": {}}}, "no modifier"),
+        ("just a string", "must be a YAML mapping"),
+    ],
+)
+def test_recipe_of_the_wrong_shape_fails_loudly(recipe, where):
+    with pytest.raises(RecipeError, match=where):
+        check_recipe_shape(recipe)

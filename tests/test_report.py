@@ -1,0 +1,36 @@
+"""results.json, the results.md table (mean ± half range over seeds) and the plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fair_calib_llmc.report import COLUMNS, summarise, write_results
+
+pytestmark = pytest.mark.unit
+
+
+def _row(method, seed, flip, ppl):
+    return {"method": method, "seed": seed, "frontier_flip_rate": flip, "elbo_ppl": ppl}
+
+
+def test_summary_is_mean_and_half_range_per_method_in_order():
+    rows = [_row("fp", None, 0.0, 20.0), _row("gptq", 0, 0.2, 26.0), _row("gptq", 1, 0.3, 27.0)]
+    summary = summarise(rows)
+    assert [e["method"] for e in summary] == ["fp", "gptq"]
+    assert summary[1]["frontier_flip_rate"] == pytest.approx((0.25, 0.05))
+    assert summary[1]["elbo_ppl"] == pytest.approx((26.5, 0.5))
+    assert "kl_frontier" not in summary[1]  # not measured: shown as "-"
+
+
+def test_written_files(tmp_path):
+    rows = [_row("gptq", 0, 0.2, 26.0), _row("gptq", 1, 0.3, 27.0)]
+    per_step = {"gptq": [[0.1, 0.3], [0.3, 0.5]]}
+    table = write_results(tmp_path, rows, per_step, {"seeds": [0, 1]})
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert lines[0] == "| " + " | ".join(COLUMNS) + " |" and lines[2] == table.splitlines()[2]
+    assert lines[2].startswith("| gptq | 0.25 ± 0.05 | - |")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == {"rows": rows, "flips_per_step": per_step, "settings": {"seeds": [0, 1]}}
+    assert (tmp_path / "flips.png").stat().st_size > 1000
