@@ -7,7 +7,7 @@ Importing the package registers, with no further call:
 * LLaDA / Dream layer mappings with ``SpinQuantModifier``.
 """
 
-from fair_calib_llmc import rotations, schemes  # noqa: F401  (registration on import)
+from fair_calib_llmc import evaluation, rotations, schemes  # noqa: F401  (registration on import)
 from fair_calib_llmc.calibration import build_calibration_dataset, load_texts
 from fair_calib_llmc.models import (
     DiffusionLMSpec,
