@@ -11,6 +11,7 @@ import torch
 from fair_calib_llmc.benchmark import METHOD_RECIPES, BenchmarkSettings, run_benchmark
 from fair_calib_llmc.corpus import shipped_texts
 from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR, load_default_model
+from fair_calib_llmc.evaluation import compare, diagnose
 
 
 def _load(path: str, device: str):
@@ -42,8 +43,13 @@ def main(argv=None) -> None:
     quant.add_argument("--output-dir", required=True)
     quant.add_argument("--max-prompts", type=int, default=64)
 
+    compare.add_parser(sub)
+    diagnose.add_parser(sub)
+
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if hasattr(args, "func"):  # evaluate, diagnose
+        args.func(args)
+    elif args.command == "demo":
         settings = BenchmarkSettings(
             methods=tuple(args.methods),
             seeds=tuple(args.seeds),

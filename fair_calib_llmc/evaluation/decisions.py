@@ -38,6 +38,7 @@ __all__ = [
     "summarise",
     "markdown_table",
     "write_results",
+    "plot_rows",
 ]
 
 #: Per-row scalar metrics, in table order.
@@ -202,13 +203,26 @@ def markdown_table(summary: Sequence[dict], key: str = "name", metrics=METRICS) 
     return "\n".join(lines)
 
 
-def write_results(out_dir: Path, payload: dict, markdown: str, rows: Sequence[dict]) -> dict:
-    """``results.json``, ``results.md``, ``flips_per_step.png`` and ``flips_per_position.png``
-    (every row name's curves averaged over its seeds); returns the paths written."""
+def write_results(
+    out_dir: Path,
+    payload: dict,
+    markdown: str,
+    rows: Sequence[dict],
+    styles: dict[str, dict] | None = None,
+) -> dict:
+    """``results.json``, ``results.md`` and the curves of :func:`plot_rows`; returns the
+    paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=_jsonable))
     (out_dir / "results.md").write_text(markdown + "\n")
     paths = {"results.json": out_dir / "results.json", "results.md": out_dir / "results.md"}
+    return {**paths, **plot_rows(out_dir, rows, styles)}
+
+
+def plot_rows(out_dir: Path, rows: Sequence[dict], styles=None) -> dict:
+    """``flips_per_step.png`` and ``flips_per_position.png``: one curve per row name,
+    averaged over that name's seeds (rows as in ``results.json``)."""
+    paths = {}
     axes = (("flips_per_step", "sampler step"), ("flips_per_position", "answer position"))
     for series, xlabel in axes:
         curves: dict[str, list] = {}
@@ -222,6 +236,7 @@ def write_results(out_dir: Path, payload: dict, markdown: str, rows: Sequence[di
                 xlabel=xlabel,
                 ylabel="frontier flip rate",
                 title=f"Frontier flips vs. the FP teacher per {xlabel.split()[-1]}",
+                styles=styles,
             )
     return paths
 

@@ -106,6 +106,16 @@ def _quantized(model_dir, dtype, device, scheme: QuantizationScheme, rotate: boo
     return oneshot(model=model, recipe=recipe)
 
 
+def variant_styles(names) -> dict[str, dict]:
+    """One colour per precision, dashed when rotated: the plots read as three pairs."""
+    colours = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
+    styles = {}
+    for name, colour in zip(names, colours, strict=False):
+        styles[name] = {"color": colour}
+        styles[f"{name} + rotations"] = {"color": colour, "linestyle": "--", "marker": "x"}
+    return styles
+
+
 def _only(targets: list[str], scheme: QuantizationScheme) -> QuantizationScheme:
     exact = [f"re:^{re.escape(name)}$" for name in targets]
     return scheme.model_copy(update={"targets": exact})
@@ -178,24 +188,29 @@ def diagnose_model(
         "summary": variants,
         "layer_summary": layers,
     }
-    files = write_results(out_dir, payload, markdown, rows)
+    files = write_results(out_dir, payload, markdown, rows, variant_styles(schemes))
     if layer_rows:
-        per_layer = {}
-        for row in layer_rows:
-            per_layer.setdefault(row["name"].rsplit(".", 1)[-1], []).append(
-                row["frontier_flip_rate"]
-            )
-        whole = [e for e in variants if e["name"] == "W4A4"]
-        files["layer_sensitivity.png"] = plot_seed_bars(
-            per_layer,
-            out_dir / "layer_sensitivity.png",
-            xlabel="decoder layer quantized W4A4 (all others FP)",
-            ylabel="frontier flip rate",
-            title="Per-layer sensitivity",
-            reference={"whole model W4A4": whole[0]["frontier_flip_rate"][0]} if whole else None,
-        )
+        path = out_dir / "layer_sensitivity.png"
+        files[path.name] = plot_layer_sensitivity(layer_rows, rows, path)
     logger.info(f"diagnose: wrote {', '.join(files)} to {out_dir}")
     return {"rows": rows, "layer_rows": layer_rows, "markdown": markdown, "files": files}
+
+
+def plot_layer_sensitivity(layer_rows, rows, path: Path) -> Path:
+    """Bar per decoder layer (flip rate with only that layer W4A4, mean and range over seeds),
+    with the whole-model W4A4 rate as a reference line."""
+    per_layer: dict[str, list[float]] = {}
+    for row in layer_rows:
+        per_layer.setdefault(row["name"].rsplit(".", 1)[-1], []).append(row["frontier_flip_rate"])
+    whole = [r["frontier_flip_rate"] for r in rows if r["name"] == "W4A4"]
+    return plot_seed_bars(
+        per_layer,
+        path,
+        xlabel="decoder layer quantized W4A4 (all others FP)",
+        ylabel="frontier flip rate",
+        title="Per-layer sensitivity",
+        reference={"whole model W4A4": sum(whole) / len(whole)} if whole else None,
+    )
 
 
 def _teacher_ppl(rollouts) -> str:
