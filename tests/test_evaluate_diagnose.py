@@ -23,6 +23,16 @@ SMALL = ["--seeds", "0", "1", "--eval-prompts", "3", "--gen-length", "8", "--elb
 SMALL += ["--device", "cpu"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run many small ops; on a shared 2-core machine two intra-op threads spin
+    against each other and run 10-40x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _cli(argv):
     """What cli.py does with the two registration functions."""
     parser = argparse.ArgumentParser(prog="fair-calib-llmc")

@@ -35,6 +35,16 @@ GEN_TOKENS = 8  # the generation task's max_gen_toks
 MC_SAMPLES = 64  # every continuation of <= 6 tokens is then scored exactly
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run many small ops; on a shared 2-core machine two intra-op threads spin
+    against each other and run 10-40x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tokenizer, tmp_path_factory):
     """{(family, 'fp' | 'w4a4'): checkpoint dir} for tiny models of both families."""

@@ -27,6 +27,16 @@ from fair_calib_llmc.reload import (
 IGNORE = [r"re:^model\.transformer\.ff_out$"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run many small ops; on a shared 2-core machine two intra-op threads spin
+    against each other and run 10-40x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _rtn(scheme: str, dtype: torch.dtype):
     """RTN through the real oneshot; NVFP4's static activation global scale needs data."""
     model, tokenizer = load_default_model(dtype=dtype)
