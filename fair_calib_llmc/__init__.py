@@ -4,7 +4,8 @@ Importing the package registers, with no further call:
 * the native LLaDA / Dream model classes with transformers' Auto classes;
 * ``FAIRCalibModifier`` with llm-compressor's ``ModifierFactory`` (so recipes can name it);
 * the W4A4 schemes with compressed-tensors' presets;
-* LLaDA / Dream layer mappings with ``SpinQuantModifier``.
+* LLaDA / Dream layer mappings with ``SpinQuantModifier``;
+* the ``dllm`` model with lm-evaluation-harness, when it is installed (``[eval]`` extra).
 """
 
 from fair_calib_llmc import evaluation, rotations, schemes  # noqa: F401  (registration on import)

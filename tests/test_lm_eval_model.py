@@ -290,3 +290,31 @@ def test_shell_entry_point_runs_lm_eval_cli(checkpoints, in_repo, tmp_path, caps
     )
     assert "tiny_dllm_choice" in capsys.readouterr().out
     assert list((tmp_path / "out").rglob("results_*.json"))
+
+
+def test_nvfp4_fp32_checkpoint_scores_like_the_model_that_was_saved(tokenizer, tmp_path):
+    """compressed-tensors decompresses FP4 to bf16; the harness loads it exactly anyway."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    from fair_calib_llmc.pipeline import save_atomically
+
+    model = _sharpen(LLaDAModelLM(llada_config(tokenizer)), seed=5)
+    fp_dir = save_with_tokenizer(model, tokenizer, tmp_path / "fp")
+    texts = ["def forward(self, x):\n    return self.proj(x)\n" * 3] * 4
+    model = oneshot(
+        model=AutoModel.from_pretrained(fp_dir, dtype=torch.float32),
+        processor=tokenizer,
+        dataset=Dataset.from_dict({"text": texts}),
+        max_seq_length=32,
+        recipe=QuantizationModifier(
+            scheme="NVFP4", targets=["Linear"], ignore=[r"re:^model\.transformer\.ff_out$"]
+        ),
+    )
+    context, continuation = [5, 9, 31, 7], [40, 41, 42]
+    expected = masked_diffusion_loglikelihood(model, context, continuation)
+    path = save_atomically(model, tokenizer, tmp_path / "nvfp4")
+    lm = _lm(path, dtype="float32", greedy_check=False)
+    assert lm.model.model.transformer.blocks[0].q_proj.weight.dtype == torch.float32
+    assert lm._loglikelihood_tokens([(("", ""), context, continuation)])[0][0] == expected

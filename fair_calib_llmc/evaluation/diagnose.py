@@ -50,7 +50,6 @@ from fair_calib_llmc.evaluation.decisions import (
     teacher_rollouts,
     write_results,
 )
-from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.plots import plot_seed_bars
 from fair_calib_llmc.schemes import check_scheme_name
 
@@ -142,7 +141,6 @@ def diagnose_model(
     start = time.monotonic()
     teacher, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
     dtype = teacher.get_input_embeddings().weight.dtype
-    diffusion_spec(teacher, tokenizer)
     rollouts = teacher_rollouts(teacher, tokenizer, texts, settings)
 
     rows = []

@@ -30,9 +30,9 @@ The three request types, as the LLaDA / Dream authors evaluate:
 * ``loglikelihood_rolling``: the same bound over lm-eval's disjoint rolling windows of
   ``max_length`` tokens, summed.
 
-``pretrained`` is a checkpoint directory (any format transformers loads for these classes:
-full precision or compressed-tensors, decompressed on load) or an in-memory model (then pass
-``tokenizer``).
+``pretrained`` is a checkpoint directory (full precision or compressed-tensors, loaded with
+:func:`fair_calib_llmc.reload.load_quantized`, which reproduces the saved model exactly in fp32
+and bf16) or an in-memory model (then pass ``tokenizer``).
 """
 
 from __future__ import annotations
@@ -53,10 +53,11 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoTokenizer
 
 from fair_calib_llmc.evaluation import LM_EVAL_MODEL_NAME
 from fair_calib_llmc.models.family import denoiser_logits, diffusion_spec
+from fair_calib_llmc.reload import load_quantized, restore_decompressed
 from fair_calib_llmc.sampling import LLaDASampler, sampler_for
 
 __all__ = ["DiffusionHarnessLM", "masked_diffusion_loglikelihood", "main"]
@@ -214,10 +215,11 @@ class DiffusionHarnessLM(TemplateLM):
             if tokenizer is None:
                 raise ValueError("pass tokenizer= together with an in-memory model")
             self.model = pretrained
+            restore_decompressed(self.model)  # e.g. a model that was just saved compressed
             if dtype not in (None, "auto"):
                 self.model = self.model.to(_dtype(dtype))
         else:
-            self.model = AutoModel.from_pretrained(pretrained, dtype=_dtype(dtype))
+            self.model = load_quantized(pretrained, dtype=_dtype(dtype))
         self.model = self.model.to(self._device).eval()
         if isinstance(tokenizer, str) or tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer or pretrained)
