@@ -1,4 +1,5 @@
-"""The ``fair-calib-llmc`` command: ``demo`` (the main job) and ``quantize``.
+"""The ``fair-calib-llmc`` command: ``demo`` (the main job), ``quantize``, ``evaluate`` and
+``diagnose``.
 
 This module sits outside the ``fair_calib_llmc`` package on purpose: importing the package
 registers the model classes with transformers and the modifier with llm-compressor (several
@@ -25,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="FAIR-Calib W4A4 quantization of diffusion LMs (LLaDA, Dream) with "
         "llm-compressor, saved as compressed-tensors checkpoints.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,quantize}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{demo,quantize,evaluate,diagnose}"
+    )
+    # listed here; their arguments are defined next to their code (see _EVALUATION)
+    sub.add_parser("evaluate", help="decision-level metrics of a checkpoint against its teacher")
+    sub.add_parser("diagnose", help="where W4A4 hurts a dLLM: weights, activations, layers")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--model",
@@ -87,8 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Subcommands whose parsers live in fair_calib_llmc.evaluation (built only when named).
+_EVALUATION = ("evaluate", "diagnose")
+
+
+def _evaluation_parser(command: str) -> argparse.ArgumentParser:
+    from fair_calib_llmc.evaluation import compare, diagnose
+
+    parser = argparse.ArgumentParser(prog="fair-calib-llmc")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub_parser = {"evaluate": compare, "diagnose": diagnose}[command].add_parser(sub)
+    sub_parser.add_argument("-v", "--verbose", action="store_true", help="library logs")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    evaluation = bool(argv) and argv[0] in _EVALUATION
+    parser = _evaluation_parser(argv[0]) if evaluation else build_parser()
+    args = parser.parse_args(argv)
     # llm-compressor warns once per run unless this is set; the CLI never tokenizes in workers
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # llm-compressor logs device warnings to stdout while it is imported; commands'
@@ -103,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         from fair_calib_llmc import commands
 
         commands.configure_logging(verbose=args.verbose)
-        run = {"demo": commands.run_demo, "quantize": commands.run_quantize}[args.command]
-        run(args)
+        if evaluation:
+            args.func(args)
+        else:
+            run = {"demo": commands.run_demo, "quantize": commands.run_quantize}[args.command]
+            run(args)
     except KeyboardInterrupt:
         print("fair-calib-llmc: interrupted", file=sys.stderr)
         return 130

@@ -6,10 +6,16 @@ Importing the package registers, with no further call:
 * the W4A4 schemes with compressed-tensors' presets;
 * LLaDA / Dream layer mappings with ``SpinQuantModifier``;
 * the transformers backport that re-attaches online transforms (rotations) when a
-  compressed-tensors checkpoint is loaded (:mod:`fair_calib_llmc.transform_loading`).
+  compressed-tensors checkpoint is loaded (:mod:`fair_calib_llmc.transform_loading`);
+* the ``dllm`` model with lm-evaluation-harness, when it is installed (``[eval]`` extra).
 """
 
-from fair_calib_llmc import rotations, schemes, transform_loading  # noqa: F401  (registration)
+from fair_calib_llmc import (  # noqa: F401  (registration on import)
+    evaluation,
+    rotations,
+    schemes,
+    transform_loading,
+)
 from fair_calib_llmc.calibration import Stage1Settings, build_calibration_dataset
 from fair_calib_llmc.checkpoint import save_atomically
 from fair_calib_llmc.data import load_texts

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from fair_calib_llmc.pipeline import check_recipe_shape
+from fair_calib_llmc.recipe import check_recipe_shape
 
 
 def apply_override(recipe: dict, override: str) -> None:

@@ -1,0 +1,252 @@
+"""Shared core of ``evaluate`` and ``diagnose``: teacher rollouts per seed, student metrics per
+seed, summaries over seeds, and the files written next to the results.
+
+A seed fixes which prompts are drawn from the user's texts and the sampler's noise; the teacher
+is rolled out once per seed and every student replays the same traces
+(:func:`fair_calib_llmc.metrics.compare_decisions`), so students differ only by their weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from fair_calib_llmc.calibration import prompts_from_texts
+from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity
+from fair_calib_llmc.models.family import diffusion_spec
+from fair_calib_llmc.plots import plot_seed_curves
+from fair_calib_llmc.reload import load_quantized
+from fair_calib_llmc.sampling import sampler_for, teacher_traces
+
+__all__ = [
+    "DecisionSettings",
+    "SeedRollouts",
+    "METRICS",
+    "load_checkpoint",
+    "check_pair",
+    "teacher_rollouts",
+    "student_rows",
+    "summarise",
+    "markdown_table",
+    "write_results",
+    "plot_rows",
+]
+
+#: Per-row scalar metrics, in table order.
+METRICS = (
+    "frontier_flip_rate",
+    "post_commit_mismatch",
+    "first_divergence",
+    "kl_frontier",
+    "kl_non_frontier",
+    "elbo_ppl",
+)
+
+
+@dataclass
+class DecisionSettings:
+    """How many prompts, how long, which seeds; the sampler is the family's own."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_prompts: int = 16
+    prompt_length: int = 32
+    gen_length: int = 32
+    steps: int | None = None  # default: gen_length (one token per step)
+    block_length: int | None = None  # LLaDA only; default: gen_length
+    heldout_texts: int = 16  # 0: no ELBO perplexity
+    heldout_length: int = 128
+    elbo_samples: int = 8
+
+    def sampler(self, spec):
+        settings = {"steps": self.gen_length, "gen_length": self.gen_length}
+        if spec.family == "llada":
+            settings["block_length"] = self.gen_length
+        if self.steps is not None:
+            settings["steps"] = self.steps
+        if self.block_length is not None:
+            if spec.family != "llada":
+                raise ValueError("--block-length is a LLaDA sampler setting; Dream has no blocks")
+            settings["block_length"] = self.block_length
+        return sampler_for(spec, **settings)
+
+
+@dataclass
+class SeedRollouts:
+    seed: int
+    prompts: list[torch.Tensor]
+    traces: list
+    heldout: list[torch.Tensor]
+    teacher_elbo_ppl: float
+
+
+def load_checkpoint(path: str | os.PathLike, *, dtype="auto", device=None):
+    """(model, tokenizer) of a LLaDA / Dream checkpoint dir, FP or compressed, exactly as
+    saved (:func:`fair_calib_llmc.reload.load_quantized`); fails early on anything else."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+    model = load_quantized(path, dtype=dtype, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    diffusion_spec(model, tokenizer)  # not a dLLM / no mask token: a clear error, now
+    return model, tokenizer
+
+
+def check_pair(teacher: nn.Module, student: nn.Module) -> None:
+    """Teacher and student must share family, vocabulary and mask token."""
+    t, s = diffusion_spec(teacher), diffusion_spec(student)
+    t_vocab = teacher.get_input_embeddings().num_embeddings
+    s_vocab = student.get_input_embeddings().num_embeddings
+    if (t.family, t.mask_token_id, t_vocab) != (s.family, s.mask_token_id, s_vocab):
+        raise ValueError(
+            f"teacher ({t.family}, mask {t.mask_token_id}, vocab {t_vocab}) and student "
+            f"({s.family}, mask {s.mask_token_id}, vocab {s_vocab}) are not the same model; "
+            "pass the full-precision checkpoint the student was quantized from"
+        )
+
+
+def teacher_rollouts(
+    teacher: nn.Module, tokenizer, texts: Sequence[str], settings: DecisionSettings
+) -> list[SeedRollouts]:
+    """Per seed: draw prompts and held-out texts, roll the teacher out, score its ELBO."""
+    sampler = settings.sampler(diffusion_spec(teacher, tokenizer))
+    rollouts = []
+    for seed in settings.seeds:
+        shuffled = random.Random(seed).sample(list(texts), len(texts))
+        prompts = prompts_from_texts(
+            shuffled, tokenizer, settings.prompt_length, settings.eval_prompts
+        )
+        heldout = [
+            torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"])[
+                : settings.heldout_length
+            ]
+            for t in shuffled[: settings.heldout_texts]
+        ]
+        heldout = [h for h in heldout if h.numel() > 1]
+        rollouts.append(
+            SeedRollouts(
+                seed=seed,
+                prompts=prompts,
+                traces=teacher_traces(teacher, sampler, prompts, seed=seed),
+                heldout=heldout,
+                teacher_elbo_ppl=_elbo(teacher, heldout, settings, seed),
+            )
+        )
+    return rollouts
+
+
+def student_rows(
+    name: str,
+    teacher: nn.Module,
+    student: nn.Module,
+    rollouts: Sequence[SeedRollouts],
+    settings: DecisionSettings,
+    *,
+    elbo: bool = True,
+    **labels,
+) -> list[dict]:
+    """One result row per seed for ``student`` (``labels`` are copied into every row)."""
+    sampler = settings.sampler(diffusion_spec(teacher))
+    rows = []
+    for r in rollouts:
+        report = compare_decisions(
+            teacher, student, sampler, r.prompts, seed=r.seed, traces=r.traces
+        )
+        row = {"name": name, **labels, "seed": r.seed, **report.as_row()}
+        if elbo:
+            row["elbo_ppl"] = _elbo(student, r.heldout, settings, r.seed)
+        row["flips_per_step"] = report.flips_per_step
+        row["flips_per_position"] = report.flips_per_position
+        rows.append(row)
+    return rows
+
+
+def _elbo(model, heldout, settings: DecisionSettings, seed: int) -> float | None:
+    if not heldout:
+        return None
+    return elbo_perplexity(model, heldout, mc_samples=settings.elbo_samples, seed=seed)
+
+
+def summarise(rows: Sequence[dict], key: str = "name") -> list[dict]:
+    """Mean and half-range over seeds of every metric, per ``key`` value, in input order."""
+    summary = []
+    for value in dict.fromkeys(r[key] for r in rows):
+        group = [r for r in rows if r[key] == value]
+        entry = {key: value, "seeds": len(group)}
+        for metric in METRICS:
+            values = [r[metric] for r in group if r.get(metric) is not None]
+            if values:
+                mean = sum(values) / len(values)
+                entry[metric] = (mean, (max(values) - min(values)) / 2)
+        summary.append(entry)
+    return summary
+
+
+def markdown_table(summary: Sequence[dict], key: str = "name", metrics=METRICS) -> str:
+    """``| key | metric ... |`` with ``mean ± half-range`` cells (``-`` where missing)."""
+    lines = ["| " + " | ".join((key, *metrics)) + " |", "|" + "---|" * (len(metrics) + 1)]
+    for entry in summary:
+        cells = [str(entry[key])]
+        for metric in metrics:
+            if metric not in entry:
+                cells.append("-")
+                continue
+            mean, spread = entry[metric]
+            cells.append(f"{mean:.4g}" + (f" ± {spread:.2g}" if entry["seeds"] > 1 else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(
+    out_dir: Path,
+    payload: dict,
+    markdown: str,
+    rows: Sequence[dict],
+    styles: dict[str, dict] | None = None,
+) -> dict:
+    """``results.json``, ``results.md`` and the curves of :func:`plot_rows`; returns the
+    paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=_jsonable))
+    (out_dir / "results.md").write_text(markdown + "\n")
+    paths = {"results.json": out_dir / "results.json", "results.md": out_dir / "results.md"}
+    return {**paths, **plot_rows(out_dir, rows, styles)}
+
+
+def plot_rows(out_dir: Path, rows: Sequence[dict], styles=None) -> dict:
+    """``flips_per_step.png`` and ``flips_per_position.png``: one curve per row name,
+    averaged over that name's seeds (rows as in ``results.json``)."""
+    paths = {}
+    axes = (("flips_per_step", "sampler step"), ("flips_per_position", "answer position"))
+    for series, xlabel in axes:
+        curves: dict[str, list] = {}
+        for row in rows:
+            if row.get(series):
+                curves.setdefault(row["name"], []).append(row[series])
+        if curves:
+            paths[f"{series}.png"] = plot_seed_curves(
+                curves,
+                out_dir / f"{series}.png",
+                xlabel=xlabel,
+                ylabel="frontier flip rate",
+                title=f"Frontier flips vs. the FP teacher per {xlabel.split()[-1]}",
+                styles=styles,
+            )
+    return paths
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    raise TypeError(f"cannot write {type(value).__name__} to results.json")

@@ -1,0 +1,250 @@
+"""``fair-calib-llmc diagnose --model DIR``: where 4-bit quantization hurts this dLLM, before
+a method is picked.
+
+Round-to-nearest, data-free variants of the full-precision model (in memory, nothing saved):
+weights only (W4A16), input activations only (W16A4: int4 dynamic per-token), both (W4A4),
+each without and with rotations (SpinQuant R1 + R2 fused, R4 online, random Hadamard), plus a
+per-layer scan that quantizes one decoder layer at a time W4A4. Each variant replays the FP
+teacher's rollouts (frontier flip rate, mismatch, KL) over several seeds. RTN with no
+calibration data measures the format's sensitivity, not a calibration method's.
+
+Written to ``--out`` (default ``outputs/diagnose-<model dir name>``): ``results.json``,
+``results.md`` (variants table + per-layer table), ``flips_per_step.png`` and
+``flips_per_position.png`` (one curve per variant, averaged over seeds) and
+``layer_sensitivity.png`` (flip rate with one layer W4A4, mean and range over seeds).
+
+Library use: :func:`diagnose_model`. CLI wiring: :func:`add_parser` and :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+from llmcompressor.modifiers.transform import SpinQuantModifier
+from loguru import logger
+from torch import nn
+from tqdm.auto import tqdm
+
+from fair_calib_llmc.corpus import shipped_texts
+from fair_calib_llmc.data import load_texts
+from fair_calib_llmc.evaluation.compare import (
+    add_settings_arguments,
+    dtype_from_args,
+    settings_from_args,
+)
+from fair_calib_llmc.evaluation.decisions import (
+    DecisionSettings,
+    load_checkpoint,
+    markdown_table,
+    student_rows,
+    summarise,
+    teacher_rollouts,
+    write_results,
+)
+from fair_calib_llmc.plots import plot_seed_bars
+from fair_calib_llmc.schemes import check_scheme_name
+
+__all__ = ["diagnose_model", "variant_schemes", "decoder_layers", "add_parser", "run"]
+
+#: Modules never quantized: the LM heads of both families (as in the shipped recipes).
+LM_HEADS = ["lm_head", r"re:^model\.transformer\.ff_out$"]
+ROTATIONS = dict(rotations=["R1", "R2", "R4"], transform_type="random-hadamard")
+
+
+def variant_schemes(scheme: str = "W4A4_G128_PACKED") -> dict[str, QuantizationScheme]:
+    """W4A16 / W16A4 / W4A4 from one W4A4 preset: its weights, its input activations, both."""
+    preset = PRESET_SCHEMES[check_scheme_name(scheme)]
+    weights = QuantizationArgs.model_validate(preset["weights"])
+    activations = QuantizationArgs.model_validate(preset["input_activations"])
+    if activations.dynamic is not True:
+        raise ValueError(
+            f"diagnose quantizes without calibration data, but {scheme}'s activations need "
+            "calibrated (static or global) scales; pick a dynamic-activation scheme such as "
+            "W4A4_G128_PACKED or W4A4_CHANNEL_PACKED"
+        )
+    linear = ["Linear"]
+    return {
+        "W4A16": QuantizationScheme(targets=linear, weights=weights),
+        "W16A4": QuantizationScheme(targets=linear, input_activations=activations),
+        "W4A4": QuantizationScheme(targets=linear, weights=weights, input_activations=activations),
+    }
+
+
+def decoder_layers(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """``[(layer name, [its Linear module names])]`` of the decoder stack (the first
+    ``ModuleList`` whose children hold Linear layers: LLaDA's ``blocks``, Dream's ``layers``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            layers = []
+            for index, layer in enumerate(module):
+                linears = [
+                    f"{name}.{index}.{sub}"
+                    for sub, child in layer.named_modules()
+                    if isinstance(child, nn.Linear)
+                ]
+                layers.append((f"{name}.{index}", linears))
+            if all(linears for _, linears in layers):
+                return layers
+    raise ValueError(f"{type(model).__name__} has no ModuleList of decoder layers with Linears")
+
+
+def _quantized(model_dir, dtype, device, scheme: QuantizationScheme, rotate: bool) -> nn.Module:
+    """A fresh copy of the FP model, RTN-quantized in memory (data-free ``oneshot``)."""
+    model, _ = load_checkpoint(model_dir, dtype=dtype, device=device)
+    recipe = [SpinQuantModifier(**ROTATIONS)] if rotate else []
+    recipe.append(QuantizationModifier(config_groups={"group_0": scheme}, ignore=LM_HEADS))
+    return oneshot(model=model, recipe=recipe)
+
+
+def variant_styles(names) -> dict[str, dict]:
+    """One colour per precision, dashed when rotated: the plots read as three pairs."""
+    colours = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
+    styles = {}
+    for name, colour in zip(names, colours, strict=False):
+        styles[name] = {"color": colour}
+        styles[f"{name} + rotations"] = {"color": colour, "linestyle": "--", "marker": "x"}
+    return styles
+
+
+def _only(targets: list[str], scheme: QuantizationScheme) -> QuantizationScheme:
+    exact = [f"re:^{re.escape(name)}$" for name in targets]
+    return scheme.model_copy(update={"targets": exact})
+
+
+def diagnose_model(
+    model_dir: str | os.PathLike,
+    texts: list[str] | None = None,
+    settings: DecisionSettings = DecisionSettings(),
+    *,
+    scheme: str = "W4A4_G128_PACKED",
+    rotations: bool = True,
+    layer_scan: bool = True,
+    out_dir: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
+) -> dict:
+    """Run the variants and the per-layer scan; write and return the results."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_dir = Path(model_dir)
+    out_dir = Path(out_dir or Path("outputs") / f"diagnose-{model_dir.name}")
+    texts = texts if texts is not None else shipped_texts("heldout")
+    schemes = variant_schemes(scheme)  # an unknown scheme fails here, before any work
+    start = time.monotonic()
+    teacher, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
+    dtype = teacher.get_input_embeddings().weight.dtype
+    rollouts = teacher_rollouts(teacher, tokenizer, texts, settings)
+
+    rows = []
+    plan = [(name, False) for name in schemes]
+    plan += [(name, True) for name in schemes] if rotations else []
+    for name, rotate in tqdm(plan, desc="diagnose variants"):
+        label = f"{name} + rotations" if rotate else name
+        student = _quantized(model_dir, dtype, device, schemes[name], rotate)
+        rows += student_rows(
+            label, teacher, student, rollouts, settings, precision=name, rotations=rotate
+        )
+        del student
+
+    layer_rows = []
+    if layer_scan:
+        for layer, linears in tqdm(decoder_layers(teacher), desc="per-layer W4A4 scan"):
+            student = _quantized(model_dir, dtype, device, _only(linears, schemes["W4A4"]), False)
+            layer_rows += student_rows(layer, teacher, student, rollouts, settings, elbo=False)
+            del student
+
+    variants = summarise(rows)
+    layers = summarise(layer_rows)
+    table = markdown_table(variants, key="name")
+    layer_metrics = ("frontier_flip_rate", "post_commit_mismatch", "kl_frontier")
+    layer_table = markdown_table(layers, key="name", metrics=layer_metrics) if layers else ""
+    markdown = (
+        f"## Variants (RTN, data-free; {scheme})\n\n{table}\n\n"
+        + (f"## One decoder layer W4A4 at a time\n\n{layer_table}\n\n" if layer_table else "")
+        + f"model `{model_dir}`; seeds {list(settings.seeds)}, "
+        f"{len(rollouts[0].prompts)} prompts x {settings.gen_length} tokens per seed; "
+        + _teacher_ppl(rollouts)
+        + f"{dtype}, {device}; {time.monotonic() - start:.0f} s"
+    )
+    payload = {
+        "model": str(model_dir),
+        "scheme": scheme,
+        "rotations": ROTATIONS if rotations else None,
+        "settings": settings,
+        "dtype": dtype,
+        "teacher_elbo_ppl": [r.teacher_elbo_ppl for r in rollouts],
+        "rows": rows,
+        "layer_rows": layer_rows,
+        "summary": variants,
+        "layer_summary": layers,
+    }
+    files = write_results(out_dir, payload, markdown, rows, variant_styles(schemes))
+    if layer_rows:
+        path = out_dir / "layer_sensitivity.png"
+        files[path.name] = plot_layer_sensitivity(layer_rows, rows, path)
+    logger.info(f"diagnose: wrote {', '.join(files)} to {out_dir}")
+    return {"rows": rows, "layer_rows": layer_rows, "markdown": markdown, "files": files}
+
+
+def plot_layer_sensitivity(layer_rows, rows, path: Path) -> Path:
+    """Bar per decoder layer (flip rate with only that layer W4A4, mean and range over seeds),
+    with the whole-model W4A4 rate as a reference line."""
+    per_layer: dict[str, list[float]] = {}
+    for row in layer_rows:
+        per_layer.setdefault(row["name"].rsplit(".", 1)[-1], []).append(row["frontier_flip_rate"])
+    whole = [r["frontier_flip_rate"] for r in rows if r["name"] == "W4A4"]
+    return plot_seed_bars(
+        per_layer,
+        path,
+        xlabel="decoder layer quantized W4A4 (all others FP)",
+        ylabel="frontier flip rate",
+        title="Per-layer sensitivity",
+        reference={"whole model W4A4": sum(whole) / len(whole)} if whole else None,
+    )
+
+
+def _teacher_ppl(rollouts) -> str:
+    values = [r.teacher_elbo_ppl for r in rollouts if r.teacher_elbo_ppl is not None]
+    return f"teacher ELBO ppl {sum(values) / len(values):.4g}; " if values else ""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``diagnose`` on an argparse ``subparsers`` object (``set_defaults(func=run)``)."""
+    parser = subparsers.add_parser(
+        "diagnose",
+        help="where W4A4 hurts a dLLM: weights vs activations, rotations, layer by layer",
+        description=__doc__.split("\n\n")[1],
+    )
+    parser.add_argument("--model", required=True, help="full-precision checkpoint dir")
+    parser.add_argument("--scheme", default="W4A4_G128_PACKED", help="W4A4 scheme to split")
+    parser.add_argument("--no-rotations", action="store_true", help="skip the rotated variants")
+    parser.add_argument("--no-layer-scan", action="store_true", help="skip the per-layer scan")
+    add_settings_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    texts = load_texts(args.dataset) if args.dataset else None
+    result = diagnose_model(
+        args.model,
+        texts,
+        settings_from_args(args),
+        scheme=args.scheme,
+        rotations=not args.no_rotations,
+        layer_scan=not args.no_layer_scan,
+        out_dir=args.out,
+        dtype=dtype_from_args(args),
+        device=args.device,
+    )
+    print(result["markdown"])
+    print("wrote " + ", ".join(str(p) for p in result["files"].values()))
+    return result

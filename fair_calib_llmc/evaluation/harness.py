@@ -1,0 +1,439 @@
+"""lm-evaluation-harness model ``dllm``: any LLaDA / Dream checkpoint, FP or compressed.
+
+Usage (shell; lm-eval 0.4.x has no plugin discovery, so this module's ``main`` registers the
+model and then runs lm-eval's own command line, arguments unchanged)::
+
+    python -m fair_calib_llmc.evaluation.harness --model dllm \\
+        --model_args pretrained=DIR,dtype=bfloat16,steps=64,gen_length=64 --tasks gsm8k
+
+or ``lm-eval-dllm ...`` (the same, installed as a script), or from Python after
+``import fair_calib_llmc``::
+
+    lm_eval.simple_evaluate(model="dllm", model_args={"pretrained": DIR}, tasks=[...])
+
+The three request types, as the LLaDA / Dream authors evaluate:
+
+* ``generate_until``: the family's own sampler (:mod:`fair_calib_llmc.sampling`; LLaDA:
+  ``steps``, ``block_length``, ``remasking``; Dream: ``steps``, ``alg``, ``alg_temp``,
+  ``top_p``, ``top_k``; both: ``temperature``) writes ``gen_length`` tokens (default: the
+  task's ``max_gen_toks``); the answer is cut at the first end-of-text token and then at the
+  first stop string. Prompts of equal token length are batched (``batch_size`` rows), so
+  greedy answers do not depend on the batch size.
+* ``loglikelihood``: LLaDA's masked-diffusion bound on ``log p(continuation | context)``:
+  only continuation tokens are masked; the number masked, ``l``, is stratified over
+  ``1..T`` and each sample scores ``(T / l) * sum log p(x_i | masked)`` (``mc_samples``
+  samples, ``batch_size`` per forward pass, seeded per request so a score never depends on
+  batch size or request order). When all ``2**T - 1`` masks fit in ``mc_samples``, the
+  expectation is computed exactly instead (short answers such as " A" or " yes").
+  ``is_greedy`` is LLaDA's check: unmask the continuation one token per step, most confident
+  first, greedily, and compare with the target.
+* ``loglikelihood_rolling``: the same bound over lm-eval's disjoint rolling windows of
+  ``max_length`` tokens, summed.
+
+``pretrained`` is a checkpoint directory (full precision or compressed-tensors, loaded with
+:func:`fair_calib_llmc.reload.load_quantized`, which reproduces the saved model exactly in fp32
+and bf16) or an in-memory model (then pass ``tokenizer``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from fair_calib_llmc.evaluation import LM_EVAL_MODEL_NAME
+from fair_calib_llmc.models.family import denoiser_logits, diffusion_spec
+from fair_calib_llmc.reload import load_quantized, restore_decompressed
+from fair_calib_llmc.sampling import LLaDASampler, sampler_for
+
+__all__ = ["DiffusionHarnessLM", "masked_diffusion_loglikelihood", "main"]
+
+_SAMPLER_KEYS = {
+    "llada": ("steps", "block_length", "remasking", "temperature"),
+    "dream": ("steps", "alg", "alg_temp", "top_p", "top_k", "temperature", "eps"),
+}
+
+
+def _dtype(value) -> torch.dtype | str:
+    if value is None or value == "auto" or isinstance(value, torch.dtype):
+        return value or "auto"
+    dtype = getattr(torch, str(value), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {value!r}; use auto, float32, bfloat16 or float16")
+    return dtype
+
+
+def _request_seed(seed: int, tokens: Iterable[int]) -> int:
+    """A seed per (run seed, token sequence): a score does not depend on request order."""
+    digest = hashlib.sha256(f"{seed}:{list(tokens)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def masked_diffusion_loglikelihood(
+    model: nn.Module,
+    context: list[int],
+    continuation: list[int],
+    *,
+    mask_token_id: int | None = None,
+    mc_samples: int = 128,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> float:
+    """LLaDA's estimate of ``log p(continuation | context)`` (see the module docstring).
+
+    Exact (all ``2**T - 1`` masks, weighted ``1 / (l * C(T, l))``) when they number at most
+    ``mc_samples``; otherwise ``mc_samples`` Monte-Carlo draws with ``l`` stratified as in
+    LLaDA's ``eval_llada.py``.
+    """
+    spec = diffusion_spec(model)
+    mask_id = spec.mask_token_id if mask_token_id is None else mask_token_id
+    n_target = len(continuation)
+    if n_target == 0:
+        raise ValueError("the continuation is empty; nothing to score")
+    device = next(model.parameters()).device
+    sequence = torch.tensor(list(context) + list(continuation), dtype=torch.long)
+    masks, weights = _continuation_masks(n_target, mc_samples, seed, (*context, *continuation))
+
+    total = 0.0
+    for start in range(0, masks.shape[0], batch_size):
+        is_mask = masks[start : start + batch_size]
+        rows = sequence.repeat(is_mask.shape[0], 1)
+        rows[:, len(context) :][is_mask] = mask_id
+        logits = denoiser_logits(model, rows.to(device), spec)[:, len(context) :]
+        target = sequence[len(context) :].to(device)
+        log_p = logits.log_softmax(-1).gather(-1, target.expand(rows.shape[0], -1).unsqueeze(-1))
+        per_row = (log_p.squeeze(-1) * is_mask.to(device)).sum(-1).double().cpu()
+        total += float((per_row * weights[start : start + batch_size]).sum())
+    return total
+
+
+def _continuation_masks(
+    n_target: int, mc_samples: int, seed: int, tokens
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks ``(R, T)`` over the continuation and the weight of each row's score."""
+    if 2**n_target - 1 <= mc_samples:
+        rows, weights = [], []
+        for n_masked in range(1, n_target + 1):
+            subsets = list(itertools.combinations(range(n_target), n_masked))
+            for subset in subsets:
+                row = torch.zeros(n_target, dtype=torch.bool)
+                row[list(subset)] = True
+                rows.append(row)
+                weights.append(1.0 / (n_masked * len(subsets)))
+        return torch.stack(rows), torch.tensor(weights, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(_request_seed(seed, tokens))
+    # LLaDA's stratification: l_i = k + i * T / n (mod T, in 1..T) for one random k
+    k = int(torch.randint(1, n_target + 1, (), generator=generator))
+    counts = torch.linspace(k, k + (mc_samples - 1) * n_target / mc_samples, mc_samples)
+    counts = (counts.round().long() - 1) % n_target + 1
+    ranks = torch.rand(mc_samples, n_target, generator=generator).argsort(-1).argsort(-1)
+    masks = ranks < counts.unsqueeze(-1)  # a uniform random subset of l_i positions
+    return masks, (n_target / counts.double()) / mc_samples
+
+
+@register_model(LM_EVAL_MODEL_NAME)
+class DiffusionHarnessLM(TemplateLM):
+    """lm-eval model for masked-diffusion LMs (LLaDA, Dream); see the module docstring.
+
+    :param pretrained: checkpoint directory, or an in-memory LLaDA / Dream model
+    :param tokenizer: tokenizer directory or object (default: ``pretrained``)
+    :param dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``
+    :param device: ``cuda``, ``cuda:N``, ``cpu`` (default: cuda when available)
+    :param batch_size: sequences per forward pass (prompts for generation, masked copies
+        for likelihoods)
+    :param max_length: context window (default: the config's ``max_position_embeddings``)
+    :param gen_length: answer tokens written by the sampler (default: the task's
+        ``max_gen_toks``)
+    :param steps: sampler steps (default: ``gen_length``, one token per step)
+    :param block_length: LLaDA's semi-autoregressive block (default: ``gen_length``)
+    :param remasking: LLaDA's ``low_confidence`` or ``random``
+    :param alg: Dream's ``origin``, ``maskgit_plus``, ``topk_margin`` or ``entropy``
+    :param temperature: 0 = greedy; a task's ``do_sample: true`` + ``temperature`` overrides
+    :param mc_samples: Monte-Carlo samples per likelihood (LLaDA's ``mc_num``, 128)
+    :param greedy_check: compute ``is_greedy`` (costs one forward pass per continuation token)
+    :param seed: seeds likelihood masks and sampler noise
+    :param mask_token_id: override the config's mask token (e.g. 126336 for LLaDA-8B)
+    :param add_bos_token: passed to the tokenizer as ``add_special_tokens`` (default: the
+        tokenizer's own behaviour)
+    """
+
+    backend = "causal"  # context and continuation are tokenized together, then split
+
+    def __init__(
+        self,
+        pretrained: str | nn.Module,
+        tokenizer=None,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | None = None,
+        batch_size: int | str | None = 1,
+        max_batch_size: int | None = None,
+        max_length: int | None = None,
+        gen_length: int | None = None,
+        steps: int | None = None,
+        block_length: int | None = None,
+        remasking: str | None = None,
+        alg: str | None = None,
+        alg_temp: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        eps: float | None = None,
+        temperature: float = 0.0,
+        mc_samples: int = 128,
+        greedy_check: bool = True,
+        seed: int = 1234,
+        mask_token_id: int | None = None,
+        add_bos_token: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(batch_size, str) and not batch_size.isdigit():
+            raise ValueError(
+                f"batch_size={batch_size!r} is not supported by the dllm model; pass an "
+                "integer (sequences per forward pass)"
+            )
+        self._batch_size = int(batch_size or 1)
+        if self._batch_size < 1 or int(mc_samples) < 1:
+            raise ValueError("batch_size and mc_samples must be positive integers")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._device = torch.device(device)
+
+        if isinstance(pretrained, nn.Module):
+            if tokenizer is None:
+                raise ValueError("pass tokenizer= together with an in-memory model")
+            self.model = pretrained
+            restore_decompressed(self.model)  # e.g. a model that was just saved compressed
+            if dtype not in (None, "auto"):
+                self.model = self.model.to(_dtype(dtype))
+        else:
+            self.model = load_quantized(pretrained, dtype=_dtype(dtype))
+        self.model = self.model.to(self._device).eval()
+        if isinstance(tokenizer, str) or tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer or pretrained)
+        self.tokenizer = tokenizer
+        if mask_token_id is not None:
+            self.model.config.mask_token_id = int(mask_token_id)
+        self.spec = diffusion_spec(self.model, tokenizer)  # a causal LM fails here, clearly
+        self._max_length = int(max_length or self.model.config.max_position_embeddings)
+        self.gen_length = gen_length
+        self.temperature = float(temperature)
+        self.mc_samples = int(mc_samples)
+        self.greedy_check = bool(greedy_check)
+        self.seed = int(seed)
+        self.add_bos_token = add_bos_token
+        given = dict(
+            steps=steps,
+            block_length=block_length,
+            remasking=remasking,
+            alg=alg,
+            alg_temp=alg_temp,
+            top_p=top_p,
+            top_k=top_k,
+            eps=eps,
+        )
+        given = {k: v for k, v in given.items() if v is not None}
+        wrong = sorted(set(given) - set(_SAMPLER_KEYS[self.spec.family]))
+        if wrong:
+            raise ValueError(
+                f"{wrong} are not {self.spec.family} sampler settings; "
+                f"{self.spec.family} takes {list(_SAMPLER_KEYS[self.spec.family])}"
+            )
+        self.sampler_settings = given
+        if gen_length is not None:
+            self._sampler(int(gen_length), self.temperature)  # bad settings fail before work
+
+    # --- what TemplateLM needs ----------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        return eos if eos is not None else self.model.config.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs):
+        special = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        if special is None:
+            return self.tokenizer.encode(string)
+        return self.tokenizer.encode(string, add_special_tokens=special)
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    # --- likelihoods --------------------------------------------------------------------------
+    def _score(self, context: list[int], continuation: list[int]) -> float:
+        if len(continuation) > self.max_length - 1:
+            raise ValueError(
+                f"a continuation of {len(continuation)} tokens does not fit max_length="
+                f"{self.max_length}; raise max_length or shorten the task's targets"
+            )
+        context = context[-(self.max_length - len(continuation)) :]
+        return masked_diffusion_loglikelihood(
+            self.model,
+            context,
+            continuation,
+            mask_token_id=self.spec.mask_token_id,
+            mc_samples=self.mc_samples,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+
+    def _is_greedy(self, context: list[int], continuation: list[int]) -> bool:
+        """LLaDA's check: one token per step, most confident first, greedy, equals target?"""
+        n = len(continuation)
+        sampler = LLaDASampler(steps=n, gen_length=n, block_length=n)
+        prompt = torch.tensor(context[-(self.max_length - n) :], dtype=torch.long).unsqueeze(0)
+        trace = sampler.generate(self.model, prompt, tokenizer=self.tokenizer)
+        return trace.generated[0].tolist() == list(continuation)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        results = []
+        for text_pair, context, continuation in tqdm(
+            requests, desc="dllm loglikelihood", disable=disable_tqdm or self.rank != 0
+        ):
+            log_p = self._score(context, continuation)
+            greedy = self.greedy_check and self._is_greedy(context, continuation)
+            results.append((log_p, greedy))
+            self.cache_hook.add_partial("loglikelihood", text_pair, (log_p, greedy))
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        results = []
+        for request in tqdm(
+            requests, desc="dllm loglikelihood_rolling", disable=disable_tqdm or self.rank != 0
+        ):
+            (text,) = request.args
+            windows = map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length - 1,  # all window tokens are model inputs
+                    context_len=1,
+                ),
+            )
+            total = sum(self._score(ctx, cont) for ctx, cont in windows)
+            results.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+        return results
+
+    # --- generation ---------------------------------------------------------------------------
+    def _sampler(self, gen_length: int, temperature: float):
+        settings = {"gen_length": gen_length, "temperature": temperature}
+        settings.setdefault("steps", gen_length)
+        if self.spec.family == "llada":
+            settings["block_length"] = gen_length
+        settings.update(self.sampler_settings)
+        try:
+            return sampler_for(self.spec, **settings)
+        except ValueError as error:  # pydantic's ValidationError is a ValueError
+            raise ValueError(f"dllm sampler settings {settings} are invalid: {error}") from None
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        prepared = []
+        for index, request in enumerate(requests):
+            context, gen_kwargs = request.args
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.gen_length or 256)
+            gen_length = int(self.gen_length or kwargs["max_gen_toks"])
+            do_sample = kwargs.get("do_sample") and kwargs.get("temperature", 0) > 0
+            temperature = float(kwargs["temperature"]) if do_sample else self.temperature
+            until = handle_stop_sequences(kwargs.get("until"), eos=eos_text)
+            if gen_length >= self.max_length:
+                raise ValueError(
+                    f"gen_length={gen_length} leaves no room for a prompt in max_length="
+                    f"{self.max_length}; lower gen_length / the task's max_gen_toks"
+                )
+            prompt = self.tok_encode(context)[-(self.max_length - gen_length) :]
+            prepared.append((prompt, until, gen_kwargs))
+            groups[(len(prompt), gen_length, temperature)].append(index)
+
+        answers: list[str | None] = [None] * len(requests)
+        bar = tqdm(
+            total=len(requests),
+            desc="dllm generate_until",
+            disable=disable_tqdm or self.rank != 0,
+        )
+        for (_, gen_length, temperature), indices in groups.items():
+            sampler = self._sampler(gen_length, temperature)
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                prompts = torch.tensor([prepared[i][0] for i in chunk], dtype=torch.long)
+                trace = sampler.generate(
+                    self.model, prompts, tokenizer=self.tokenizer, seed=self.seed
+                )
+                for i, tokens in zip(chunk, trace.generated.tolist(), strict=True):
+                    prompt, until, gen_kwargs = prepared[i]
+                    answers[i] = self._finish(tokens, until)
+                    self.cache_hook.add_partial(
+                        "generate_until", (requests[i].args[0], gen_kwargs), answers[i]
+                    )
+                bar.update(len(chunk))
+        bar.close()
+        return answers
+
+    def _finish(self, tokens: list[int], until: list[str]) -> str:
+        """Cut at the first end-of-text token, decode, then cut at the first stop string."""
+        if self.eot_token_id in tokens:
+            tokens = tokens[: tokens.index(self.eot_token_id)]
+        return postprocess_generated_text(self.tok_decode(tokens), until, None)
+
+    def get_model_info(self) -> dict:
+        quantization = getattr(self.model.config, "quantization_config", None)
+        if hasattr(quantization, "to_dict"):
+            quantization = quantization.to_dict()
+        return {
+            "model_family": self.spec.family,
+            "model_dtype": str(self.model.dtype),
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "quantization_config": quantization,
+        }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``lm_eval``'s own command line with ``--model dllm`` available."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    import fair_calib_llmc  # noqa: F401  (model classes, registration)
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Plots of decision-level results, averaged over seeds (shared by evaluate, diagnose and the
+benchmark report).
+
+Every function takes per-seed values and draws the mean with a min-max band (or error bar), so
+one noisy seed cannot pass for a trend; files are small PNGs (matplotlib, Agg backend).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["mean_and_range", "plot_seed_curves", "plot_seed_bars"]
+
+
+def mean_and_range(per_seed: Sequence[Sequence[float]]) -> tuple[list, list, list]:
+    """Mean, min and max over seeds of equally long per-seed series."""
+    values = torch.tensor([list(v) for v in per_seed], dtype=torch.float64)
+    if values.dim() != 2 or values.shape[0] == 0:
+        raise ValueError("pass one equally long series per seed")
+    return values.mean(0).tolist(), values.min(0).values.tolist(), values.max(0).values.tolist()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_seed_curves(
+    curves: Mapping[str, Sequence[Sequence[float]]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    styles: Mapping[str, dict] | None = None,
+) -> Path:
+    """One line per entry of ``curves`` (label -> per-seed series): mean over seeds, with the
+    min-max range shaded when there is more than one seed. ``x`` counts from 1; ``styles``
+    gives matplotlib line keywords per label (e.g. one colour per precision, dashed when
+    rotated)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    seeds = 1
+    for label, per_seed in curves.items():
+        mean, low, high = mean_and_range(per_seed)
+        x = range(1, len(mean) + 1)
+        style = {"marker": ".", "linewidth": 1.2, **(styles or {}).get(label, {})}
+        (line,) = ax.plot(x, mean, label=label, **style)
+        if len(per_seed) > 1:
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.1, linewidth=0)
+        seeds = max(seeds, len(per_seed))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} (mean over {seeds} seed{'s' if seeds > 1 else ''})", fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def plot_seed_bars(
+    bars: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    ylabel: str,
+    title: str,
+    xlabel: str = "",
+    reference: Mapping[str, float] | None = None,
+) -> Path:
+    """One bar per entry of ``bars`` (label -> per-seed values): the mean, with a min-max
+    error bar; ``reference`` draws labelled horizontal lines (e.g. the whole-model rate)."""
+    plt = _pyplot()
+    labels = list(bars)
+    mean, low, high = mean_and_range([list(v) for v in zip(*bars.values(), strict=True)])
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.45 * len(labels) + 2), 3.6))
+    ax.bar(
+        range(len(labels)),
+        mean,
+        yerr=[
+            [m - lo for m, lo in zip(mean, low, strict=True)],
+            [hi - m for m, hi in zip(mean, high, strict=True)],
+        ],
+        color="#4c72b0",
+        capsize=3,
+    )
+    for name, value in (reference or {}).items():
+        ax.axhline(value, linestyle="--", linewidth=1, color="#c44e52")
+        ax.annotate(name, (len(labels) - 0.5, value), ha="right", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 8 else 0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    n_seeds = len(next(iter(bars.values()))) if bars else 0
+    ax.set_title(f"{title} (mean over {n_seeds} seed{'s' if n_seeds != 1 else ''})", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path) -> Path:
+    """PNG with a 64-colour palette: a third of the size of matplotlib's RGBA output."""
+    from PIL import Image  # a matplotlib dependency
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=64).save(path, optimize=True)
+    return path

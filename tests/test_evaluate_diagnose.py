@@ -1,0 +1,156 @@
+"""``evaluate`` and ``diagnose`` on the built-in default model (CPU, few prompts), through the
+argparse wiring the ``fair-calib-llmc`` command uses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+
+from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR, load_default_model
+from fair_calib_llmc.evaluation import compare, diagnose
+from fair_calib_llmc.evaluation.decisions import METRICS
+from fair_calib_llmc.models import LLaDAModelLM
+from fair_calib_llmc.reload import save_and_verify
+
+from .helpers import llada_config, save_with_tokenizer
+
+pytestmark = pytest.mark.integration
+
+SMALL = ["--seeds", "0", "1", "--eval-prompts", "3", "--gen-length", "8", "--elbo-texts", "2"]
+SMALL += ["--device", "cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run many small ops; on a shared 2-core machine two intra-op threads spin
+    against each other and run 10-40x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cli(argv):
+    """What cli.py does with the two registration functions."""
+    parser = argparse.ArgumentParser(prog="fair-calib-llmc")
+    sub = parser.add_subparsers(dest="command", required=True)
+    compare.add_parser(sub)
+    diagnose.add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def rtn_w4a4(tmp_path_factory):
+    model, tokenizer = load_default_model()
+    recipe = QuantizationModifier(
+        scheme="W4A4_G128_PACKED",
+        targets=["Linear"],
+        ignore=["lm_head", r"re:^model\.transformer\.ff_out$"],
+    )
+    model = oneshot(model=model, recipe=recipe)
+    return save_and_verify(model, tokenizer, tmp_path_factory.mktemp("rtn") / "w4a4")
+
+
+def test_evaluate_teacher_against_itself_is_all_zero(tmp_path):
+    result = _cli(
+        ["evaluate", "--teacher", str(DEFAULT_MODEL_DIR), "--student", str(DEFAULT_MODEL_DIR)]
+        + SMALL
+        + ["--out", str(tmp_path)]
+    )
+    students = [r for r in result["rows"] if r["name"] == "student"]
+    teachers = [r for r in result["rows"] if r["name"] == "teacher"]
+    assert [r["seed"] for r in students] == [0, 1]
+    for student, teacher in zip(students, teachers, strict=True):
+        assert student["frontier_flip_rate"] == student["post_commit_mismatch"] == 0.0
+        assert student["kl_frontier"] == student["kl_non_frontier"] == 0.0
+        assert student["first_divergence"] == 8
+        assert student["elbo_ppl"] == teacher["elbo_ppl"]
+
+
+def test_evaluate_writes_table_json_and_plots_next_to_the_student(rtn_w4a4):
+    result = _cli(
+        ["evaluate", "--teacher", str(DEFAULT_MODEL_DIR), "--student", str(rtn_w4a4)] + SMALL
+    )
+    out = rtn_w4a4 / "evaluation"
+    expected = {"results.json", "results.md", "flips_per_step.png", "flips_per_position.png"}
+    assert {p.name for p in out.iterdir()} == expected
+    saved = json.loads((out / "results.json").read_text())
+    students = [r for r in saved["rows"] if r["name"] == "student"]
+    assert len(students) == 2 and all(len(r["flips_per_step"]) == 8 for r in students)
+    assert 0 < students[0]["frontier_flip_rate"] <= 1
+    mean = sum(r["frontier_flip_rate"] for r in students) / 2
+    table = (out / "results.md").read_text().splitlines()
+    line = next(row for row in table if row.startswith("| student"))
+    assert line.split("|")[2].strip().startswith(f"{mean:.4g} ±")
+    assert [e["name"] for e in result["summary"]] == ["teacher", "student"]
+
+
+def test_evaluate_refuses_a_student_of_another_model(tokenizer, tmp_path):
+    other = save_with_tokenizer(LLaDAModelLM(llada_config(tokenizer)), tokenizer, tmp_path / "x")
+    with pytest.raises(ValueError, match="not the same model"):
+        _cli(["evaluate", "--teacher", str(DEFAULT_MODEL_DIR), "--student", str(other)] + SMALL)
+    assert not (other / "evaluation").exists()
+
+
+def test_variant_schemes_split_weights_and_activations():
+    schemes = diagnose.variant_schemes("W4A4_G128_PACKED")
+    assert schemes["W4A16"].input_activations is None and schemes["W4A16"].weights.num_bits == 4
+    assert schemes["W16A4"].weights is None
+    act = schemes["W16A4"].input_activations
+    assert (act.num_bits, act.type, act.strategy, act.dynamic) == (4, "int", "token", True)
+    assert schemes["W4A4"].weights == schemes["W4A16"].weights
+    with pytest.raises(ValueError, match="calibration data"):
+        diagnose.variant_schemes("NVFP4")
+
+
+def test_diagnose_variants_layers_and_plots(rtn_w4a4, tmp_path):
+    result = _cli(["diagnose", "--model", str(DEFAULT_MODEL_DIR), "--out", str(tmp_path)] + SMALL)
+    names = list(dict.fromkeys(r["name"] for r in result["rows"]))
+    assert names == [
+        "W4A16",
+        "W16A4",
+        "W4A4",
+        "W4A16 + rotations",
+        "W16A4 + rotations",
+        "W4A4 + rotations",
+    ]
+    layers = list(dict.fromkeys(r["name"] for r in result["layer_rows"]))
+    assert layers == [f"model.transformer.blocks.{i}" for i in range(4)]
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "results.json",
+        "results.md",
+        "flips_per_step.png",
+        "flips_per_position.png",
+        "layer_sensitivity.png",
+    }
+    # the in-memory W4A4 variant is the RTN checkpoint evaluate scores (saved, reloaded)
+    evaluated = _cli(
+        ["evaluate", "--teacher", str(DEFAULT_MODEL_DIR), "--student", str(rtn_w4a4)]
+        + SMALL
+        + ["--out", str(tmp_path / "eval")]
+    )
+    for metric in METRICS[:-1]:
+        ours = [r[metric] for r in result["rows"] if r["name"] == "W4A4"]
+        theirs = [r[metric] for r in evaluated["rows"] if r["name"] == "student"]
+        assert ours == pytest.approx(theirs, abs=1e-6), metric
+    # one layer at a time flips less than all layers at once, on average
+    by_layer = [r["frontier_flip_rate"] for r in result["layer_rows"]]
+    whole = [r["frontier_flip_rate"] for r in result["rows"] if r["name"] == "W4A4"]
+    assert sum(by_layer) / len(by_layer) < sum(whole) / len(whole)
+
+
+def test_layer_scan_quantizes_exactly_one_layer():
+    model, _ = load_default_model()
+    layers = diagnose.decoder_layers(model)
+    assert len(layers) == 4 and all(len(linears) == 7 for _, linears in layers)
+    scheme = diagnose._only(layers[2][1], diagnose.variant_schemes()["W4A4"])
+    model = oneshot(model=model, recipe=QuantizationModifier(config_groups={"g": scheme}))
+    quantized = {n for n, m in model.named_modules() if hasattr(m, "quantization_scheme")}
+    assert quantized == set(layers[2][1])
+    assert torch.is_tensor(model.model.transformer.blocks[2].q_proj.weight_scale)
