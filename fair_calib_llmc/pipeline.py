@@ -36,7 +36,6 @@ from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.modifier import FAIRCalibModifier, check_finite_weights
 from fair_calib_llmc.prior import PositionPrior
 from fair_calib_llmc.recipe import load_recipe
-from fair_calib_llmc.reload import bake_quantized_weights
 
 __all__ = [
     "quantize",
@@ -131,9 +130,6 @@ def quantize(
             batch_size=batch_size,
             max_seq_length=max(len(x) for x in calibration["input_ids"]),
         )
-        # the codes the model was evaluated with are the codes the checkpoint holds, on
-        # every device (fair_calib_llmc.reload, cause 1)
-        bake_quantized_weights(model)
         stage2_seconds = time.monotonic() - start
         logger.info(f"Stage I {stage1_seconds:.1f}s, Stage II (oneshot) {stage2_seconds:.1f}s")
 

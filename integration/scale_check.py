@@ -20,7 +20,7 @@ import torch
 from llmcompressor.core import reset_session
 from loguru import logger
 
-from fair_calib_llmc.benchmark import METHOD_RECIPES, RECIPES_DIR
+from fair_calib_llmc.benchmark import METHOD_RECIPES
 from fair_calib_llmc.corpus import chunk_text, stdlib_split
 from fair_calib_llmc.models import LLaDAConfig, LLaDAModelLM
 from fair_calib_llmc.pipeline import quantize
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
         result = quantize(
             model,
             tokenizer,
-            RECIPES_DIR / METHOD_RECIPES[method],
+            METHOD_RECIPES[method],
             texts,
             max_prompts=args.calibration_prompts,
         )
