@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from llmcompressor.core import reset_session
 from loguru import logger
+from transformers import AutoModel
 
 from fair_calib_llmc.calibration import prompts_from_texts
 from fair_calib_llmc.checkpoint import check_output_dir, save_atomically
 from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.pipeline import quantize
-from fair_calib_llmc.reload import load_quantized
 from fair_calib_llmc.report import REFERENCE_METHOD, write_results
 from fair_calib_llmc.sampling import default_sampler, teacher_traces
 
@@ -139,7 +139,7 @@ def run_benchmark(
                     max_prompts=settings.calibration_prompts,
                     seed=seed,
                 )
-            except Exception as error:  # noqa: BLE001 - recorded in the results, run goes on
+            except (Exception, SystemExit) as error:  # noqa: BLE001 - recorded, run goes on
                 logger.exception(f"{method} (seed {seed}) failed")
                 rows.append({"method": method, "seed": seed, "error": repr(error)})
                 write_results(out_dir, rows, per_step, vars(settings))
@@ -157,7 +157,7 @@ def run_benchmark(
             weight_stats = vars(result.weight_stats)
             del model, result
             reset_session()  # the session holds the model: free it before the next method
-            student = load_quantized(path, dtype=teacher.dtype, device=device)
+            student = AutoModel.from_pretrained(path, dtype=teacher.dtype).to(device).eval()
             reload_error = float((_probe_logits(student, device) - expected).abs().max())
             if reload_error != 0.0:  # a checkpoint that computes something else: say so loudly
                 logger.error(f"{method} (seed {seed}): reloaded logits differ by {reload_error}")

@@ -109,6 +109,10 @@ def quantize(
         )
     fair = next((m for m in recipe.modifiers if isinstance(m, FAIRCalibModifier)), None)
     stage1 = fair.stage1 if fair else Stage1Settings()  # baselines: the same states
+    if any(type(m).__name__ == "AutoRoundModifier" for m in recipe.modifiers):
+        # auto-round refuses pipeline batches of several states (it exits the process); it
+        # groups states itself with AutoRoundModifier.batch_size
+        batch_size = 1
     texts = load_texts(dataset, text_column)
 
     start = time.monotonic()
