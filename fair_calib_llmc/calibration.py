@@ -29,6 +29,7 @@ from datasets import Dataset
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
+from fair_calib_llmc.distributed import all_reduce_sum, my_share
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.prior import PositionPrior, PriorSettings, estimate_prior, normalise_weights
 from fair_calib_llmc.sampling import (
@@ -121,7 +122,9 @@ def build_calibration_dataset(
     settings = settings or Stage1Settings()
     spec = diffusion_spec(model, tokenizer)
     sampler = settings.sampler_for(spec)
-    prompts = prompts_from_texts(texts, tokenizer, settings.prompt_length, max_prompts)
+    # under torchrun each process rolls out its share; the prior and the normalisation are
+    # summed over processes (fair_calib_llmc.distributed)
+    prompts = my_share(prompts_from_texts(texts, tokenizer, settings.prompt_length, max_prompts))
     if settings.states_per_prompt > sampler.steps:
         raise ValueError(
             f"states_per_prompt ({settings.states_per_prompt}) exceeds the sampler's steps "
@@ -129,7 +132,7 @@ def build_calibration_dataset(
         )
     logger.info(f"Stage I: {len(prompts)} teacher rollouts, {sampler!r}")
     rollouts = teacher_traces(model, sampler, prompts, seed=seed, spec=spec)
-    prior = estimate_prior([trace for _, trace in rollouts], settings.prior)
+    prior = estimate_prior([trace for _, trace in rollouts], settings.prior, all_reduce_sum)
 
     picks = torch.linspace(0, sampler.steps - 1, settings.states_per_prompt).round().long()
     input_ids, weights, frontier = [], [], []
@@ -144,7 +147,7 @@ def build_calibration_dataset(
             input_ids.extend(states[step])
             weights.extend(raw)
             frontier.extend(committed)
-    weights = normalise_weights(weights, settings.prior.min_weight)
+    weights = normalise_weights(weights, settings.prior.min_weight, all_reduce_sum)
     stats = weight_stats(weights, frontier)
     logger.info(
         f"Stage I: {len(input_ids)} masked-stage states; weight max/mean "

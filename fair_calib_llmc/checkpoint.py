@@ -33,7 +33,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from compressed_tensors.distributed import is_distributed, is_source_process
 from loguru import logger
+
+from fair_calib_llmc.distributed import on_source_rank
 
 __all__ = [
     "OutputDirError",
@@ -136,8 +139,13 @@ def save_atomically(
     """``save_pretrained(save_compressed=True)`` into a hidden sibling, then rename into place.
 
     Repeats the cheap :func:`check_output_dir` checks (the directory may have changed since).
+    Under ``torchrun`` every rank must call this: llm-compressor's compressed save is
+    collective (the ranks compress modules in parallel) and only the source rank writes, so
+    the source rank alone prepares, fills and renames the directory.
     """
     model_dir = model_dir if model_dir is not None else model_directory(model)
+    if is_distributed():
+        return _save_distributed(model, tokenizer, output_dir, overwrite, model_dir)
     target = check_output_dir(output_dir, model_dir=model_dir, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = _make_dir(target.parent, f".{target.name}.partial-{os.getpid()}-")
@@ -158,6 +166,30 @@ def save_atomically(
         raise
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return target
+
+
+def _save_distributed(model, tokenizer, output_dir, overwrite, model_dir) -> Path:
+    def begin() -> tuple[Path, Path]:
+        target = check_output_dir(output_dir, model_dir=model_dir, overwrite=overwrite)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target, _make_dir(target.parent, f".{target.name}.partial-{os.getpid()}-")
+
+    def finish() -> None:
+        tokenizer.save_pretrained(partial)
+        _apply_umask(partial)
+        _swap_into_place(partial, target)
+
+    target, partial = on_source_rank(begin)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*offloaded modules.*")
+            model.save_pretrained(partial, save_compressed=True)  # collective
+        on_source_rank(finish)
+    except BaseException:
+        if is_source_process():
+            shutil.rmtree(partial, ignore_errors=True)
         raise
     return target
 

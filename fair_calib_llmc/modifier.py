@@ -42,6 +42,7 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 
 from fair_calib_llmc.calibration import Stage1Settings
+from fair_calib_llmc.distributed import all_reduce_sum
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.reconstruction import accumulate_cross_covariance, fp_target_weight
 from fair_calib_llmc.schemes import check_scheme_name
@@ -156,6 +157,17 @@ class FAIRCalibModifier(GPTQModifier):
     def on_sequential_epoch_end(self, state: State, event: Event, modules, **kwargs):
         modules = [m for m in modules if is_module_quantized(m) and m in self._hessians]
         self._check_finite_hessians(modules)
+        if self.target_strength > 0:
+            # W* needs the statistics of all ranks' states; GPTQ's own reduction to the owner
+            # rank then scales Hessian and count alike, which GPTQ's H / n does not see
+            all_reduce_sum(
+                [
+                    t
+                    for m in modules
+                    if m in self._cross
+                    for t in (self._cross[m], self._hessians[m], self._num_samples[m])
+                ]
+            )
         for module in modules:
             cross = self._cross.pop(module, None)
             if cross is not None and self.target_strength > 0:

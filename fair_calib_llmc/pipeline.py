@@ -32,6 +32,7 @@ from fair_calib_llmc.checkpoint import (
     save_atomically,
 )
 from fair_calib_llmc.data import load_texts
+from fair_calib_llmc.distributed import on_source_rank
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.modifier import FAIRCalibModifier, check_finite_weights
 from fair_calib_llmc.prior import PositionPrior
@@ -100,12 +101,14 @@ def quantize(
     diffusion_spec(model, tokenizer)  # a causal or mask-less model fails here, first
     check_finite_weights(model)
     model_dir = model_directory(model)
-    if output_dir is not None:
-        output_dir = check_output_dir(
-            output_dir,
-            model_dir=model_dir,
-            overwrite=overwrite,
-            expected_bytes=expected_checkpoint_bytes(model),
+    if output_dir is not None:  # under torchrun: checked once, on the rank that will write
+        output_dir = on_source_rank(
+            lambda: check_output_dir(
+                output_dir,
+                model_dir=model_dir,
+                overwrite=overwrite,
+                expected_bytes=expected_checkpoint_bytes(model),
+            )
         )
     fair = next((m for m in recipe.modifiers if isinstance(m, FAIRCalibModifier)), None)
     stage1 = fair.stage1 if fair else Stage1Settings()  # baselines: the same states

@@ -30,6 +30,7 @@ ignored.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -117,8 +118,17 @@ def state_instability(trace: DiffusionTrace, step: int, margin_mix: float) -> to
     return margin_mix * (1 - decision_margin) + (1 - margin_mix) * (1 - agree)
 
 
-def estimate_prior(traces: list[DiffusionTrace], settings: PriorSettings) -> PositionPrior:
-    """Average frontier hits and instability per (answer position, masked stage)."""
+def estimate_prior(
+    traces: list[DiffusionTrace],
+    settings: PriorSettings,
+    reduce: Callable[[list[torch.Tensor]], None] | None = None,
+) -> PositionPrior:
+    """Average frontier hits and instability per (answer position, masked stage).
+
+    ``reduce`` sums the four running totals in place across processes that each hold a share
+    of the traces (:func:`fair_calib_llmc.distributed.all_reduce_sum`), so all of them
+    estimate the prior of all traces.
+    """
     if not traces:
         raise ValueError("Stage I needs at least one teacher trace; the calibration set is empty")
     gen = traces[0].generated.shape[1]
@@ -145,6 +155,8 @@ def estimate_prior(traces: list[DiffusionTrace], settings: PriorSettings) -> Pos
             unstable = mix * (1 - margin) + (1 - mix) * (1 - agree)
             unstable_sum += (unstable * masked).T @ one_hot
             unstable_n += masked.T @ one_hot
+    if reduce is not None:
+        reduce([hit_sum, hit_n, unstable_sum, unstable_n])
     return PositionPrior(
         frontier_hits=hit_sum / hit_n.clamp(min=1),
         instability=unstable_sum / unstable_n.clamp(min=1),
@@ -152,12 +164,22 @@ def estimate_prior(traces: list[DiffusionTrace], settings: PriorSettings) -> Pos
     )
 
 
-def normalise_weights(weights: list[torch.Tensor], min_weight: float) -> list[torch.Tensor]:
-    """Scale all token weights to mean 1 jointly, then floor them at ``min_weight``."""
+def normalise_weights(
+    weights: list[torch.Tensor],
+    min_weight: float,
+    reduce: Callable[[list[torch.Tensor]], None] | None = None,
+) -> list[torch.Tensor]:
+    """Scale all token weights to mean 1 jointly, then floor them at ``min_weight``.
+
+    ``reduce`` sums the (total, count) pair across processes holding shares of the states.
+    """
     if not weights:
         raise ValueError("no calibration tokens to weight; the calibration set is empty")
     flat = torch.cat([w.flatten() for w in weights])
     if not torch.isfinite(flat).all() or (flat < 0).any():
         raise ValueError("token weights must be finite and non-negative")
-    mean = flat.mean().clamp(min=1e-12)
+    totals = torch.stack([flat.double().sum(), torch.tensor(flat.numel(), dtype=torch.float64)])
+    if reduce is not None:
+        reduce([totals])
+    mean = (totals[0] / totals[1]).float().clamp(min=1e-12)
     return [(w / mean).clamp(min=min_weight) for w in weights]

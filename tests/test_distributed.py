@@ -1,0 +1,110 @@
+"""FAIR-Calib under ``torchrun``: two CPU processes (gloo) give the checkpoint one gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from .helpers import save_with_tokenizer
+
+pytestmark = pytest.mark.integration
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+# FAIR-Calib's own Stage II without the rotation stage: with SpinQuant's random-hadamard, a
+# two-process run fuses another R1 into the embedding than a one-process run (seen with
+# llm-compressor 0.14.0.1; upstream, not diagnosed), which would hide what is checked here
+RECIPE = r"""
+fair_stage:
+  fair_modifiers:
+    FAIRCalibModifier:
+      scheme: W4A4_G128_PACKED
+      targets: [Linear]
+      ignore: [lm_head, 're:^model\.transformer\.ff_out$']
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(command: list[str]) -> None:
+    # a clean environment: in-process CLI tests may have set llm-compressor's / tqdm's switches
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_COMPRESSOR", "TQDM"))}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _probe(path: Path) -> torch.Tensor:  # the checkpoint loads and computes
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.arange(3, 40)[None] % model.config.vocab_size).logits
+
+
+def test_two_processes_give_the_one_process_checkpoint(
+    llada, tokenizer, calibration_texts, tmp_path
+):
+    fp = save_with_tokenizer(llada, tokenizer, tmp_path / "fp")
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(calibration_texts))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    args = [str(WORKER), str(fp), str(texts)]
+    _run([sys.executable, *args, str(tmp_path / "one"), str(tmp_path / "one"), str(recipe)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            *args,
+            str(tmp_path / "two"),
+            str(tmp_path / "two"),
+            str(recipe),
+        ]
+    )
+    one = json.loads((tmp_path / "one-0.json").read_text())
+    ranks = [json.loads((tmp_path / f"two-{r}.json").read_text()) for r in (0, 1)]
+    # Stage I: each rank rolled out half of the prompts; together they are the same states,
+    # weighted with the same (all-reduced) prior and normalisation
+    assert 0 < len(ranks[0]["input_ids"]) < len(one["input_ids"])
+    together = sorted(
+        zip(
+            ranks[0]["input_ids"] + ranks[1]["input_ids"],
+            ranks[0]["loss_mask"] + ranks[1]["loss_mask"],
+            strict=True,
+        )
+    )
+    alone = sorted(zip(one["input_ids"], one["loss_mask"], strict=True))
+    assert [ids for ids, _ in together] == [ids for ids, _ in alone]
+    torch.testing.assert_close(
+        torch.tensor([w for _, w in together]), torch.tensor([w for _, w in alone])
+    )
+    # Stage II: every rank solves with the statistics of all states (summed over ranks), equal
+    # to one process's up to the order of float sums
+    alone = torch.load(tmp_path / "one-0-layer0.pt")
+    for rank in (0, 1):
+        summed = torch.load(tmp_path / f"two-{rank}-layer0.pt")
+        assert len(summed) == len(alone) == 7  # the first layer's linears
+        for got, expected in zip(summed, alone, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+    # only rank 0 wrote a checkpoint, and nothing was left behind (no partial directories)
+    assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == {"fp", "one", "two"}
+    assert not list(tmp_path.glob(".*"))
+    # The checkpoints themselves are not compared logit by logit: W4A4 GPTQ turns float-level
+    # differences of the Hessian into other roundings, which later layers amplify (a
+    # one-process run with another batch size differs as much). Both load and compute.
+    assert torch.isfinite(_probe(tmp_path / "two")).all()
