@@ -26,6 +26,7 @@ from fair_calib_llmc.checkpoint import check_output_dir, save_atomically
 from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.pipeline import quantize
+from fair_calib_llmc.reload import probe_logits
 from fair_calib_llmc.report import REFERENCE_METHOD, write_results
 from fair_calib_llmc.sampling import default_sampler, teacher_traces
 
@@ -55,12 +56,6 @@ class BenchmarkSettings:
     seeds: tuple[int, ...] = (0,)
     #: every other row is also reported as a paired per-seed difference to this one
     reference_method: str = REFERENCE_METHOD
-
-
-def _probe_logits(model, device) -> torch.Tensor:
-    probe = torch.arange(3, 35, device=device)[None] % model.config.vocab_size
-    with torch.no_grad():
-        return model(probe).logits.float().cpu()
 
 
 def _checkpoint_mib(path: Path) -> float:
@@ -146,7 +141,7 @@ def run_benchmark(
                 reset_session()
                 continue
             peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
-            expected = _probe_logits(result.model, device)
+            expected = probe_logits(result.model, device=device)
             path = save_atomically(
                 result.model, tokenizer, out_dir / f"{method}-seed{seed}", overwrite=True
             )
@@ -158,7 +153,7 @@ def run_benchmark(
             del model, result
             reset_session()  # the session holds the model: free it before the next method
             student = AutoModel.from_pretrained(path, dtype=teacher.dtype).to(device).eval()
-            reload_error = float((_probe_logits(student, device) - expected).abs().max())
+            reload_error = float((probe_logits(student, device=device) - expected).abs().max())
             if reload_error != 0.0:  # a checkpoint that computes something else: say so loudly
                 logger.error(f"{method} (seed {seed}): reloaded logits differ by {reload_error}")
             report = compare_decisions(

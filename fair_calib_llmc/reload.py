@@ -128,9 +128,13 @@ def load_quantized(
 
 
 @torch.no_grad()
-def probe_logits(model: nn.Module, length: int = 32) -> torch.Tensor:
-    """Float32 logits of a fixed token sequence (ids ``3 .. 3+length``, mod vocabulary)."""
-    device = next(model.parameters()).device
+def probe_logits(
+    model: nn.Module, length: int = 32, device: torch.device | None = None
+) -> torch.Tensor:
+    """Float32 logits of a fixed token sequence (ids ``3 .. 3+length``, mod vocabulary), fed
+    on ``device`` (default: the first parameter's, which an offloaded model may keep on the
+    CPU while it computes on the GPU)."""
+    device = device if device is not None else next(model.parameters()).device
     probe = torch.arange(3, 3 + length, device=device)[None] % model.config.vocab_size
     return model(probe).logits.float().cpu()
 

@@ -34,3 +34,25 @@ def test_written_files(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == {"rows": rows, "flips_per_step": per_step, "settings": {"seeds": [0, 1]}}
     assert (tmp_path / "flips.png").stat().st_size > 1000
+
+
+def test_paired_differences_match_seeds_and_skip_failed_runs(tmp_path):
+    from fair_calib_llmc.report import paired_differences
+
+    rows = [
+        _row("quarot+gptq", 0, 0.10, 0),
+        _row("quarot+gptq", 1, 0.20, 0),
+        _row("fair-calib", 1, 0.15, 0),  # out of order on purpose: paired by seed
+        _row("fair-calib", 0, 0.12, 0),
+        _row("fair-calib", 2, 0.01, 0),  # no reference run for seed 2: not paired
+        {"method": "rtn", "seed": 0, "error": "boom"},
+    ]
+    diffs = paired_differences(rows, "quarot+gptq")
+    assert set(diffs) == {"fair-calib"}
+    mean, spread, per_seed, ratio = diffs["fair-calib"]
+    assert per_seed == pytest.approx([-0.05, 0.02])
+    assert mean == pytest.approx(-0.015) and spread == pytest.approx(0.035)
+    assert ratio == pytest.approx(0.27 / 0.30)
+    table = write_results(tmp_path, rows, {}, {"reference_method": "quarot+gptq"})
+    assert "| fair-calib | -0.0150 |" in table
+    assert "- rtn (seed 0): boom" in table
