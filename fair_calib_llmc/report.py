@@ -9,11 +9,13 @@ seeds.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
     "COLUMNS",
     "REFERENCE_METHOD",
+    "markdown_table",
     "paired_differences",
     "summarise",
     "write_report",
@@ -45,20 +47,40 @@ def write_results(out_dir: Path, rows: list[dict], per_step: dict, settings: dic
     return write_report(rows, per_step, out_dir, settings.get("reference_method", REFERENCE_METHOD))
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and spread (min-max half range) over seeds, per method, in input order."""
+def summarise(
+    rows: Sequence[dict], key: str = "method", metrics: Sequence[str] = COLUMNS[1:]
+) -> list[dict]:
+    """Mean and spread (min-max half range) over seeds of every metric, per ``key`` value, in
+    input order; failed rows (with an ``error``) are left out."""
     summary = []
     rows = [r for r in rows if "error" not in r]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        group = [r for r in rows if r["method"] == method]
-        entry = {"method": method, "seeds": len(group)}
-        for col in COLUMNS[1:]:
-            values = [r[col] for r in group if r.get(col) is not None]
+    for value in dict.fromkeys(r[key] for r in rows):
+        group = [r for r in rows if r[key] == value]
+        entry = {key: value, "seeds": len(group)}
+        for metric in metrics:
+            values = [r[metric] for r in group if r.get(metric) is not None]
             if values:
                 mean = sum(values) / len(values)
-                entry[col] = (mean, (max(values) - min(values)) / 2)
+                entry[metric] = (mean, (max(values) - min(values)) / 2)
         summary.append(entry)
     return summary
+
+
+def markdown_table(
+    summary: Sequence[dict], key: str = "method", metrics: Sequence[str] = COLUMNS[1:]
+) -> str:
+    """``| key | metric ... |`` with ``mean ± half-range`` cells (``-`` where missing)."""
+    lines = ["| " + " | ".join((key, *metrics)) + " |", "|" + "---|" * (len(metrics) + 1)]
+    for entry in summary:
+        cells = [str(entry[key])]
+        for metric in metrics:
+            if metric not in entry:
+                cells.append("-")
+                continue
+            mean, spread = entry[metric]
+            cells.append(f"{mean:.4g}" + (f" ± {spread:.2g}" if entry["seeds"] > 1 else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def paired_differences(
@@ -86,16 +108,7 @@ def write_report(
 ) -> str:
     """``results.md`` (mean ± half-range over seeds, then every method's paired per-seed
     difference to ``reference``, then failed runs) and ``flips.png``; returns the markdown."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for entry in summarise(rows):
-        cells = [entry["method"]]
-        for col in COLUMNS[1:]:
-            if col not in entry:
-                cells.append("-")
-                continue
-            mean, spread = entry[col]
-            cells.append(f"{mean:.4g}" + (f" ± {spread:.2g}" if entry["seeds"] > 1 else ""))
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = [markdown_table(summarise(rows))]
     diffs = paired_differences(rows, reference)
     if diffs:
         lines += [

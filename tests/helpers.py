@@ -89,3 +89,17 @@ def masked_states(model, tokenizer, texts, max_prompts: int, prompt_length: int 
         model, tokenizer, texts, settings, max_prompts=max_prompts
     )
     return dataset
+
+
+def tiny_causal_lm(tokenizer):
+    """A one-layer Llama: a causal LM, which every entry point must turn away."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=len(tokenizer),
+    )
+    return LlamaForCausalLM(config)

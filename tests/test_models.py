@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 from fair_calib_llmc.models import DreamModel, LLaDAModelLM, diffusion_spec
 
-from .helpers import llada_config, save_with_tokenizer
+from .helpers import llada_config, save_with_tokenizer, tiny_causal_lm
 
 pytestmark = pytest.mark.unit
 
@@ -255,15 +255,7 @@ def test_mask_token_is_never_guessed(tokenizer):
 
 
 def test_causal_model_is_not_a_diffusion_lm(tokenizer):
-    causal = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            vocab_size=len(tokenizer),
-        )
-    )
+    causal = tiny_causal_lm(tokenizer)
     with pytest.raises(ValueError, match="not a diffusion language model"):
         diffusion_spec(causal, tokenizer)
 

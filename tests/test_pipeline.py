@@ -7,11 +7,11 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel
 
 from fair_calib_llmc import quantize
 
-from .helpers import saved
+from .helpers import saved, tiny_causal_lm
 
 pytestmark = pytest.mark.integration
 
@@ -49,15 +49,7 @@ def test_quantize_from_a_jsonl_file(dream, tokenizer, calibration_texts, tmp_pat
 
 
 def test_causal_model_is_rejected_before_stage_one(tokenizer):
-    causal = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            vocab_size=len(tokenizer),
-        )
-    )
+    causal = tiny_causal_lm(tokenizer)
     with pytest.raises(ValueError, match="not a diffusion language model"):
         quantize(causal, tokenizer, "fair_calib_w4a4", ["text"])
 

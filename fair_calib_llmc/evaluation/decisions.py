@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from fair_calib_llmc import report
 from fair_calib_llmc.calibration import prompts_from_texts
 from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity
 from fair_calib_llmc.models.family import diffusion_spec
@@ -175,33 +176,13 @@ def _elbo(model, heldout, settings: DecisionSettings, seed: int) -> float | None
 
 
 def summarise(rows: Sequence[dict], key: str = "name") -> list[dict]:
-    """Mean and half-range over seeds of every metric, per ``key`` value, in input order."""
-    summary = []
-    for value in dict.fromkeys(r[key] for r in rows):
-        group = [r for r in rows if r[key] == value]
-        entry = {key: value, "seeds": len(group)}
-        for metric in METRICS:
-            values = [r[metric] for r in group if r.get(metric) is not None]
-            if values:
-                mean = sum(values) / len(values)
-                entry[metric] = (mean, (max(values) - min(values)) / 2)
-        summary.append(entry)
-    return summary
+    """:func:`fair_calib_llmc.report.summarise` over :data:`METRICS`, rows keyed by name."""
+    return report.summarise(rows, key=key, metrics=METRICS)
 
 
 def markdown_table(summary: Sequence[dict], key: str = "name", metrics=METRICS) -> str:
-    """``| key | metric ... |`` with ``mean ± half-range`` cells (``-`` where missing)."""
-    lines = ["| " + " | ".join((key, *metrics)) + " |", "|" + "---|" * (len(metrics) + 1)]
-    for entry in summary:
-        cells = [str(entry[key])]
-        for metric in metrics:
-            if metric not in entry:
-                cells.append("-")
-                continue
-            mean, spread = entry[metric]
-            cells.append(f"{mean:.4g}" + (f" ± {spread:.2g}" if entry["seeds"] > 1 else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """:func:`fair_calib_llmc.report.markdown_table` with this module's defaults."""
+    return report.markdown_table(summary, key=key, metrics=metrics)
 
 
 def write_results(
