@@ -11,6 +11,7 @@ next to the checkpoints after every row (a cut-off run keeps what it measured).
 
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,15 @@ class BenchmarkSettings:
 
 def _checkpoint_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+
+
+def _release_memory(device: torch.device) -> None:
+    """Free the quantized model now. It sits in reference cycles (modules and the hooks that
+    point back at them), which only the cycle collector frees: without this the previous
+    method's model is still on the GPU and counted in the next method's peak memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run_benchmark(
@@ -139,6 +149,7 @@ def run_benchmark(
                 rows.append({"method": method, "seed": seed, "error": repr(error)})
                 write_results(out_dir, rows, per_step, vars(settings))
                 reset_session()
+                _release_memory(device)
                 continue
             peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
             expected = probe_logits(result.model, device=device)
@@ -152,6 +163,7 @@ def run_benchmark(
             weight_stats = vars(result.weight_stats)
             del model, result
             reset_session()  # the session holds the model: free it before the next method
+            _release_memory(device)
             student = AutoModel.from_pretrained(path, dtype=teacher.dtype).to(device).eval()
             reload_error = float((probe_logits(student, device=device) - expected).abs().max())
             if reload_error != 0.0:  # a checkpoint that computes something else: say so loudly
@@ -183,7 +195,6 @@ def run_benchmark(
             rows.append(row)
             write_results(out_dir, rows, per_step, vars(settings))  # a cut-off run keeps them
             del student
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _release_memory(device)
     write_results(out_dir, rows, per_step, vars(settings))
     return rows

@@ -155,15 +155,21 @@ def elbo_perplexity(
         if length == 0:
             continue
         offsets = torch.rand(mc_samples, generator=generator)
-        bound = 0.0
+        # all draws of a text go through the model as one batch (same length, no padding)
+        masks = torch.zeros(mc_samples, length, dtype=torch.bool)
         for k in range(mc_samples):
             n_masked = 1 + min(length - 1, int((k + offsets[k]) / mc_samples * length))
-            chosen = torch.randperm(length, generator=generator)[:n_masked].to(device)
-            noisy = x.clone()
-            noisy[chosen] = spec.mask_token_id
-            logits = denoiser_logits(model, noisy.unsqueeze(0), spec)[0]
-            log_p = logits[chosen].log_softmax(-1).gather(-1, x[chosen].unsqueeze(-1))
-            bound += float(-log_p.sum()) * length / n_masked
+            masks[k, torch.randperm(length, generator=generator)[:n_masked]] = True
+        masks = masks.to(device)
+        noisy = torch.where(masks, spec.mask_token_id, x.expand(mc_samples, -1))
+        logits = denoiser_logits(model, noisy, spec)[masks].float()  # masked positions only
+        targets = x.expand(mc_samples, -1)[masks]
+        log_p = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        draw = masks.nonzero()[:, 0]
+        # each draw: -(L / l) * the sum of its masked tokens' log-probabilities
+        per_draw = torch.zeros(mc_samples, device=device).index_add_(0, draw, -log_p)
+        per_draw = per_draw * length / masks.sum(-1)
+        bound = float(per_draw.sum())
         nll += bound / mc_samples
         n_tokens += length
     if n_tokens == 0:

@@ -16,6 +16,7 @@ __all__ = [
     "COLUMNS",
     "REFERENCE_METHOD",
     "markdown_table",
+    "merge_results",
     "paired_differences",
     "summarise",
     "write_report",
@@ -45,6 +46,40 @@ def write_results(out_dir: Path, rows: list[dict], per_step: dict, settings: dic
     payload = {"rows": rows, "flips_per_step": per_step, "settings": settings}
     (Path(out_dir) / "results.json").write_text(json.dumps(payload, indent=1))
     return write_report(rows, per_step, out_dir, settings.get("reference_method", REFERENCE_METHOD))
+
+
+def merge_results(run_dirs: Sequence[Path], out_dir: Path) -> str:
+    """Merge the ``results.json`` of runs that split one benchmark (say, one process per seed
+    on a shared GPU) into ``out_dir``'s results, table and plot.
+
+    The runs must have measured the same full-precision model (their FP rows agree) and must
+    not repeat a (method, seed) pair; rows keep run order, one FP row leads.
+    """
+    payloads = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
+    if not payloads:
+        raise ValueError("no runs to merge")
+    fp_rows = [r for p in payloads for r in p["rows"] if r["seed"] is None]
+    if len({json.dumps(r, sort_keys=True) for r in fp_rows}) > 1:
+        raise ValueError(
+            "the runs measured different full-precision models (their FP rows differ); "
+            "merge only runs of one model with one held-out set"
+        )
+    rows, seen, per_step = fp_rows[:1], set(), {}
+    for payload in payloads:
+        for row in payload["rows"]:
+            if row["seed"] is None:
+                continue
+            key = (row["method"], row["seed"])
+            if key in seen:
+                raise ValueError(f"{key[0]} (seed {key[1]}) was measured by two runs")
+            seen.add(key)
+            rows.append(row)
+        for method, curves in payload["flips_per_step"].items():
+            per_step.setdefault(method, []).extend(curves)
+    settings = dict(payloads[0]["settings"])
+    settings["seeds"] = sorted({r["seed"] for r in rows if r["seed"] is not None})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return write_results(Path(out_dir), rows, per_step, settings)
 
 
 def summarise(

@@ -12,6 +12,7 @@ whole product path, ``fair_calib_llmc.quantize`` (Stage I rollouts with the real
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -67,7 +68,10 @@ def main(argv=None) -> None:
     tokenizer = train_bpe_tokenizer(stdlib_split("train")[:200], vocab_size=4096)
     rows = []
     for method in args.methods:
+        # nothing of the previous method may stay allocated: its peak would count it
+        resident = torch.cuda.memory_allocated() / 2**30
         model = build(tokenizer, args.layers, out / "config")
+        model_gib = torch.cuda.memory_allocated() / 2**30 - resident
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.monotonic()
@@ -86,23 +90,27 @@ def main(argv=None) -> None:
                 "stage1_seconds": result.stage1_seconds,
                 "stage2_seconds": result.stage2_seconds,
                 "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "model_gib": model_gib,
+                "resident_gib_before": resident,
                 "states": len(result.calibration),
             }
         )
         logger.info(f"{rows[-1]}")
         del model, result
         reset_session()  # the session holds the model until the next oneshot
+        gc.collect()  # the model sits in reference cycles (modules <-> hooks)
         torch.cuda.empty_cache()
         (out / "results.json").write_text(json.dumps(rows, indent=1))
 
     lines = [
-        "| method | seconds | Stage I s | Stage II s | peak GPU GiB |",
-        "|---|---|---|---|---|",
+        "| method | seconds | Stage I s | Stage II s | model GiB | peak GPU GiB | GiB before |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['seconds']:.0f} | {r['stage1_seconds']:.1f} | "
-            f"{r['stage2_seconds']:.0f} | {r['peak_gpu_gib']:.1f} |"
+            f"{r['stage2_seconds']:.0f} | {r['model_gib']:.1f} | {r['peak_gpu_gib']:.1f} | "
+            f"{r['resident_gib_before']:.2f} |"
         )
     gpu = torch.cuda.get_device_name()
     lines.append(f"\n{gpu}, {args.layers} layers, {time.strftime('%Y-%m-%d')}")

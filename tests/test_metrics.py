@@ -57,3 +57,25 @@ def test_elbo_perplexity_of_a_uniform_model_is_the_vocabulary(llada):
     texts = [torch.randint(3, 300, (20,)), torch.randint(3, 300, (7,))]
     ppl = elbo_perplexity(llada, texts, mc_samples=4)
     assert math.isclose(ppl, llada.config.vocab_size - 1, rel_tol=1e-4)
+
+
+def test_batched_elbo_matches_the_bound_draw_by_draw(dllm):
+    """The draws of a text run as one batch; the bound is the one written draw by draw."""
+    from fair_calib_llmc.models.family import denoiser_logits, diffusion_spec
+
+    spec = diffusion_spec(dllm)
+    texts = [torch.randint(3, 300, (n,)) for n in (1, 9, 40)]
+    generator = torch.Generator().manual_seed(3)
+    nll = 0.0
+    for x in texts:
+        length, offsets, bound = len(x), torch.rand(4, generator=generator), 0.0
+        for k in range(4):
+            n_masked = 1 + min(length - 1, int((k + offsets[k]) / 4 * length))
+            chosen = torch.randperm(length, generator=generator)[:n_masked]
+            noisy = x.clone()
+            noisy[chosen] = spec.mask_token_id
+            log_p = denoiser_logits(dllm, noisy[None], spec)[0, chosen].log_softmax(-1)
+            bound += float(-log_p.gather(-1, x[chosen, None]).sum()) * length / n_masked
+        nll += bound / 4
+    expected = math.exp(nll / sum(len(x) for x in texts))
+    assert elbo_perplexity(dllm, texts, mc_samples=4, seed=3) == pytest.approx(expected, rel=1e-5)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fair_calib_llmc.report import COLUMNS, summarise, write_results
+from fair_calib_llmc.report import COLUMNS, merge_results, summarise, write_results
 
 pytestmark = pytest.mark.unit
 
@@ -56,3 +56,29 @@ def test_paired_differences_match_seeds_and_skip_failed_runs(tmp_path):
     table = write_results(tmp_path, rows, {}, {"reference_method": "quarot+gptq"})
     assert "| fair-calib | -0.0150 |" in table
     assert "- rtn (seed 0): boom" in table
+
+
+def test_merged_seed_runs_equal_one_run_and_reject_overlaps(tmp_path):
+    fp = _row("fp", None, 0.0, 20.0)
+    runs = [
+        ([fp, _row("gptq", 0, 0.2, 26.0), _row("rtn", 0, 0.4, 30.0)], 0),
+        ([fp, _row("gptq", 1, 0.3, 27.0)], 1),
+    ]
+    for rows, seed in runs:
+        (tmp_path / f"seed{seed}").mkdir()
+        per_step = {r["method"]: [[r["frontier_flip_rate"]] * 2] for r in rows[1:]}
+        write_results(tmp_path / f"seed{seed}", rows, per_step, {"seeds": [seed]})
+    merged = merge_results([tmp_path / "seed0", tmp_path / "seed1"], tmp_path / "all")
+    whole = [fp, _row("gptq", 0, 0.2, 26.0), _row("rtn", 0, 0.4, 30.0), _row("gptq", 1, 0.3, 27.0)]
+    assert merged == write_results(tmp_path, whole, {}, {})
+    payload = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert payload["settings"]["seeds"] == [0, 1]
+    assert payload["flips_per_step"]["gptq"] == [[0.2, 0.2], [0.3, 0.3]]
+
+    with pytest.raises(ValueError, match=r"gptq \(seed 0\) was measured by two runs"):
+        merge_results([tmp_path / "seed0", tmp_path / "seed0"], tmp_path / "again")
+    other = json.loads((tmp_path / "seed1" / "results.json").read_text())
+    other["rows"][0]["elbo_ppl"] = 21.0
+    (tmp_path / "seed1" / "results.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="different full-precision models"):
+        merge_results([tmp_path / "seed0", tmp_path / "seed1"], tmp_path / "again")
