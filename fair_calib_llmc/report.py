@@ -52,19 +52,23 @@ def merge_results(run_dirs: Sequence[Path], out_dir: Path) -> str:
     """Merge the ``results.json`` of runs that split one benchmark (say, one process per seed
     on a shared GPU) into ``out_dir``'s results, table and plot.
 
-    The runs must have measured the same full-precision model (their FP rows agree) and must
-    not repeat a (method, seed) pair; rows keep run order, one FP row leads.
+    The runs must have measured the same full-precision model (their FP rows agree to 0.1% in
+    ELBO perplexity; the merged FP row holds the mean) and must not repeat a (method, seed)
+    pair; rows keep run order, one FP row leads.
     """
     payloads = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
     if not payloads:
         raise ValueError("no runs to merge")
     fp_rows = [r for p in payloads for r in p["rows"] if r["seed"] is None]
-    if len({json.dumps(r, sort_keys=True) for r in fp_rows}) > 1:
+    fp_ppl = [r["elbo_ppl"] for r in fp_rows]
+    if len({r["method"] for r in fp_rows}) > 1 or max(fp_ppl) > min(fp_ppl) * (1 + 1e-3):
         raise ValueError(
-            "the runs measured different full-precision models (their FP rows differ); "
+            f"the runs measured different full-precision models (FP rows {fp_rows}); "
             "merge only runs of one model with one held-out set"
         )
-    rows, seen, per_step = fp_rows[:1], set(), {}
+    # the same model, held-out set and draws; GPU kernels can still differ in the last bits
+    fp_row = {**fp_rows[0], "elbo_ppl": sum(fp_ppl) / len(fp_ppl)}
+    rows, seen, per_step = [fp_row], set(), {}
     for payload in payloads:
         for row in payload["rows"]:
             if row["seed"] is None:

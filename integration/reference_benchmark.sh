@@ -48,6 +48,9 @@ for family in $families; do
   cp "$work/model-$family/training_log.json" "$pack/" 2>/dev/null || true
   cp "$work/bench-$family/merged"/results.* "$work/bench-$family/merged/flips.png" "$pack/" \
     2>/dev/null || true
+  for run in $runs; do  # each process's own rows too: a failed merge loses nothing
+    cp "$run/results.json" "$pack/results-$(basename "$run").json"
+  done
   tar czf "$out/$family.tgz" -C "$work" "pack-$family"
 done
 exit $status
