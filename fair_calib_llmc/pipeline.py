@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.fx._symbolic_trace as fx_trace
 from datasets import Dataset
 from llmcompressor import oneshot
 from loguru import logger
@@ -41,6 +43,7 @@ from fair_calib_llmc.recipe import load_recipe
 __all__ = [
     "quantize",
     "QuantizeResult",
+    "release_traced_model",
 ]
 
 
@@ -74,6 +77,33 @@ def config_on_disk(model) -> Iterator[None]:
             yield
         finally:
             model.config._name_or_path = model.name_or_path = ""
+
+
+def release_traced_model(model) -> None:
+    """Let the model be freed once the caller drops it.
+
+    llm-compressor's sequential pipeline rewrites the model's ``forward`` in a copy of its
+    module's globals with ``self`` set to the model and registers the rewritten helpers with
+    ``torch.fx.wrap``; the traced subgraphs register them again from their own generated code.
+    ``torch.fx`` keeps every registering namespace in a process-wide dict forever, so every
+    model traced by ``oneshot`` stays in (GPU) memory until the process ends (15 GiB per run
+    at 8B size). The tracing is over when ``oneshot`` returns, so this model's entries go.
+    """
+    modules = {id(m) for m in model.modules()}
+
+    def holds_model(namespace: dict) -> bool:
+        if id(namespace.get("self")) in modules:  # the rewritten forward's namespace
+            return True
+        return any(  # generated subgraph code: globals that name the rewritten helpers
+            id(value.__globals__.get("self")) in modules
+            for value in namespace.values()
+            if isinstance(value, types.FunctionType)
+        )
+
+    registry = fx_trace._wrapped_fns_to_patch
+    for key, namespace in list(registry.items()):
+        if holds_model(namespace):
+            del registry[key]
 
 
 def quantize(
@@ -126,17 +156,20 @@ def quantize(
 
     with config_on_disk(model):
         start = time.monotonic()
-        model = oneshot(
-            model=model,
-            processor=tokenizer,
-            recipe=recipe,
-            dataset=calibration,
-            use_loss_mask=fair is not None,
-            num_calibration_samples=len(calibration),
-            shuffle_calibration_samples=False,
-            batch_size=batch_size,
-            max_seq_length=max(len(x) for x in calibration["input_ids"]),
-        )
+        try:
+            model = oneshot(
+                model=model,
+                processor=tokenizer,
+                recipe=recipe,
+                dataset=calibration,
+                use_loss_mask=fair is not None,
+                num_calibration_samples=len(calibration),
+                shuffle_calibration_samples=False,
+                batch_size=batch_size,
+                max_seq_length=max(len(x) for x in calibration["input_ids"]),
+            )
+        finally:
+            release_traced_model(model)
         stage2_seconds = time.monotonic() - start
         logger.info(f"Stage I {stage1_seconds:.1f}s, Stage II (oneshot) {stage2_seconds:.1f}s")
 

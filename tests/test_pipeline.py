@@ -7,11 +7,13 @@ import os
 
 import pytest
 import torch
+from llmcompressor.core import reset_session
 from transformers import AutoModel
 
 from fair_calib_llmc import quantize
+from fair_calib_llmc.models import DreamModel, LLaDAModelLM
 
-from .helpers import saved, tiny_causal_lm
+from .helpers import dream_config, llada_config, saved, tiny_causal_lm
 
 pytestmark = pytest.mark.integration
 
@@ -32,6 +34,26 @@ def test_quantize_a_model_built_in_memory(llada, tokenizer, calibration_texts, t
     with torch.no_grad():
         assert torch.equal(reloaded(probe).logits, result.model(probe).logits)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_a_quantized_model_is_freed_when_dropped(family, tokenizer, calibration_texts):
+    """llm-compressor's tracing registers the model in torch.fx's process-wide wrap registry;
+    quantize() takes it out again, so a sweep does not keep every model it quantized."""
+    import gc
+    import weakref
+
+    model = (
+        LLaDAModelLM(llada_config(tokenizer))
+        if family == "llada"
+        else DreamModel(dream_config(tokenizer))
+    )
+    weights = [weakref.ref(p) for p in model.parameters()]
+    result = quantize(model, tokenizer, "quarot_gptq_w4a4", calibration_texts, max_prompts=2)
+    del model, result
+    reset_session()  # the session holds the model until the next oneshot
+    gc.collect()  # modules and their hooks form reference cycles
+    assert all(ref() is None for ref in weights)
 
 
 def test_quantize_from_a_jsonl_file(dream, tokenizer, calibration_texts, tmp_path):
