@@ -39,6 +39,7 @@ from fair_calib_llmc.sampling import (
     default_sampler,
     teacher_traces,
 )
+from fair_calib_llmc.sensitivity import decision_sensitivity
 
 __all__ = [
     "Stage1Settings",
@@ -135,18 +136,31 @@ def build_calibration_dataset(
     prior = estimate_prior([trace for _, trace in rollouts], settings.prior, all_reduce_sum)
 
     picks = torch.linspace(0, sampler.steps - 1, settings.states_per_prompt).round().long()
-    input_ids, weights, frontier = [], [], []
+    by_sensitivity = settings.prior.source == "sensitivity"
+    input_ids, weights, frontier, decided = [], [], [], []
     for _, trace in rollouts:
         trace = trace.to("cpu")
         states = trace.states(spec.mask_token_id)
         for step in picks.unique().tolist():
-            raw, committed = prior.raw_weights(trace, step), trace.committed[step]
+            committed = trace.committed[step]
+            if by_sensitivity:
+                raw = prior.decision_weights(trace, step)  # per decided position, see below
+                decided.extend(trace.sequences)
+            else:
+                raw = prior.raw_weights(trace, step)
             if spec.shift_logits:  # column i-1 decides position i
-                raw = torch.cat([raw[:, 1:], torch.ones_like(raw[:, :1])], dim=1)
                 committed = torch.cat([committed[:, 1:], committed[:, :1] & False], dim=1)
+                if not by_sensitivity:  # sensitivities already sit on the deciding columns
+                    raw = torch.cat([raw[:, 1:], torch.ones_like(raw[:, :1])], dim=1)
             input_ids.extend(states[step])
             weights.extend(raw)
             frontier.extend(committed)
+    if by_sensitivity:
+        weights = list(
+            sensitivity_weights(
+                model, input_ids, decided, weights, spec, settings.prior.frontier_weight
+            )
+        )
     weights = normalise_weights(weights, settings.prior.min_weight, all_reduce_sum)
     stats = weight_stats(weights, frontier)
     logger.info(
@@ -162,6 +176,18 @@ def build_calibration_dataset(
         }
     )
     return dataset, prior, stats
+
+
+def sensitivity_weights(
+    model, states, decided, decision_weights, spec, frontier_weight: float
+) -> torch.Tensor:
+    """``(N, L)`` raw token weights ``1 + frontier_weight * s_t / max_t s_t`` from the
+    teacher's decision sensitivity (:mod:`fair_calib_llmc.sensitivity`), per state."""
+    sensitivity = decision_sensitivity(
+        model, torch.stack(states), torch.stack(decided), torch.stack(decision_weights), spec
+    )
+    peak = sensitivity.amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return 1 + frontier_weight * sensitivity / peak
 
 
 def weight_stats(weights: list[torch.Tensor], frontier: list[torch.Tensor]) -> WeightStats:

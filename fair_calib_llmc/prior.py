@@ -25,7 +25,14 @@ ignored.
   actual frontier;
 * ``"table"``: the ``(position, stage)`` averages above, the same for every state of a stage.
   Averaging over all steps of a stage and all rollouts spreads the weight thinly: measured on
-  the built-in model, the committed token was the top-weighted one in only 16% of states.
+  the built-in model, the committed token was the top-weighted one in only 16% of states;
+* ``"sensitivity"``: the state's frontier decisions (weighted as in ``"state"``) are traced
+  back to the hidden states that make them, with one teacher backward pass
+  (:mod:`fair_calib_llmc.sensitivity`): a token weighs
+  ``1 + frontier_weight * s_t / max_t s_t`` with ``s_t`` its decision sensitivity, so the
+  context a decision reads (its keys and values, the tokens written just before) is weighted,
+  not only the decided token. Stage I computes it (:meth:`PositionPrior.decision_weights`
+  gives the per-position decision weights it starts from).
 """
 
 from __future__ import annotations
@@ -55,8 +62,10 @@ class PriorSettings(BaseModel):
     num_stages: int = Field(4, ge=1, description="masking-ratio buckets")
     margin_mix: float = Field(0.5, ge=0.0, le=1.0, description="margin vs agreement in instability")
     min_weight: float = Field(0.1, gt=0.0, le=1.0, description="floor of a normalised weight")
-    source: Literal["state", "table"] = Field(
-        "state", description="weights from each state's own rollout or the averaged table"
+    source: Literal["state", "table", "sensitivity"] = Field(
+        "state",
+        description="weights from each state's own rollout, the averaged table, or the "
+        "teacher's sensitivity of the state's frontier decisions to each hidden state",
     )
 
 
@@ -69,8 +78,12 @@ class PositionPrior:
     settings: PriorSettings
 
     def raw_weights(self, trace: DiffusionTrace, step: int) -> torch.Tensor:
-        """Unnormalised ``(B, L)`` weights of the state before ``step`` of ``trace``."""
+        """Unnormalised ``(B, L)`` token weights of the state before ``step`` of ``trace``
+        (``"state"`` and ``"table"``; ``"sensitivity"`` weights need the model, see
+        :func:`fair_calib_llmc.calibration.build_calibration_dataset`)."""
         s = self.settings
+        if s.source == "sensitivity":
+            raise ValueError("sensitivity weights come from the teacher, not from the prior")
         if s.source == "state":
             hits = frontier_hits(trace, step, s)
             unstable = state_instability(trace, step, s.margin_mix)
@@ -80,6 +93,18 @@ class PositionPrior:
             unstable = self.instability[:, stage].T
         answer = 1 + s.frontier_weight * hits * (1 + s.instability_weight * unstable)
         prompt = torch.ones(answer.shape[0], trace.prompt_length)
+        return torch.cat([prompt, answer], dim=1)
+
+    def decision_weights(self, trace: DiffusionTrace, step: int) -> torch.Tensor:
+        """``(B, L)`` weight of the decision at each position of the state before ``step``:
+        the state's frontier score times its instability boost where the position is still
+        masked, 0 elsewhere (prompt, already written)."""
+        s = self.settings
+        hits = frontier_hits(trace, step, s)
+        unstable = state_instability(trace, step, s.margin_mix)
+        answer = hits * (1 + s.instability_weight * unstable)
+        answer = answer * trace.masked[step][:, trace.prompt_length :].cpu().float()
+        prompt = torch.zeros(answer.shape[0], trace.prompt_length)
         return torch.cat([prompt, answer], dim=1)
 
 

@@ -1,0 +1,113 @@
+"""Token weights that follow the decision: how much each hidden state moves the frontier.
+
+The ``state`` prior puts a frontier decision's weight on the token being decided. But a
+decision is made from every position's hidden state: the keys and values of the context it
+attends to, the tokens committed just before it. This module measures that directly, with
+one backward pass of the full-precision teacher per calibration batch:
+
+    L = sum_i a_i * -log p(x_i | state),     s_t = mean_l || dL / dh_t^(l) ||^2
+
+``a_i`` is the frontier weight of answer position ``i`` (nonzero only where the teacher's
+rollout commits ``i`` at this step or within the lookahead, and ``i`` is still masked), ``x_i``
+the token the teacher committed there, and ``h_t^(l)`` the input of decoder layer ``l`` at
+position ``t``. ``s_t`` is the diagonal of the empirical Fisher of the frontier decisions
+with respect to that hidden state: to second order, how much the frontier's log-likelihood
+changes when quantization noise lands on token ``t``, averaged over the layers (one weight per
+token serves every layer, as ``loss_mask`` does).
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.utils import match_named_modules
+from llmcompressor.utils.pytorch.module import infer_sequential_targets
+from torch import nn
+
+from fair_calib_llmc.models.family import DiffusionLMSpec, align_logits
+
+__all__ = ["decision_sensitivity", "decoder_layers", "layer_sensitivity"]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers, found the way llm-compressor's sequential pipeline finds them."""
+    targets = infer_sequential_targets(model, None)
+    layers = [m for _, m in match_named_modules(model, targets)]
+    if not layers:
+        raise ValueError(f"no decoder layers ({targets}) found in {type(model).__name__}")
+    return layers
+
+
+def decision_sensitivity(
+    model: nn.Module,
+    states: torch.Tensor,
+    targets: torch.Tensor,
+    position_weights: torch.Tensor,
+    spec: DiffusionLMSpec,
+    *,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """``(N, L)`` per-token sensitivity ``s_t`` of ``states`` (``(N, L)`` token ids), the mean
+    over decoder layers of :func:`layer_sensitivity`.
+
+    :param targets: ``(N, L)`` the token the teacher decided at each position
+    :param position_weights: ``(N, L)`` the frontier weight ``a_i`` of each position's decision
+        (0 where nothing is decided)
+    """
+    return layer_sensitivity(
+        model, states, targets, position_weights, spec, batch_size=batch_size
+    ).mean(0)
+
+
+def layer_sensitivity(
+    model: nn.Module,
+    states: torch.Tensor,
+    targets: torch.Tensor,
+    position_weights: torch.Tensor,
+    spec: DiffusionLMSpec,
+    *,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """``(layers, N, L)`` squared gradient norm of the weighted frontier loss with respect to
+    every decoder layer's input hidden state (see the module docstring)."""
+    if not states.shape == targets.shape == position_weights.shape:
+        raise ValueError(
+            f"states {tuple(states.shape)}, targets {tuple(targets.shape)} and position "
+            f"weights {tuple(position_weights.shape)} must have the same (N, L) shape"
+        )
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    inputs: list[torch.Tensor] = []
+
+    def keep_input(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        inputs.append(hidden)
+
+    handles = [layer.register_forward_pre_hook(keep_input, with_kwargs=True) for layer in layers]
+    out = []
+    try:
+        for start in range(0, len(states), batch_size):
+            rows = slice(start, start + batch_size)
+            ids = states[rows].to(device)
+            weight = position_weights[rows].to(device, torch.float32)
+            inputs.clear()
+            with torch.enable_grad():
+                embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                logits = align_logits(model(inputs_embeds=embeds).logits.float(), spec)
+                logits[..., spec.mask_token_id] = float("-inf")  # never an answer (sampling)
+                log_p = logits.log_softmax(-1)
+                chosen = log_p.gather(-1, targets[rows].to(device).unsqueeze(-1)).squeeze(-1)
+                loss = -(weight * chosen).sum()
+                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+            out.append(
+                torch.stack(
+                    [
+                        torch.zeros(ids.shape) if g is None else g.float().pow(2).sum(-1).cpu()
+                        for g in grads
+                    ]
+                )
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+        inputs.clear()
+    return torch.cat(out, dim=1)
