@@ -32,12 +32,11 @@ import torch
 from compressed_tensors.quantization import QuantizationStrategy
 from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 from compressed_tensors.quantization.utils import is_module_quantized
-from compressed_tensors.utils import getattr_chain, match_named_modules, update_offload_parameter
+from compressed_tensors.utils import getattr_chain, update_offload_parameter
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.utils.hooks import HooksMixin
-from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 
@@ -46,6 +45,7 @@ from fair_calib_llmc.distributed import all_reduce_sum
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.reconstruction import accumulate_cross_covariance, fp_target_weight
 from fair_calib_llmc.schemes import check_scheme_name
+from fair_calib_llmc.sensitivity import decoder_layers
 
 __all__ = ["FAIRCalibModifier", "check_finite_weights"]
 
@@ -127,8 +127,7 @@ class FAIRCalibModifier(GPTQModifier):
         diffusion_spec(state.model)  # a causal or mask-less model fails here, before any work
         check_finite_weights(state.model)
         if self.fp_targets:
-            targets = infer_sequential_targets(state.model, kwargs.get("sequential_targets"))
-            layers = [m for _, m in match_named_modules(state.model, targets)]
+            layers = decoder_layers(state.model, kwargs.get("sequential_targets"))
             self._previous_layer = dict(zip(layers[1:], layers[:-1], strict=True))
             self._previous_layer[layers[0]] = None
         logger.info(

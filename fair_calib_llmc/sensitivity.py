@@ -28,9 +28,10 @@ from fair_calib_llmc.models.family import DiffusionLMSpec, align_logits
 __all__ = ["decision_sensitivity", "decoder_layers", "layer_sensitivity"]
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers, found the way llm-compressor's sequential pipeline finds them."""
-    targets = infer_sequential_targets(model, None)
+def decoder_layers(model: nn.Module, sequential_targets=None) -> list[nn.Module]:
+    """The decoder layers in order, found the way llm-compressor's sequential pipeline finds
+    them (``sequential_targets`` as given to ``oneshot``; default: the model's own)."""
+    targets = infer_sequential_targets(model, sequential_targets)
     layers = [m for _, m in match_named_modules(model, targets)]
     if not layers:
         raise ValueError(f"no decoder layers ({targets}) found in {type(model).__name__}")
