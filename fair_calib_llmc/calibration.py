@@ -39,7 +39,7 @@ from fair_calib_llmc.sampling import (
     default_sampler,
     teacher_traces,
 )
-from fair_calib_llmc.sensitivity import decision_sensitivity
+from fair_calib_llmc.sensitivity import layer_sensitivity
 
 __all__ = [
     "Stage1Settings",
@@ -183,9 +183,9 @@ def sensitivity_weights(
 ) -> torch.Tensor:
     """``(N, L)`` raw token weights ``1 + frontier_weight * s_t / max_t s_t`` from the
     teacher's decision sensitivity (:mod:`fair_calib_llmc.sensitivity`), per state."""
-    sensitivity = decision_sensitivity(
+    sensitivity = layer_sensitivity(
         model, torch.stack(states), torch.stack(decided), torch.stack(decision_weights), spec
-    )
+    ).mean(0)  # one weight per token serves every layer
     peak = sensitivity.amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     return 1 + frontier_weight * sensitivity / peak
 

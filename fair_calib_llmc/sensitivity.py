@@ -25,7 +25,7 @@ from torch import nn
 
 from fair_calib_llmc.models.family import DiffusionLMSpec, align_logits
 
-__all__ = ["decision_sensitivity", "decoder_layers", "layer_sensitivity"]
+__all__ = ["decoder_layers", "layer_sensitivity"]
 
 
 def decoder_layers(model: nn.Module, sequential_targets=None) -> list[nn.Module]:
@@ -38,27 +38,6 @@ def decoder_layers(model: nn.Module, sequential_targets=None) -> list[nn.Module]
     return layers
 
 
-def decision_sensitivity(
-    model: nn.Module,
-    states: torch.Tensor,
-    targets: torch.Tensor,
-    position_weights: torch.Tensor,
-    spec: DiffusionLMSpec,
-    *,
-    batch_size: int = 16,
-) -> torch.Tensor:
-    """``(N, L)`` per-token sensitivity ``s_t`` of ``states`` (``(N, L)`` token ids), the mean
-    over decoder layers of :func:`layer_sensitivity`.
-
-    :param targets: ``(N, L)`` the token the teacher decided at each position
-    :param position_weights: ``(N, L)`` the frontier weight ``a_i`` of each position's decision
-        (0 where nothing is decided)
-    """
-    return layer_sensitivity(
-        model, states, targets, position_weights, spec, batch_size=batch_size
-    ).mean(0)
-
-
 def layer_sensitivity(
     model: nn.Module,
     states: torch.Tensor,
@@ -69,7 +48,13 @@ def layer_sensitivity(
     batch_size: int = 16,
 ) -> torch.Tensor:
     """``(layers, N, L)`` squared gradient norm of the weighted frontier loss with respect to
-    every decoder layer's input hidden state (see the module docstring)."""
+    every decoder layer's input hidden state of ``states`` (``(N, L)`` token ids; see the
+    module docstring). Its mean over layers is the per-token sensitivity ``s_t``.
+
+    :param targets: ``(N, L)`` the token the teacher decided at each position
+    :param position_weights: ``(N, L)`` the frontier weight ``a_i`` of each position's decision
+        (0 where nothing is decided)
+    """
     if not states.shape == targets.shape == position_weights.shape:
         raise ValueError(
             f"states {tuple(states.shape)}, targets {tuple(targets.shape)} and position "

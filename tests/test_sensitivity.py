@@ -12,7 +12,7 @@ from fair_calib_llmc.models import diffusion_spec
 from fair_calib_llmc.models.family import align_logits
 from fair_calib_llmc.prior import PriorSettings
 from fair_calib_llmc.sampling import default_sampler
-from fair_calib_llmc.sensitivity import decision_sensitivity, layer_sensitivity
+from fair_calib_llmc.sensitivity import layer_sensitivity
 
 pytestmark = pytest.mark.unit
 
@@ -62,11 +62,11 @@ def test_first_layer_sensitivity_is_the_squared_gradient(dllm, tokenizer):
 def test_nothing_decided_means_no_sensitivity(llada, tokenizer):
     spec, states, targets, weights = _case(llada, tokenizer)
     assert torch.equal(
-        decision_sensitivity(llada, states, targets, torch.zeros_like(weights), spec),
-        torch.zeros(states.shape),
+        layer_sensitivity(llada, states, targets, torch.zeros_like(weights), spec),
+        torch.zeros(llada.config.num_hidden_layers, *states.shape),
     )
     with pytest.raises(ValueError, match="same \\(N, L\\) shape"):
-        decision_sensitivity(llada, states, targets[:, :5], weights, spec)
+        layer_sensitivity(llada, states, targets[:, :5], weights, spec)
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
