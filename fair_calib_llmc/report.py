@@ -56,6 +56,8 @@ def merge_results(run_dirs: Sequence[Path], out_dir: Path) -> str:
     ELBO perplexity; the merged FP row holds the mean) and must not repeat a (method, seed)
     pair; rows keep run order, one FP row leads.
     """
+    if (Path(out_dir) / "results.json").exists():  # a run's own rows must never be replaced
+        raise ValueError(f"{out_dir} already holds results.json; merge into a new directory")
     payloads = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
     if not payloads:
         raise ValueError("no runs to merge")

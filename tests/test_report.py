@@ -75,6 +75,9 @@ def test_merged_seed_runs_equal_one_run_and_reject_overlaps(tmp_path):
     assert payload["settings"]["seeds"] == [0, 1]
     assert payload["flips_per_step"]["gptq"] == [[0.2, 0.2], [0.3, 0.3]]
 
+    with pytest.raises(ValueError, match="already holds results.json; merge into a new"):
+        merge_results([tmp_path / "seed0"], tmp_path / "seed1")  # would replace seed 1's rows
+    assert json.loads((tmp_path / "seed1" / "results.json").read_text())["settings"]["seeds"] == [1]
     with pytest.raises(ValueError, match=r"gptq \(seed 0\) was measured by two runs"):
         merge_results([tmp_path / "seed0", tmp_path / "seed0"], tmp_path / "again")
     other = json.loads((tmp_path / "seed1" / "results.json").read_text())
