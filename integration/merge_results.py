@@ -3,7 +3,8 @@
     python integration/merge_results.py OUT RUN_DIR [RUN_DIR ...]
 
 Writes ``results.json``, ``results.md`` and ``flips.png`` for all rows of the runs into
-``OUT`` (:func:`fair_calib_llmc.report.merge_results`), followed by each run's own
+a new directory ``OUT`` (:func:`fair_calib_llmc.report.merge_results`), followed by each
+run's own
 "Measured on ..." line (device, date, wall time, command).
 """
 
