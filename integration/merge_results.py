@@ -4,8 +4,7 @@
 
 Writes ``results.json``, ``results.md`` and ``flips.png`` for all rows of the runs into
 a new directory ``OUT`` (:func:`fair_calib_llmc.report.merge_results`), followed by each
-run's own
-"Measured on ..." line (device, date, wall time, command).
+run's own "Measured on ..." line (device, date, wall time, command).
 """
 
 from __future__ import annotations
