@@ -12,6 +12,7 @@ Importing the package registers, with no further call:
 
 from fair_calib_llmc import (  # noqa: F401  (registration on import)
     evaluation,
+    learned_rotations,
     rotations,
     schemes,
     transform_loading,
@@ -19,6 +20,7 @@ from fair_calib_llmc import (  # noqa: F401  (registration on import)
 from fair_calib_llmc.calibration import Stage1Settings, build_calibration_dataset
 from fair_calib_llmc.checkpoint import save_atomically
 from fair_calib_llmc.data import load_texts
+from fair_calib_llmc.learned_rotations import ExactSpinQuantModifier, LearnedSpinQuantModifier
 from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
 from fair_calib_llmc.models import (
     DiffusionLMSpec,
@@ -42,10 +44,12 @@ __all__ = [
     "DreamConfig",
     "DreamModel",
     "DreamSampler",
+    "ExactSpinQuantModifier",
     "FAIRCalibModifier",
     "LLaDAConfig",
     "LLaDAModelLM",
     "LLaDASampler",
+    "LearnedSpinQuantModifier",
     "PriorSettings",
     "SamplerBase",
     "Stage1Settings",

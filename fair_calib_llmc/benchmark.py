@@ -42,6 +42,8 @@ METHOD_RECIPES = {
     "quarot+autoround": "quarot_autoround_w4a4",
     "fair-calib-uniform": "fair_calib_uniform_w4a4",
     "fair-calib": "fair_calib_w4a4",
+    "spinquant-learned+gptq": "spinquant_learned_gptq_w4a4",
+    "fair-calib-learned": "fair_calib_learned_w4a4",
 }
 
 

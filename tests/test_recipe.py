@@ -33,7 +33,7 @@ def test_long_yaml_text_is_not_taken_for_a_path():
     assert len(text) > 255  # longer than a file name may be
     assert read_recipe(text) == (text, "<recipe text>")
     modifiers = [type(m).__name__ for m in load_recipe(text).modifiers]
-    assert modifiers == ["SpinQuantModifier", "FAIRCalibModifier"]
+    assert modifiers == ["ExactSpinQuantModifier", "FAIRCalibModifier"]
 
 
 def test_path_and_path_object(tmp_path):

@@ -29,7 +29,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
-from llmcompressor.modifiers.transform import SpinQuantModifier
+from fair_calib_llmc.learned_rotations import ExactSpinQuantModifier
 from loguru import logger
 from torch import nn
 from tqdm.auto import tqdm
@@ -100,7 +100,7 @@ def decoder_layers(model: nn.Module) -> list[tuple[str, list[str]]]:
 def _quantized(model_dir, dtype, device, scheme: QuantizationScheme, rotate: bool) -> nn.Module:
     """A fresh copy of the FP model, RTN-quantized in memory (data-free ``oneshot``)."""
     model, _ = load_checkpoint(model_dir, dtype=dtype, device=device)
-    recipe = [SpinQuantModifier(**ROTATIONS)] if rotate else []
+    recipe = [ExactSpinQuantModifier(**ROTATIONS)] if rotate else []
     recipe.append(QuantizationModifier(config_groups={"group_0": scheme}, ignore=LM_HEADS))
     return oneshot(model=model, recipe=recipe)
 

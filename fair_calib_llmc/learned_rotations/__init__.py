@@ -1,0 +1,13 @@
+"""Rotations for LLaDA and Dream: exact SpinQuant rotations and learned R1 / R2 (Stage II v3).
+
+:mod:`.base` holds the modifiers (lifecycle); :mod:`.rotated_linear`, :mod:`.cayley`,
+:mod:`.ste` and :mod:`.objectives` the plain maths they use.
+"""
+
+from fair_calib_llmc.learned_rotations.base import (
+    ExactSpinQuantModifier,
+    LearnedSpinQuantModifier,
+    rotation_sites,
+)
+
+__all__ = ["ExactSpinQuantModifier", "LearnedSpinQuantModifier", "rotation_sites"]

@@ -1,0 +1,370 @@
+"""Rotation modifiers for LLaDA and Dream: exact SpinQuant rotations, and learned ones.
+
+``ExactSpinQuantModifier`` is llm-compressor's ``SpinQuantModifier`` whose rotated
+full-precision model computes what the original computes. Upstream always mean-centres the
+embedding rows before it rotates, which keeps the function only under LayerNorm (which
+subtracts the mean anyway); LLaDA and Dream use RMSNorm, where centring changes every hidden
+state (the built-in model's fp32 logits moved by up to 1.3). Here the embeddings are centred
+only when a fused norm is a LayerNorm.
+
+``LearnedSpinQuantModifier`` learns R1 (the residual stream) and a per-layer R2 (each head's
+values) on top of the Hadamard start, the SpinQuant class of method, with the Stage I
+calibration states and their frontier weights: llm-compressor 0.14 rejects
+``SpinQuantModifier(learnable=True)``. Learning runs at ``on_calibration_start``, after the
+Hadamards are fused and before the quantization modifier after it calibrates:
+
+1. the full-precision teacher (the Hadamard-rotated model, exact by the above) runs once on
+   every calibration batch: its layer outputs (``layer_mse``) or masked-position output
+   distributions (``output_kl``);
+2. every quantized linear layer computes its rotated, fake-quantized forward with the scheme
+   the next modifier will deploy (:mod:`~fair_calib_llmc.learned_rotations.rotated_linear`),
+   and :class:`~fair_calib_llmc.learned_rotations.cayley.CayleyAdam` moves the rotations on the
+   orthogonal group, ``steps`` times;
+3. the rotations are fused into the weights (embedding, every reader and writer, the LM head).
+
+The checkpoint holds ordinary weights plus the same online R4 as a plain rotated recipe: no new
+inference op, nothing of this package needed to load it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Literal
+
+import torch
+from compressed_tensors import match_named_modules
+from compressed_tensors.utils import get_head_dim
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers.factory import ModifierFactory
+from llmcompressor.modifiers.transform.spinquant import SpinQuantModifier
+from loguru import logger
+from pydantic import Field, PrivateAttr, model_validator
+from torch import nn
+from tqdm.auto import tqdm
+
+from fair_calib_llmc.distributed import all_reduce_sum, rank_and_world
+from fair_calib_llmc.learned_rotations.cayley import CayleyAdam, cayley
+from fair_calib_llmc.learned_rotations.objectives import (
+    decision_columns,
+    layer_mse,
+    output_kl,
+    teacher_log_probs,
+)
+from fair_calib_llmc.learned_rotations.rotated_linear import (
+    RotationSites,
+    fuse_rotation,
+    rotated_forward,
+)
+from fair_calib_llmc.learned_rotations.ste import LEARNABLE_STRATEGIES
+from fair_calib_llmc.models.family import diffusion_spec
+
+__all__ = ["ExactSpinQuantModifier", "LearnedSpinQuantModifier", "rotation_sites"]
+
+LEARNABLE_ROTATIONS = ("R1", "R2")
+
+
+def rotation_sites(
+    model: nn.Module, mappings, r1: torch.Tensor | None, r2: list[torch.Tensor] | None
+) -> dict[nn.Module, RotationSites]:
+    """Every module an R1 (one matrix) or per-layer R2 (one per attention block) acts on,
+    found through SpinQuant's own mapping of the model (``SpinQuantModifier.mappings``)."""
+    sites: dict[nn.Module, RotationSites] = defaultdict(RotationSites)
+    if r1 is not None:
+        writers = [mappings.embedding, mappings.attn_o, *mappings.mlp_out]
+        readers = [mappings.attn_q, mappings.attn_k, mappings.attn_v, *mappings.mlp_in]
+        for _, module in match_named_modules(model, writers):
+            sites[module].q_out = r1
+        for _, module in match_named_modules(model, [*readers, mappings.lm_head]):
+            sites[module].q_in = r1
+    if r2 is not None:
+        blocks = [m for _, m in match_named_modules(model, [mappings.attn])]
+        if len(blocks) != len(r2):
+            raise ValueError(f"{len(r2)} R2 rotations for {len(blocks)} attention blocks")
+        for block, q in zip(blocks, r2, strict=True):
+            for _, module in match_named_modules(block, [mappings.attn_v]):
+                sites[module].q_out = q
+            for _, module in match_named_modules(block, [mappings.attn_o]):
+                sites[module].q_in = q
+    return dict(sites)
+
+
+class ExactSpinQuantModifier(SpinQuantModifier):
+    """``SpinQuantModifier`` that keeps an RMSNorm model's function (see the module docstring).
+
+    Sample yaml::
+
+        rotate_stage:
+          rotate_modifiers:
+            ExactSpinQuantModifier:
+              rotations: [R1, R2, R4]
+              transform_type: random-hadamard
+
+    :param equivalent_perturbation: fuse one more residual rotation ``cay(eps S)`` (``S`` a
+        seeded random skew matrix of unit RMS entries) into the model: the function stays the
+        same, only rounding ties are re-rolled. The control row that shows how much two
+        equivalent models' flips differ by chance; 0 (default) = off
+    """
+
+    equivalent_perturbation: float = Field(0.0, ge=0.0)
+
+    def _center_embeddings(self, model: nn.Module) -> None:
+        norms = [
+            module
+            for mapping in self.norm_mappings
+            for _, module in match_named_modules(model, [mapping.norm])
+        ]
+        if any(isinstance(norm, nn.LayerNorm) for norm in norms):
+            super()._center_embeddings(model)
+
+    @torch.no_grad()
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        super().on_calibration_start(state, event, **kwargs)
+        if self.equivalent_perturbation > 0:
+            width = state.model.config.hidden_size
+            generator = torch.Generator().manual_seed(0)
+            noise = torch.randn(width, width, generator=generator, dtype=torch.float64)
+            skew = (noise - noise.T) / 2**0.5
+            q = cayley(self.equivalent_perturbation * skew)
+            for module, sites in rotation_sites(state.model, self.mappings, q, None).items():
+                fuse_rotation(module, sites)
+
+
+class LearnedSpinQuantModifier(ExactSpinQuantModifier):
+    """Learned R1 / per-layer R2 on the Stage I states (see the module docstring).
+
+    Sample yaml (a quantization modifier must follow; its scheme is the one learned against)::
+
+        rotate_stage:
+          rotate_modifiers:
+            LearnedSpinQuantModifier:
+              rotations: [R1, R2, R4]
+              transform_type: random-hadamard
+              learn: [R1, R2]
+              objective: layer_mse
+              token_weights: frontier
+
+    :param learn: the rotations to learn (fused ones only: R1, R2)
+    :param objective: ``layer_mse`` (weighted layer-output MSE, summed over layers) or
+        ``output_kl`` (weighted KL of the masked positions' output distribution)
+    :param token_weights: ``frontier`` (Stage I ``loss_mask``) or ``uniform`` (the ablation)
+    :param steps: optimiser steps, one calibration batch each (cycling through the batches)
+    :param lr: Cayley-Adam step per skew entry; decays with a cosine over ``steps``
+    :param weights_in_loop: also fake-quantize the weights (W4A4 RTN in the loop); off, the
+        weights stay in full precision while learning (W16A4), as SpinQuant learns when GPTQ
+        quantizes the weights afterwards
+    """
+
+    learn: list[Literal["R1", "R2"]] = Field(default_factory=lambda: ["R1", "R2"])
+    objective: Literal["layer_mse", "output_kl"] = "layer_mse"
+    token_weights: Literal["frontier", "uniform"] = "frontier"
+    steps: int = Field(100, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    weights_in_loop: bool = False
+
+    _objective_before: float | None = PrivateAttr(default=None)
+    _objective_after: float | None = PrivateAttr(default=None)
+    _learned: dict = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_learnable(cls, values):
+        if not isinstance(values, dict):
+            return values
+        learn = [str(r).upper() for r in values.get("learn", ["R1", "R2"])]
+        rotations = [str(r).upper() for r in values.get("rotations", ["R1", "R2"])]
+        fixed = [r for r in learn if r not in LEARNABLE_ROTATIONS]
+        if fixed:
+            raise ValueError(
+                f"learn: {fixed} cannot be learned: R3 and R4 are online Hadamards kept as "
+                "they are; learn R1 and/or R2"
+            )
+        missing = [r for r in learn if r not in rotations]
+        if missing:
+            raise ValueError(f"learn: {missing} must also be listed in rotations: {rotations}")
+        if not learn:
+            raise ValueError("learn is empty; use ExactSpinQuantModifier for fixed rotations")
+        if values.get("transform_block_size") is not None and "R1" in learn:
+            raise ValueError(
+                "a block-diagonal R1 (transform_block_size) cannot be learned: learning moves a "
+                "full residual rotation; drop transform_block_size or learn only R2"
+            )
+        if values.get("transform_type", "hadamard") == "random-matrix":
+            raise ValueError(
+                "transform_type random-matrix is not orthogonal, so it cannot start a learned "
+                "rotation; use hadamard or random-hadamard"
+            )
+        return {**values, "learn": learn}
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        diffusion_spec(state.model)  # a causal or mask-less model fails here, before any work
+        calib = getattr(state.data, "calib", None)
+        first = next(iter(calib), None) if calib is not None else None
+        if first is None:
+            raise ValueError(
+                "LearnedSpinQuantModifier learns on calibration states but got no calibration "
+                "data; pass dataset= to oneshot (states from "
+                "fair_calib_llmc.build_calibration_dataset) or use fair_calib_llmc.quantize"
+            )
+        if self.token_weights == "frontier" and "loss_mask" not in first:
+            raise ValueError(
+                "LearnedSpinQuantModifier(token_weights: frontier) got no Stage I weights "
+                "(no loss_mask column); build the states with "
+                "fair_calib_llmc.build_calibration_dataset, or set token_weights: uniform"
+            )
+        return super().on_initialize(state, **kwargs)
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        super().on_calibration_start(state, event, **kwargs)  # Hadamards fused, R4 attached
+        self._learn(state.model, state.data.calib)
+
+    # --- learning ---------------------------------------------------------------------------
+    def _learn(self, model: nn.Module, dataloader) -> None:
+        spec = diffusion_spec(model)
+        device = next(model.parameters()).device
+        quantized = self._quantized_linears(model)
+        r1 = self._identity(model.config.hidden_size, device) if "R1" in self.learn else None
+        r2 = None
+        if "R2" in self.learn:
+            blocks = list(match_named_modules(model, [self.mappings.attn]))
+            r2 = [self._identity(get_head_dim(model.config), device) for _ in blocks]
+        sites = rotation_sites(model, self.mappings, r1, r2)
+        params = [q for q in [r1, *(r2 or [])] if q is not None]
+
+        batches = [self._batch(b, device) for b in dataloader]
+        with torch.no_grad():
+            targets = [self._teacher(model, b, spec) for b in batches]
+        optimiser = CayleyAdam(params, lr=self.lr, total_steps=self.steps)
+        _, world = rank_and_world()
+        with _training_forwards(quantized, sites), _frozen(model):
+            self._objective_before = self._mean_objective(model, batches, targets, spec)
+            bar = tqdm(range(self.steps), desc="learning rotations", unit="step")
+            for step in bar:
+                index = step % len(batches)
+                with torch.enable_grad():
+                    loss = self._objective(model, batches[index], targets[index], spec)
+                    loss.backward()
+                if world > 1:  # every rank must fuse the same rotations
+                    grads = [q.grad for q in params]
+                    all_reduce_sum(grads)
+                    for g in grads:
+                        g.div_(world)
+                optimiser.step()
+                optimiser.zero_grad()
+                bar.set_postfix(loss=f"{loss.item():.4g}")
+            self._objective_after = self._mean_objective(model, batches, targets, spec)
+        logger.info(
+            f"learned {'+'.join(self.learn)} ({self.objective}, {self.token_weights} weights, "
+            f"{self.steps} steps): objective {self._objective_before:.5g} -> "
+            f"{self._objective_after:.5g}"
+        )
+        self._learned = {"R1": r1, "R2": r2}
+        with torch.no_grad():
+            for module, where in sites.items():
+                fuse_rotation(module, where)
+
+    @staticmethod
+    def _identity(size: int, device) -> torch.Tensor:
+        return torch.eye(size, dtype=torch.float32, device=device).requires_grad_(True)
+
+    @staticmethod
+    def _batch(batch: dict, device) -> dict:
+        return {k: batch[k].to(device) for k in ("input_ids", "loss_mask") if k in batch}
+
+    def _quantized_linears(self, model: nn.Module) -> dict[nn.Module, tuple]:
+        """Each quantized linear layer's (activation args, weight args) to learn against."""
+        layers = {}
+        for name, module in model.named_modules():
+            scheme = getattr(module, "quantization_scheme", None)
+            if not isinstance(module, nn.Linear) or scheme is None:
+                continue
+            acts, weights = scheme.input_activations, scheme.weights
+            for kind, args in (("activation", acts), ("weight", weights)):
+                if args is not None and args.strategy not in LEARNABLE_STRATEGIES:
+                    raise ValueError(
+                        f"{name}: {kind} strategy {args.strategy} cannot be learned against "
+                        f"(learning supports {[s.value for s in LEARNABLE_STRATEGIES]}, e.g. "
+                        "W4A4_G128_PACKED)"
+                    )
+            if acts is not None and not acts.dynamic:
+                raise ValueError(
+                    f"{name}: static activation scales are calibrated after learning; learn "
+                    "against a scheme with dynamic activations (e.g. W4A4_G128_PACKED)"
+                )
+            layers[module] = (acts, weights if self.weights_in_loop else None)
+        if not layers:
+            raise ValueError(
+                "LearnedSpinQuantModifier found no quantized layers to learn against: put a "
+                "quantization stage (FAIRCalibModifier, GPTQModifier, QuantizationModifier) "
+                "after it in the same recipe"
+            )
+        return layers
+
+    def _weights(self, batch: dict) -> torch.Tensor:
+        if self.token_weights == "uniform":
+            return torch.ones_like(batch["input_ids"], dtype=torch.float32)
+        return batch["loss_mask"].float()
+
+    def _teacher(self, model: nn.Module, batch: dict, spec) -> list[torch.Tensor] | torch.Tensor:
+        out = model(input_ids=batch["input_ids"], output_hidden_states=True)
+        if self.objective == "layer_mse":
+            return [h.detach() for h in out.hidden_states[1:]]
+        return teacher_log_probs(out.logits, decision_columns(batch["input_ids"], spec), spec)
+
+    def _objective(self, model: nn.Module, batch: dict, target, spec) -> torch.Tensor:
+        weights = self._weights(batch)
+        if self.objective == "layer_mse":
+            out = model(input_ids=batch["input_ids"], output_hidden_states=True)
+            return layer_mse(out.hidden_states[1:], target, weights)
+        out = model(input_ids=batch["input_ids"])
+        columns = decision_columns(batch["input_ids"], spec)
+        return output_kl(out.logits, target, columns, weights, spec)
+
+    @torch.no_grad()
+    def _mean_objective(self, model, batches, targets, spec) -> float:
+        losses = [self._objective(model, b, t, spec) for b, t in zip(batches, targets, strict=True)]
+        return float(torch.stack(losses).mean())
+
+
+class _training_forwards:
+    """Swap every quantized linear's forward for its rotated, fake-quantized training forward
+    (:func:`rotated_forward`), and put the original (compressed-tensors' wrapped) ones back."""
+
+    def __init__(self, quantized: dict, sites: dict):
+        self.quantized, self.sites = quantized, sites
+        self.saved: dict[nn.Module, object] = {}
+
+    def __enter__(self):
+        for module, (acts, weights) in self.quantized.items():
+            self.saved[module] = module.__dict__.get("forward")
+            where = self.sites.get(module, RotationSites())
+            module.forward = rotated_forward(module, where, acts, weights)
+        return self
+
+    def __exit__(self, *exc):
+        for module, forward in self.saved.items():
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+        return False
+
+
+class _frozen:
+    """No gradients for the model's own parameters while the rotations learn."""
+
+    def __init__(self, model: nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+        return False
+
+
+ModifierFactory.register("ExactSpinQuantModifier", ExactSpinQuantModifier)
+ModifierFactory.register("LearnedSpinQuantModifier", LearnedSpinQuantModifier)
