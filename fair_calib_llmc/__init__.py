@@ -20,8 +20,8 @@ from fair_calib_llmc import (  # noqa: F401  (registration on import)
 from fair_calib_llmc.calibration import Stage1Settings, build_calibration_dataset
 from fair_calib_llmc.checkpoint import save_atomically
 from fair_calib_llmc.data import load_texts
-from fair_calib_llmc.learned_rotations import ExactSpinQuantModifier, LearnedSpinQuantModifier
 from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
+from fair_calib_llmc.learned_rotations import ExactSpinQuantModifier, LearnedSpinQuantModifier
 from fair_calib_llmc.models import (
     DiffusionLMSpec,
     DreamConfig,

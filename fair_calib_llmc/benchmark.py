@@ -163,6 +163,9 @@ def run_benchmark(
                 "stage2_seconds": result.stage2_seconds,
             }
             weight_stats = vars(result.weight_stats)
+            learning = [
+                m.learning_report for m in result.modifiers if hasattr(m, "learning_report")
+            ]
             del model, result
             reset_session()  # the session holds the model: free it before the next method
             _release_memory(device)
@@ -185,6 +188,7 @@ def run_benchmark(
                 "reload_max_abs_logit_diff": reload_error,
                 "flips_per_position": report.flips_per_position,
                 "weight_stats": weight_stats,
+                **({"learning": learning[0]} if learning else {}),
             }
             if reload_error != 0.0:
                 row["error"] = f"reload not exact (max abs logit difference {reload_error:.3g})"

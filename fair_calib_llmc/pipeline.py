@@ -56,6 +56,8 @@ class QuantizeResult:
     stage1_seconds: float
     stage2_seconds: float
     output_dir: Path | None
+    #: the modifiers that ran (their state after ``oneshot``, e.g. a learner's report)
+    modifiers: list | None = None
 
 
 @contextmanager
@@ -179,5 +181,12 @@ def quantize(
                 model, tokenizer, output_dir, overwrite=overwrite, model_dir=model_dir
             )
     return QuantizeResult(
-        model, calibration, prior, weight_stats, stage1_seconds, stage2_seconds, saved
+        model,
+        calibration,
+        prior,
+        weight_stats,
+        stage1_seconds,
+        stage2_seconds,
+        saved,
+        list(recipe.modifiers),
     )

@@ -29,7 +29,6 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
-from fair_calib_llmc.learned_rotations import ExactSpinQuantModifier
 from loguru import logger
 from torch import nn
 from tqdm.auto import tqdm
@@ -50,6 +49,7 @@ from fair_calib_llmc.evaluation.decisions import (
     teacher_rollouts,
     write_results,
 )
+from fair_calib_llmc.learned_rotations import ExactSpinQuantModifier
 from fair_calib_llmc.plots import plot_seed_bars
 from fair_calib_llmc.schemes import check_scheme_name
 

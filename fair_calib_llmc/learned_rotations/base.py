@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fair_calib_llmc.distributed import all_reduce_sum, rank_and_world
-from fair_calib_llmc.learned_rotations.cayley import CayleyAdam, cayley
+from fair_calib_llmc.learned_rotations.cayley import CayleyAdam, cayley, distance_from_identity
 from fair_calib_llmc.learned_rotations.objectives import (
     decision_columns,
     layer_mse,
@@ -161,9 +161,8 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
     lr: float = Field(2e-3, gt=0)
     weights_in_loop: bool = False
 
-    _objective_before: float | None = PrivateAttr(default=None)
-    _objective_after: float | None = PrivateAttr(default=None)
     _learned: dict = PrivateAttr(default_factory=dict)
+    _report: dict = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -237,7 +236,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         optimiser = CayleyAdam(params, lr=self.lr, total_steps=self.steps)
         _, world = rank_and_world()
         with _training_forwards(quantized, sites), _frozen(model):
-            self._objective_before = self._mean_objective(model, batches, targets, spec)
+            before = self._objectives_by_weighting(model, batches, targets, spec)
             bar = tqdm(range(self.steps), desc="learning rotations", unit="step")
             for step in bar:
                 index = step % len(batches)
@@ -252,13 +251,26 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
                 optimiser.step()
                 optimiser.zero_grad()
                 bar.set_postfix(loss=f"{loss.item():.4g}")
-            self._objective_after = self._mean_objective(model, batches, targets, spec)
+            after = self._objectives_by_weighting(model, batches, targets, spec)
+        self._learned = {"R1": r1, "R2": r2}
+        self._report = {
+            "objective": self.objective,
+            "token_weights": self.token_weights,
+            "before": before,
+            "after": after,
+            # RMS entry of Q - I: how far learning moved each rotation from the Hadamard start
+            "rotation_moved": {
+                name: sum(map(distance_from_identity, qs)) / len(qs)
+                for name, qs in (("R1", [r1] if r1 is not None else []), ("R2", r2 or []))
+                if qs
+            },
+        }
         logger.info(
             f"learned {'+'.join(self.learn)} ({self.objective}, {self.token_weights} weights, "
-            f"{self.steps} steps): objective {self._objective_before:.5g} -> "
-            f"{self._objective_after:.5g}"
+            f"{self.steps} steps): objective under frontier weights {before['frontier']:.5g} "
+            f"-> {after['frontier']:.5g}, under uniform weights {before['uniform']:.5g} -> "
+            f"{after['uniform']:.5g}"
         )
-        self._learned = {"R1": r1, "R2": r2}
         with torch.no_grad():
             for module, where in sites.items():
                 fuse_rotation(module, where)
@@ -300,8 +312,8 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             )
         return layers
 
-    def _weights(self, batch: dict) -> torch.Tensor:
-        if self.token_weights == "uniform":
+    def _weights(self, batch: dict, token_weights: str | None = None) -> torch.Tensor:
+        if (token_weights or self.token_weights) == "uniform" or "loss_mask" not in batch:
             return torch.ones_like(batch["input_ids"], dtype=torch.float32)
         return batch["loss_mask"].float()
 
@@ -311,8 +323,10 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             return [h.detach() for h in out.hidden_states[1:]]
         return teacher_log_probs(out.logits, decision_columns(batch["input_ids"], spec), spec)
 
-    def _objective(self, model: nn.Module, batch: dict, target, spec) -> torch.Tensor:
-        weights = self._weights(batch)
+    def _objective(
+        self, model: nn.Module, batch: dict, target, spec, token_weights: str | None = None
+    ) -> torch.Tensor:
+        weights = self._weights(batch, token_weights)
         if self.objective == "layer_mse":
             out = model(input_ids=batch["input_ids"], output_hidden_states=True)
             return layer_mse(out.hidden_states[1:], target, weights)
@@ -321,9 +335,26 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         return output_kl(out.logits, target, columns, weights, spec)
 
     @torch.no_grad()
-    def _mean_objective(self, model, batches, targets, spec) -> float:
-        losses = [self._objective(model, b, t, spec) for b, t in zip(batches, targets, strict=True)]
-        return float(torch.stack(losses).mean())
+    def _objectives_by_weighting(self, model, batches, targets, spec) -> dict[str, float]:
+        """The objective over all batches under frontier and under uniform weights: where
+        the two disagree is where the frontier prior can matter."""
+        return {
+            weighting: float(
+                torch.stack(
+                    [
+                        self._objective(model, b, t, spec, weighting)
+                        for b, t in zip(batches, targets, strict=True)
+                    ]
+                ).mean()
+            )
+            for weighting in ("frontier", "uniform")
+        }
+
+    @property
+    def learning_report(self) -> dict:
+        """What learning did: both weightings' objective before and after, and how far the
+        rotations moved from the Hadamard start (empty before learning)."""
+        return dict(self._report)
 
 
 class _training_forwards:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Stage II v3 on the reference models: QuaRot + GPTQ, its tie-noise control, learned rotations
+# (the SpinQuant-class baseline and FAIR-Calib) and the ablations that isolate each choice, all
+# in one run per model (integration/reference_benchmark.sh: one process per seed on one GPU).
+#   integration/learned_rotations_benchmark.sh OUT_DIR [integration/benchmark.py arguments...]
+# Ablation recipes are written from the shipped ones by integration/recipe_variant.py, so each
+# differs from its parent in the named fields only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+variants=$(mktemp -d)
+extra=()
+variant() {  # NAME PARENT FIELD=VALUE...
+  python integration/recipe_variant.py "recipes/$2.yaml" "$variants/$1.yaml" "${@:3}"
+  extra+=(--recipe "$1=$variants/$1.yaml")
+}
+L=LearnedSpinQuantModifier
+variant quarot+gptq-equivalent quarot_gptq_w4a4 ExactSpinQuantModifier.equivalent_perturbation=0.001
+variant learned-kl-frontier+gptq spinquant_learned_gptq_w4a4 $L.token_weights=frontier
+variant learned-mse-uniform+gptq spinquant_learned_gptq_w4a4 $L.objective=layer_mse
+variant learned-mse-frontier+gptq spinquant_learned_gptq_w4a4 $L.objective=layer_mse \
+  $L.token_weights=frontier
+variant fair-calib-learned-uniform fair_calib_learned_w4a4 $L.token_weights=uniform \
+  FAIRCalibModifier.use_token_weights=false
+variant fair-calib-learned-r1 fair_calib_learned_w4a4 "$L.learn=[R1]"
+variant fair-calib-learned-kl fair_calib_learned_w4a4 $L.objective=output_kl
+variant fair-calib-learned-w4a4-loop fair_calib_learned_w4a4 $L.weights_in_loop=true
+# in order of what the comparison needs first (a DEADLINE cut keeps the rows already done)
+methods=(quarot+gptq fair-calib-learned fair-calib-learned-uniform spinquant-learned+gptq
+  quarot+gptq-equivalent learned-mse-frontier+gptq learned-mse-uniform+gptq
+  learned-kl-frontier+gptq fair-calib-learned-kl fair-calib-learned-r1
+  fair-calib-learned-w4a4-loop)
+out=$1; shift
+exec integration/reference_benchmark.sh "$out" --methods "${methods[@]}" "${extra[@]}" "$@"
