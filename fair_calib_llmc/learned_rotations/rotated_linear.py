@@ -85,8 +85,12 @@ def rotated_forward(
 
 @torch.no_grad()
 def fuse_rotation(module: nn.Module, sites: RotationSites) -> None:
-    """Write the rotations into ``module``'s weights (and a written bias), in float64."""
+    """Write the rotations into ``module``'s weights (and a written bias), in float64, on the
+    weight's device (a rotation may have been built elsewhere)."""
     weight = module.weight.data.double()
+    sites = RotationSites(
+        *(q.to(weight.device) if q is not None else None for q in (sites.q_in, sites.q_out))
+    )
     if isinstance(module, nn.Embedding):  # rows are tokens: the output basis is the columns
         if sites.q_in is not None:
             raise ValueError("an embedding reads token ids, not a rotated basis")
