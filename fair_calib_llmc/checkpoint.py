@@ -14,6 +14,11 @@ Two steps, kept apart so the cheap one runs before any calibration work:
   fails). SIGTERM and Ctrl-C during the save remove the partial directory before the process
   ends; after SIGKILL the next run of the same target removes it (and says so).
 
+A mount point (a container volume, ``-v host:/out``) cannot be renamed over or moved aside
+(``EBUSY``): the partial directory goes inside it instead and its files are moved up into place
+(``config.json`` last). Such a target is checked for writability inside the mount, and a
+non-empty one cannot be replaced.
+
 The result carries the permissions a plain ``mkdir`` / ``open`` would give under the user's
 umask: ``tempfile.mkdtemp`` makes its directory 0700 and safetensors writes shards 0600, which
 would hide a shared checkpoint from the engine's service account.
@@ -106,16 +111,22 @@ def check_output_dir(
         raise OutputDirError(
             f"output directory {shown!r} is an existing file; choose a directory path"
         )
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
+    if _user_entries(target) and not overwrite:
         raise OutputDirError(
             f"output directory {shown!r} exists and is not empty; choose a new directory or "
             "pass --overwrite (overwrite=True in quantize()) to replace it (the old one is "
             "deleted only after the new checkpoint is in place)"
         )
+    if _is_mount(target) and _user_entries(target):
+        raise OutputDirError(
+            f"output directory {shown!r} is a mount point and not empty; a mount point cannot "
+            f"be moved aside to replace it: empty it, or choose a new directory inside it, "
+            f"e.g. {target / 'checkpoint'}"
+        )
     parent = _nearest_existing(target.parent)
     if not parent.is_dir():
         raise OutputDirError(f"cannot create {shown!r}: {parent} is a file, not a directory")
-    _check_writable(parent, shown)
+    _check_writable(target if _is_mount(target) else parent, shown)
     if expected_bytes:
         free = shutil.disk_usage(parent).free
         if free < expected_bytes * _SPACE_MARGIN:
@@ -148,7 +159,7 @@ def save_atomically(
         return _save_distributed(model, tokenizer, output_dir, overwrite, model_dir)
     target = check_output_dir(output_dir, model_dir=model_dir, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = _make_dir(target.parent, f".{target.name}.partial-{os.getpid()}-")
+    partial = _make_dir(_work_dir(target), f".{target.name}.partial-{os.getpid()}-")
     try:
         with _raise_on_sigterm():
             with warnings.catch_warnings():
@@ -174,7 +185,7 @@ def _save_distributed(model, tokenizer, output_dir, overwrite, model_dir) -> Pat
     def begin() -> tuple[Path, Path]:
         target = check_output_dir(output_dir, model_dir=model_dir, overwrite=overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
-        return target, _make_dir(target.parent, f".{target.name}.partial-{os.getpid()}-")
+        return target, _make_dir(_work_dir(target), f".{target.name}.partial-{os.getpid()}-")
 
     def finish() -> None:
         tokenizer.save_pretrained(partial)
@@ -200,7 +211,7 @@ def remove_stale_leftovers(target: Path) -> None:
     if not target.parent.is_dir():
         return
     name = glob.escape(target.name)
-    for path in sorted(target.parent.glob(f".{name}.partial-*")):
+    for path in sorted(_work_dir(target).glob(f".{name}.partial-*")):
         if _owner_alive(path):
             continue
         logger.warning(f"removing {path}: an unfinished save of {target} by a run that ended")
@@ -246,6 +257,9 @@ def _raise_on_sigterm() -> Iterator[None]:
 
 
 def _swap_into_place(partial: Path, target: Path) -> None:
+    if partial.parent == target:  # a mount point: the partial directory is inside it
+        _move_contents_up(partial, target)
+        return
     if not target.exists() or not any(target.iterdir()):
         os.replace(partial, target)  # a missing or empty target: one atomic rename
         return
@@ -257,6 +271,44 @@ def _swap_into_place(partial: Path, target: Path) -> None:
         os.rename(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_contents_up(partial: Path, target: Path) -> None:
+    """Move the partial checkpoint's entries into ``target`` (which contains it), ``config.json``
+    last so that no loader sees a checkpoint before all its files are there; on failure (or
+    SIGTERM) the entries already moved go back, so the caller's cleanup removes them all."""
+    names = sorted(os.listdir(partial), key=lambda name: name == "config.json")
+    moved = []
+    try:
+        for name in names:
+            os.rename(partial / name, target / name)
+            moved.append(name)
+    except BaseException:
+        for name in reversed(moved):
+            os.rename(target / name, partial / name)
+        raise
+    partial.rmdir()
+
+
+def _is_mount(path: Path) -> bool:
+    """An existing directory that is a mount point: it cannot be renamed or replaced."""
+    return path.is_dir() and os.path.ismount(path)
+
+
+def _work_dir(target: Path) -> Path:
+    """Where the hidden partial directory (and the lock) of ``target`` live: beside it, or
+    inside it when it is a mount point (its parent may be another, even read-only, file
+    system, and a rename across file systems fails)."""
+    return target if _is_mount(target) else target.parent
+
+
+def _user_entries(target: Path) -> list[Path]:
+    """What ``target`` holds besides this module's own hidden files (a mount point holds its
+    partial directories and lock): the entries a save would replace."""
+    if not target.is_dir():
+        return []
+    ours = (f".{target.name}.partial-", f".{target.name}.lock")
+    return [p for p in target.iterdir() if not p.name.startswith(ours)]
 
 
 def _owner_alive(path: Path) -> bool:

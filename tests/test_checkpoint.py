@@ -3,6 +3,7 @@ fail before Stage I."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -222,6 +223,113 @@ def test_save_atomically_refuses_the_model_directory(fp_model, tokenizer, tmp_pa
     with pytest.raises(OutputDirError, match="the model's own directory"):
         save_atomically(fp_model, tokenizer, tmp_path / "fp", overwrite=True)
     assert _tree(tmp_path / "fp") == before
+
+
+class _FakeModel:
+    """Writes a two-file "checkpoint": enough for save_atomically, no torch work."""
+
+    def save_pretrained(self, path, **kwargs):
+        (Path(path) / "model.safetensors").write_bytes(b"weights")
+        (Path(path) / "config.json").write_text("{}")
+
+
+class _FakeTokenizer:
+    def save_pretrained(self, path):
+        (Path(path) / "tokenizer.json").write_text("{}")
+
+
+@pytest.fixture
+def mount_point(tmp_path, monkeypatch):
+    """An empty directory that behaves like a mount point: ``os.path.ismount`` says so, and
+    renaming it or renaming onto it fails with EBUSY, as the kernel does."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    real_ismount, real_rename, real_replace = os.path.ismount, os.rename, os.replace
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == volume or real_ismount(p))
+
+    def busy(real):
+        def rename(src, dst, *args, **kwargs):
+            if volume in (Path(src), Path(dst)):
+                raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(dst))
+            return real(src, dst, *args, **kwargs)
+
+        return rename
+
+    monkeypatch.setattr(os, "rename", busy(real_rename))
+    monkeypatch.setattr(os, "replace", busy(real_replace))
+    return volume
+
+
+@pytest.mark.unit
+def test_empty_mount_point_is_saved_into(mount_point):
+    inode = mount_point.stat().st_ino
+    assert save_atomically(_FakeModel(), _FakeTokenizer(), mount_point) == mount_point
+    assert mount_point.stat().st_ino == inode  # the same directory, filled
+    assert _tree(mount_point) == {
+        "config.json": b"{}",
+        "model.safetensors": b"weights",
+        "tokenizer.json": b"{}",
+    }
+    assert sorted(os.listdir(mount_point.parent)) == ["volume"]  # nothing beside it
+
+
+@pytest.mark.unit
+def test_failed_move_into_a_mount_point_leaves_it_empty(mount_point, monkeypatch):
+    real_rename = os.rename
+
+    def fail_on_config(src, dst):
+        if Path(dst).name == "config.json":
+            raise OSError(errno.EIO, "I/O error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", fail_on_config)
+    with pytest.raises(OSError, match="I/O error"):
+        save_atomically(_FakeModel(), _FakeTokenizer(), mount_point)
+    assert os.listdir(mount_point) == []
+
+
+@pytest.mark.unit
+def test_read_only_mount_point_is_refused_before_stage_one(
+    fp_model, tokenizer, mount_point, monkeypatch, no_stage_one
+):
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.parent == mount_point:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(OutputDirError, match=r"volume.* is not writable \(Read-only file system\)"):
+        quantize(fp_model, tokenizer, RECIPE, ["text"], output_dir=mount_point)
+
+
+@pytest.mark.unit
+def test_non_empty_mount_point_is_not_replaced(mount_point):
+    (mount_point / "data.bin").write_bytes(b"mine")
+    with pytest.raises(OutputDirError, match="is a mount point and not empty"):
+        check_output_dir(mount_point, overwrite=True)
+    assert _tree(mount_point) == {"data.bin": b"mine"}
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_real_tmpfs_mount_point(tmp_path):
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(volume)])
+    if mount.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        save_atomically(_FakeModel(), _FakeTokenizer(), volume)
+        assert sorted(os.listdir(volume)) == ["config.json", "model.safetensors", "tokenizer.json"]
+        for name in os.listdir(volume):
+            (volume / name).unlink()
+        subprocess.run(["mount", "-o", "remount,ro", str(volume)], check=True)
+        with pytest.raises(OutputDirError, match="is not writable"):
+            check_output_dir(volume)
+    finally:
+        subprocess.run(["umount", str(volume)], check=True)
 
 
 def _texts():
