@@ -14,6 +14,10 @@ Two steps, kept apart so the cheap one runs before any calibration work:
   fails). SIGTERM and Ctrl-C during the save remove the partial directory before the process
   ends; after SIGKILL the next run of the same target removes it (and says so).
 
+Two runs into one target: :func:`output_lock` holds ``.NAME.lock`` (beside the target, inside
+it for a mount point) from the check to the save (``quantize`` takes it right after
+:func:`check_output_dir`); a second run fails at once, naming the PID that holds it.
+
 A mount point (a container volume, ``-v host:/out``) cannot be renamed over or moved aside
 (``EBUSY``): the partial directory goes inside it instead and its files are moved up into place
 (``config.json`` last). Such a target is checked for writability inside the mount, and a
@@ -27,6 +31,7 @@ would hide a shared checkpoint from the engine's service account.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
 import secrets
@@ -48,9 +53,14 @@ __all__ = [
     "check_output_dir",
     "expected_checkpoint_bytes",
     "model_directory",
+    "output_lock",
     "remove_stale_leftovers",
     "save_atomically",
 ]
+
+#: Lock files this process holds (path -> [descriptor, depth]): re-entrant, because an flock
+#: taken twice by one process through two descriptors would refuse the second.
+_HELD_LOCKS: dict[Path, list[int]] = {}
 
 #: Free space asked for on top of the expected checkpoint size (config, tokenizer, recipe).
 _SPACE_MARGIN = 1.1
@@ -158,6 +168,11 @@ def save_atomically(
     if is_distributed():
         return _save_distributed(model, tokenizer, output_dir, overwrite, model_dir)
     target = check_output_dir(output_dir, model_dir=model_dir, overwrite=overwrite)
+    with output_lock(target):
+        return _save_locked(model, tokenizer, target)
+
+
+def _save_locked(model, tokenizer, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = _make_dir(_work_dir(target), f".{target.name}.partial-{os.getpid()}-")
     try:
@@ -173,6 +188,7 @@ def save_atomically(
     except _Terminated:
         shutil.rmtree(partial, ignore_errors=True)
         logger.warning(f"SIGTERM while saving {target}: removed the partial checkpoint")
+        _remove_held_lock_files()
         signal.raise_signal(signal.SIGTERM)  # the default action again: end the process
         raise
     except BaseException:
@@ -203,6 +219,70 @@ def _save_distributed(model, tokenizer, output_dir, overwrite, model_dir) -> Pat
             shutil.rmtree(partial, ignore_errors=True)
         raise
     return target
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``.NAME.lock`` beside ``target`` for the ``with`` block.
+
+    Without it two runs into one directory both pass :func:`check_output_dir`, both calibrate,
+    and the last to save wins (or, without ``overwrite``, the second learns of the first only
+    after its calibration). The lock is taken without waiting: a second run fails at once
+    with :class:`OutputDirError` naming the holder's PID. Re-entrant within one process (the
+    CLI, ``quantize()`` and ``save_atomically`` each take it); the kernel drops it when the
+    process dies, so a killed run never leaves a stale lock.
+    """
+    target = Path(target).expanduser().resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = _work_dir(target) / f".{target.name}.lock"
+    if path in _HELD_LOCKS:
+        _HELD_LOCKS[path][1] += 1
+        try:
+            yield target
+        finally:
+            _HELD_LOCKS[path][1] -= 1
+        return
+    _HELD_LOCKS[path] = [_acquire_lock(path, target), 1]
+    try:
+        yield target
+    finally:
+        fd = _HELD_LOCKS.pop(path)[0]
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # before unlocking: a waiting run then locks a fresh file
+        os.close(fd)
+
+
+def _remove_held_lock_files() -> None:
+    """Before the process ends by a signal: the kernel drops its locks but not the files, and
+    ``with`` blocks do not unwind."""
+    for path in _HELD_LOCKS:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _acquire_lock(path: Path, target: Path) -> int:
+    """Open, lock (without waiting) and sign ``path`` with this PID; return its descriptor."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            who = f"PID {holder}" if holder.isdigit() else "another process"
+            raise OutputDirError(
+                f"output directory {str(target)!r} is being written by another run "
+                f"({who}, lock {path}); wait for it to finish or choose another directory"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)  # the holder removed the file between our open and lock: take a fresh one
 
 
 def remove_stale_leftovers(target: Path) -> None:

@@ -18,10 +18,11 @@ from fair_calib_llmc.checkpoint import (
     OutputDirError,
     check_output_dir,
     expected_checkpoint_bytes,
+    output_lock,
     save_atomically,
 )
 
-from .helpers import saved
+from .helpers import output_locked_by_another_process, saved
 
 RECIPE = "rtn_w4a4"
 
@@ -330,6 +331,33 @@ def test_real_tmpfs_mount_point(tmp_path):
             check_output_dir(volume)
     finally:
         subprocess.run(["umount", str(volume)], check=True)
+
+
+@pytest.mark.integration
+def test_second_run_into_a_locked_directory_fails_first_naming_the_other(
+    fp_model, tokenizer, tmp_path, no_stage_one
+):
+    out = tmp_path / "out"
+    with output_locked_by_another_process(out) as pid:
+        for overwrite in (False, True):
+            with pytest.raises(OutputDirError, match=f"being written by another run \\(PID {pid},"):
+                quantize(fp_model, tokenizer, RECIPE, ["t"], output_dir=out, overwrite=overwrite)
+        with pytest.raises(OutputDirError, match=f"PID {pid}"):
+            save_atomically(_FakeModel(), _FakeTokenizer(), out)
+    assert sorted(os.listdir(tmp_path)) == ["fp"]  # the holder removed its lock file
+    assert save_atomically(_FakeModel(), _FakeTokenizer(), out) == out  # free again
+
+
+@pytest.mark.unit
+def test_output_lock_is_reentrant_and_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    with output_lock(out) as target:
+        assert target == out and (tmp_path / ".out.lock").read_text() == f"{os.getpid()}\n"
+        with output_lock(out):  # quantize() inside the CLI's lock, save_atomically inside both
+            pass
+        assert (tmp_path / ".out.lock").exists()
+        save_atomically(_FakeModel(), _FakeTokenizer(), out)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
 def _texts():

@@ -16,6 +16,8 @@ import fair_calib_llmc_cli as cli
 from fair_calib_llmc.corpus import shipped_texts
 from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
 
+from .helpers import output_locked_by_another_process
+
 pytestmark = pytest.mark.integration
 
 
@@ -95,6 +97,19 @@ def test_output_problems_fail_before_the_model_loads(capsys, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert "working directory" in _error(capsys, *base, ".", "--overwrite")
     assert (tmp_path / "full" / "mine.txt").read_text() == "keep"
+
+
+def test_second_quantize_into_one_directory_fails_before_the_model_loads(
+    capsys, tmp_path, monkeypatch
+):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded although another run holds the directory")
+
+    monkeypatch.setattr("fair_calib_llmc.commands.load_model", no_loading)
+    out = tmp_path / "out"
+    argv = ["quantize", "--recipe", "rtn_w4a4", "--output-dir", str(out), "--overwrite"]
+    with output_locked_by_another_process(out) as pid:
+        assert f"another run (PID {pid}," in _error(capsys, *argv)
 
 
 def test_verbose_shows_the_traceback(tmp_path):
