@@ -1,6 +1,6 @@
 """Writing a compressed checkpoint without ever losing a user's files.
 
-Two steps, kept apart so the cheap one runs before any calibration work:
+Checks kept apart from the save, so the cheap ones run before any calibration work:
 
 * :func:`check_output_dir` runs first (``quantize`` calls it before Stage I). It refuses an
   existing file, a non-empty directory (unless ``overwrite``), the model's own directory, the
@@ -8,6 +8,8 @@ Two steps, kept apart so the cheap one runs before any calibration work:
   place that cannot be written (read-only directory or mount, ``/proc``), and, when the
   expected size is known, a disk without room for it. It also clears what an earlier run of
   the same target left behind when it was killed (``.NAME.partial-*`` and ``.NAME.old-*``).
+* :func:`check_results_dir` gives ``evaluate`` and ``diagnose`` the same rules for their
+  results directories (which are written into, not replaced).
 * :func:`save_atomically` writes into a hidden sibling ``.NAME.partial-PID-XXXX`` and renames
   it into place only after ``save_pretrained`` succeeded. An existing checkpoint is moved
   aside first and deleted only once the new one is in place (and moved back if the rename
@@ -40,6 +42,7 @@ import signal
 import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,6 +54,7 @@ from fair_calib_llmc.distributed import on_source_rank
 __all__ = [
     "OutputDirError",
     "check_output_dir",
+    "check_results_dir",
     "expected_checkpoint_bytes",
     "model_directory",
     "output_lock",
@@ -91,6 +95,30 @@ def expected_checkpoint_bytes(model, weight_bits: int = 4) -> int:
     return int(total)
 
 
+@dataclass(frozen=True)
+class _Writes:
+    """What goes into an output directory, in the words of its error messages."""
+
+    noun: str  # what cannot be written
+    harm: str  # why a protected directory is refused
+    replace: str  # what --overwrite does
+    suffix: str  # of the suggested new directory's name
+
+
+_CHECKPOINT = _Writes(
+    "the checkpoint",
+    "writing the checkpoint there would delete it",
+    "to replace it (the old one is deleted only after the new checkpoint is in place)",
+    "-w4a4",
+)
+_RESULTS = _Writes(
+    "the results",
+    "results written there would replace or mix with its files",
+    "to write over its results files",
+    "-evaluation",
+)
+
+
 def check_output_dir(
     output_dir: str | os.PathLike,
     *,
@@ -104,18 +132,64 @@ def check_output_dir(
     :param overwrite: allow replacing a non-empty directory (moved aside, deleted last)
     :param expected_bytes: checkpoint size to check the free disk space against
     """
+    protected = {"the model's own directory": model_dir} if model_dir is not None else {}
+    target = _check_target(output_dir, protected, overwrite, _CHECKPOINT)
+    if _is_mount(target) and _user_entries(target):
+        raise OutputDirError(
+            f"output directory {str(output_dir)!r} is a mount point and not empty; a mount "
+            "point cannot be moved aside to replace it: empty it, or choose a new directory "
+            f"inside it, e.g. {target / 'checkpoint'}"
+        )
+    _check_writable(_nearest_existing(_work_dir(target)), str(output_dir), _CHECKPOINT)
+    if expected_bytes:
+        _check_space(_nearest_existing(target.parent), str(output_dir), expected_bytes)
+    remove_stale_leftovers(target)
+    return target
+
+
+def check_results_dir(
+    out_dir: str | os.PathLike,
+    model_dirs: dict[str, str | os.PathLike],
+    *,
+    overwrite: bool = False,
+    default: str | os.PathLike | None = None,
+) -> Path:
+    """:func:`check_output_dir`'s rules for the results of ``evaluate`` and ``diagnose``.
+
+    Results (``results.md``, ``results.json``, plots) are written into the directory, so a
+    non-empty one needs ``overwrite`` (its other files stay), and no directory inside a model
+    directory is accepted, except ``default`` (evaluate's ``STUDENT/evaluation/``).
+
+    :param model_dirs: name -> model directory (``{"the student's directory": ...}``)
+    """
+    target = _check_target(out_dir, model_dirs, overwrite, _RESULTS)
+    allowed = Path(default).expanduser().resolve() if default is not None else None
+    for what, path in model_dirs.items():
+        path = Path(path).expanduser().resolve()
+        if path in target.parents and target != allowed:
+            raise OutputDirError(
+                f"output directory {str(out_dir)!r} is inside {what} ({path}); results must "
+                "not be written into a checkpoint: choose a directory outside it, e.g. "
+                f"{path.parent / (path.name + _RESULTS.suffix)}"
+            )
+    _check_writable(_nearest_existing(target), str(out_dir), _RESULTS)
+    return target
+
+
+def _check_target(output_dir, model_dirs: dict, overwrite: bool, writes: _Writes) -> Path:
+    """The checks every output directory gets: not the working directory or a model
+    directory, nor one containing them; not a file; not a non-empty directory without
+    ``overwrite``; a parent that can exist."""
     shown = str(output_dir)
     target = Path(output_dir).expanduser().resolve()
-    protected = [(Path.cwd().resolve(), "the working directory")]
-    if model_dir is not None:
-        protected.append((Path(model_dir).expanduser().resolve(), "the model's own directory"))
-    for path, what in protected:
+    protected = {"the working directory": Path.cwd(), **model_dirs}
+    for what, path in protected.items():
+        path = Path(path).expanduser().resolve()
         if target == path or target in path.parents:
             relation = "is" if target == path else "contains"
             raise OutputDirError(
-                f"output directory {shown!r} {relation} {what} ({path}); writing the "
-                f"checkpoint there would delete it: choose a new directory, e.g. "
-                f"{path.parent / (path.name + '-w4a4')}"
+                f"output directory {shown!r} {relation} {what} ({path}); {writes.harm}: "
+                f"choose a new directory, e.g. {path.parent / (path.name + writes.suffix)}"
             )
     if target.exists() and not target.is_dir():
         raise OutputDirError(
@@ -124,29 +198,22 @@ def check_output_dir(
     if _user_entries(target) and not overwrite:
         raise OutputDirError(
             f"output directory {shown!r} exists and is not empty; choose a new directory or "
-            "pass --overwrite (overwrite=True in quantize()) to replace it (the old one is "
-            "deleted only after the new checkpoint is in place)"
-        )
-    if _is_mount(target) and _user_entries(target):
-        raise OutputDirError(
-            f"output directory {shown!r} is a mount point and not empty; a mount point cannot "
-            f"be moved aside to replace it: empty it, or choose a new directory inside it, "
-            f"e.g. {target / 'checkpoint'}"
+            f"pass --overwrite (overwrite=True in Python) {writes.replace}"
         )
     parent = _nearest_existing(target.parent)
     if not parent.is_dir():
         raise OutputDirError(f"cannot create {shown!r}: {parent} is a file, not a directory")
-    _check_writable(target if _is_mount(target) else parent, shown)
-    if expected_bytes:
-        free = shutil.disk_usage(parent).free
-        if free < expected_bytes * _SPACE_MARGIN:
-            raise OutputDirError(
-                f"not enough disk space for {shown!r}: the checkpoint needs about "
-                f"{expected_bytes * _SPACE_MARGIN / 2**20:.0f} MiB, {parent} has "
-                f"{free / 2**20:.0f} MiB free; free space or choose another disk"
-            )
-    remove_stale_leftovers(target)
     return target
+
+
+def _check_space(directory: Path, shown: str, expected_bytes: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < expected_bytes * _SPACE_MARGIN:
+        raise OutputDirError(
+            f"not enough disk space for {shown!r}: the checkpoint needs about "
+            f"{expected_bytes * _SPACE_MARGIN / 2**20:.0f} MiB, {directory} has "
+            f"{free / 2**20:.0f} MiB free; free space or choose another disk"
+        )
 
 
 def save_atomically(
@@ -411,7 +478,7 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _check_writable(directory: Path, shown: str) -> None:
+def _check_writable(directory: Path, shown: str, writes: _Writes) -> None:
     """Create and remove a hidden directory: the only test that sees read-only mounts,
     ``/proc`` and permissions the way the save will."""
     try:
@@ -419,7 +486,7 @@ def _check_writable(directory: Path, shown: str) -> None:
         probe.rmdir()
     except OSError as err:
         raise OutputDirError(
-            f"cannot write the checkpoint {shown!r}: {directory} is not writable "
+            f"cannot write {writes.noun} {shown!r}: {directory} is not writable "
             f"({err.strerror}); choose a directory you can write to"
         ) from None
 

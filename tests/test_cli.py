@@ -112,6 +112,17 @@ def test_second_quantize_into_one_directory_fails_before_the_model_loads(
         assert f"another run (PID {pid}," in _error(capsys, *argv)
 
 
+def test_evaluate_and_diagnose_output_errors_are_one_line(capsys, tmp_path):
+    model = str(DEFAULT_MODEL_DIR)
+    diagnose = ["diagnose", "--model", model, "--out"]
+    assert "/proc is not writable" in _error(capsys, *diagnose, "/proc/x")
+    assert "model's own directory" in _error(capsys, *diagnose, model, "--overwrite")
+    (tmp_path / "results.md").write_text("mine")
+    evaluate = ["evaluate", "--teacher", model, "--student", model, "--out", str(tmp_path)]
+    assert "--overwrite" in _error(capsys, *evaluate)
+    assert (tmp_path / "results.md").read_text() == "mine"
+
+
 def test_verbose_shows_the_traceback(tmp_path):
     with pytest.raises(ValueError, match="unknown recipe"):
         cli.main(["quantize", "--recipe", "nope", "--output-dir", str(tmp_path), "-v"])

@@ -11,7 +11,9 @@ calibration data measures the format's sensitivity, not a calibration method's.
 Written to ``--out`` (default ``outputs/diagnose-<model dir name>``): ``results.json``,
 ``results.md`` (variants table + per-layer table), ``flips_per_step.png`` and
 ``flips_per_position.png`` (one curve per variant, averaged over seeds) and
-``layer_sensitivity.png`` (flip rate with one layer W4A4, mean and range over seeds).
+``layer_sensitivity.png`` (flip rate with one layer W4A4, mean and range over seeds). The
+output directory is checked before any work, with ``quantize``'s rules: a non-empty one needs
+``--overwrite``, and none inside the model directory is accepted.
 
 Library use: :func:`diagnose_model`. CLI wiring: :func:`add_parser` and :func:`run`.
 """
@@ -34,6 +36,7 @@ from loguru import logger
 from torch import nn
 from tqdm.auto import tqdm
 
+from fair_calib_llmc.checkpoint import check_results_dir, output_lock
 from fair_calib_llmc.corpus import shipped_texts
 from fair_calib_llmc.data import load_texts
 from fair_calib_llmc.evaluation.compare import (
@@ -129,69 +132,82 @@ def diagnose_model(
     rotations: bool = True,
     layer_scan: bool = True,
     out_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
     dtype: str | torch.dtype = "auto",
     device: str | None = None,
 ) -> dict:
-    """Run the variants and the per-layer scan; write and return the results."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """Run the variants and the per-layer scan; write and return the results.
+
+    :param overwrite: write over the results files of a non-empty ``out_dir``
+    """
     model_dir = Path(model_dir)
-    out_dir = Path(out_dir or Path("outputs") / f"diagnose-{model_dir.name}")
-    texts = texts if texts is not None else shipped_texts("heldout")
+    out_dir = check_results_dir(
+        out_dir or Path("outputs") / f"diagnose-{model_dir.name}",
+        {"the model's own directory": model_dir},
+        overwrite=overwrite,
+    )
     schemes = variant_schemes(scheme)  # an unknown scheme fails here, before any work
-    start = time.monotonic()
-    teacher, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
-    dtype = teacher.get_input_embeddings().weight.dtype
-    rollouts = teacher_rollouts(teacher, tokenizer, texts, settings)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    texts = texts if texts is not None else shipped_texts("heldout")
+    with output_lock(out_dir):  # a second run into out_dir fails now, not at the end
+        start = time.monotonic()
+        teacher, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
+        dtype = teacher.get_input_embeddings().weight.dtype
+        rollouts = teacher_rollouts(teacher, tokenizer, texts, settings)
 
-    rows = []
-    plan = [(name, False) for name in schemes]
-    plan += [(name, True) for name in schemes] if rotations else []
-    for name, rotate in tqdm(plan, desc="diagnose variants"):
-        label = f"{name} + rotations" if rotate else name
-        student = _quantized(model_dir, dtype, device, schemes[name], rotate)
-        rows += student_rows(
-            label, teacher, student, rollouts, settings, precision=name, rotations=rotate
-        )
-        del student
-
-    layer_rows = []
-    if layer_scan:
-        for layer, linears in tqdm(decoder_layers(teacher), desc="per-layer W4A4 scan"):
-            student = _quantized(model_dir, dtype, device, _only(linears, schemes["W4A4"]), False)
-            layer_rows += student_rows(layer, teacher, student, rollouts, settings, elbo=False)
+        rows = []
+        plan = [(name, False) for name in schemes]
+        plan += [(name, True) for name in schemes] if rotations else []
+        for name, rotate in tqdm(plan, desc="diagnose variants"):
+            label = f"{name} + rotations" if rotate else name
+            student = _quantized(model_dir, dtype, device, schemes[name], rotate)
+            rows += student_rows(
+                label, teacher, student, rollouts, settings, precision=name, rotations=rotate
+            )
             del student
 
-    variants = summarise(rows)
-    layers = summarise(layer_rows)
-    table = markdown_table(variants, key="name")
-    layer_metrics = ("frontier_flip_rate", "post_commit_mismatch", "kl_frontier")
-    layer_table = markdown_table(layers, key="name", metrics=layer_metrics) if layers else ""
-    markdown = (
-        f"## Variants (RTN, data-free; {scheme})\n\n{table}\n\n"
-        + (f"## One decoder layer W4A4 at a time\n\n{layer_table}\n\n" if layer_table else "")
-        + f"model `{model_dir}`; seeds {list(settings.seeds)}, "
-        f"{len(rollouts[0].prompts)} prompts x {settings.gen_length} tokens per seed; "
-        + _teacher_ppl(rollouts)
-        + f"{dtype}, {device}; {time.monotonic() - start:.0f} s"
-    )
-    payload = {
-        "model": str(model_dir),
-        "scheme": scheme,
-        "rotations": ROTATIONS if rotations else None,
-        "settings": settings,
-        "dtype": dtype,
-        "teacher_elbo_ppl": [r.teacher_elbo_ppl for r in rollouts],
-        "rows": rows,
-        "layer_rows": layer_rows,
-        "summary": variants,
-        "layer_summary": layers,
-    }
-    files = write_results(out_dir, payload, markdown, rows, variant_styles(schemes))
-    if layer_rows:
-        path = out_dir / "layer_sensitivity.png"
-        files[path.name] = plot_layer_sensitivity(layer_rows, rows, path)
-    logger.info(f"diagnose: wrote {', '.join(files)} to {out_dir}")
-    return {"rows": rows, "layer_rows": layer_rows, "markdown": markdown, "files": files}
+        layer_rows = []
+        if layer_scan:
+            for layer, linears in tqdm(decoder_layers(teacher), desc="per-layer W4A4 scan"):
+                student = _quantized(
+                    model_dir, dtype, device, _only(linears, schemes["W4A4"]), False
+                )
+                layer_rows += student_rows(layer, teacher, student, rollouts, settings, elbo=False)
+                del student
+
+        variants = summarise(rows)
+        layers = summarise(layer_rows)
+        table = markdown_table(variants, key="name")
+        layer_metrics = ("frontier_flip_rate", "post_commit_mismatch", "kl_frontier")
+        layer_table = markdown_table(layers, key="name", metrics=layer_metrics) if layers else ""
+        markdown = (
+            f"## Variants (RTN, data-free; {scheme})\n\n{table}\n\n"
+            + (f"## One decoder layer W4A4 at a time\n\n{layer_table}\n\n" if layer_table else "")
+            + f"model `{model_dir}`; seeds {list(settings.seeds)}, "
+            f"{len(rollouts[0].prompts)} prompts x {settings.gen_length} tokens per seed; "
+            + _teacher_ppl(rollouts)
+            + f"{dtype}, {device}; {time.monotonic() - start:.0f} s"
+        )
+        payload = {
+            "model": str(model_dir),
+            "scheme": scheme,
+            "rotations": ROTATIONS if rotations else None,
+            "settings": settings,
+            "dtype": dtype,
+            "teacher_elbo_ppl": [r.teacher_elbo_ppl for r in rollouts],
+            "rows": rows,
+            "layer_rows": layer_rows,
+            "summary": variants,
+            "layer_summary": layers,
+        }
+        files = write_results(
+            out_dir, payload, markdown, rows, variant_styles(schemes), overwrite=overwrite
+        )
+        if layer_rows:
+            path = out_dir / "layer_sensitivity.png"
+            files[path.name] = plot_layer_sensitivity(layer_rows, rows, path)
+        logger.info(f"diagnose: wrote {', '.join(files)} to {out_dir}")
+        return {"rows": rows, "layer_rows": layer_rows, "markdown": markdown, "files": files}
 
 
 def plot_layer_sensitivity(layer_rows, rows, path: Path) -> Path:
@@ -242,6 +258,7 @@ def run(args: argparse.Namespace) -> dict:
         rotations=not args.no_rotations,
         layer_scan=not args.no_layer_scan,
         out_dir=args.out,
+        overwrite=args.overwrite,
         dtype=dtype_from_args(args),
         device=args.device,
     )
