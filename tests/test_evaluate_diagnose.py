@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -173,6 +174,12 @@ def test_unwritable_results_directory_is_refused_before_any_work(no_work):
         _diagnose(DEFAULT_MODEL_DIR, "--out", "/proc/fair-calib-diagnose")
     with pytest.raises(OutputDirError, match="cannot write the results.*is not writable"):
         _evaluate(DEFAULT_MODEL_DIR, DEFAULT_MODEL_DIR, "--out", "/proc/fair-calib-evaluate")
+
+
+def test_diagnose_refuses_a_quantized_checkpoint_before_any_work(rtn_w4a4, tmp_path, no_work):
+    with pytest.raises(ValueError, match="already quantized.*full-precision model"):
+        _diagnose(rtn_w4a4, "--out", str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
 
 
 def test_results_that_appear_during_the_run_are_not_replaced(tmp_path):

@@ -21,6 +21,7 @@ Library use: :func:`diagnose_model`. CLI wiring: :func:`add_parser` and :func:`r
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import time
@@ -56,7 +57,14 @@ from fair_calib_llmc.evaluation.decisions import (
 from fair_calib_llmc.plots import plot_seed_bars
 from fair_calib_llmc.schemes import check_scheme_name
 
-__all__ = ["diagnose_model", "variant_schemes", "decoder_layers", "add_parser", "run"]
+__all__ = [
+    "diagnose_model",
+    "variant_schemes",
+    "decoder_layers",
+    "refuse_quantized",
+    "add_parser",
+    "run",
+]
 
 #: Modules never quantized: the LM heads of both families (as in the shipped recipes).
 LM_HEADS = ["lm_head", r"re:^model\.transformer\.ff_out$"]
@@ -141,6 +149,7 @@ def diagnose_model(
     :param overwrite: write over the results files of a non-empty ``out_dir``
     """
     model_dir = Path(model_dir)
+    refuse_quantized(model_dir)
     out_dir = check_results_dir(
         out_dir or Path("outputs") / f"diagnose-{model_dir.name}",
         {"the model's own directory": model_dir},
@@ -208,6 +217,25 @@ def diagnose_model(
             files[path.name] = plot_layer_sensitivity(layer_rows, rows, path)
         logger.info(f"diagnose: wrote {', '.join(files)} to {out_dir}")
         return {"rows": rows, "layer_rows": layer_rows, "markdown": markdown, "files": files}
+
+
+def refuse_quantized(model_dir: Path) -> None:
+    """Diagnose quantizes the full-precision model; a checkpoint that is quantized already
+    (``quantization_config`` in its ``config.json``) would be quantized twice and compared
+    with itself as teacher, for minutes of meaningless numbers."""
+    config = model_dir / "config.json"
+    if not config.is_file():
+        return  # load_checkpoint says what is missing
+    try:
+        quantized = "quantization_config" in json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return  # load_checkpoint reports a broken config
+    if quantized:
+        raise ValueError(
+            f"{model_dir} is already quantized (its config.json has a quantization_config); "
+            "diagnose needs the full-precision model: pass the directory it was quantized "
+            "from (fair-calib-llmc evaluate compares a quantized checkpoint with it)"
+        )
 
 
 def plot_layer_sensitivity(layer_rows, rows, path: Path) -> Path:
