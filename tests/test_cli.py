@@ -123,6 +123,22 @@ def test_evaluate_and_diagnose_output_errors_are_one_line(capsys, tmp_path):
     assert (tmp_path / "results.md").read_text() == "mine"
 
 
+def test_redirected_diagnose_writes_a_few_stderr_lines(tmp_path):
+    argv = ["diagnose", "--model", str(DEFAULT_MODEL_DIR), "--out", str(tmp_path / "d")]
+    argv += ["--seeds", "0", "1", "--eval-prompts", "3", "--gen-length", "8", "--elbo-texts", "2"]
+    argv += ["--device", "cpu", "--no-layer-scan"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("TQDM_DISABLE", "TQDM_LEAVE"):
+        env.pop(name, None)
+    run = subprocess.run(
+        [sys.executable, "-m", "fair_calib_llmc_cli", *argv],
+        capture_output=True,  # bytes: text mode would turn a bar's \r redraws into lines
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr.count(b"\n") <= 10, run.stderr  # nested bars: one line per update
+
+
 def test_verbose_shows_the_traceback(tmp_path):
     with pytest.raises(ValueError, match="unknown recipe"):
         cli.main(["quantize", "--recipe", "nope", "--output-dir", str(tmp_path), "-v"])

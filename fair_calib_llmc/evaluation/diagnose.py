@@ -35,7 +35,6 @@ from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform import SpinQuantModifier
 from loguru import logger
 from torch import nn
-from tqdm.auto import tqdm
 
 from fair_calib_llmc.checkpoint import check_results_dir, output_lock
 from fair_calib_llmc.corpus import shipped_texts
@@ -55,6 +54,7 @@ from fair_calib_llmc.evaluation.decisions import (
     write_results,
 )
 from fair_calib_llmc.plots import plot_seed_bars
+from fair_calib_llmc.sampling import progress
 from fair_calib_llmc.schemes import check_scheme_name
 
 __all__ = [
@@ -167,7 +167,7 @@ def diagnose_model(
         rows = []
         plan = [(name, False) for name in schemes]
         plan += [(name, True) for name in schemes] if rotations else []
-        for name, rotate in tqdm(plan, desc="diagnose variants"):
+        for name, rotate in progress(plan, desc="diagnose variants"):
             label = f"{name} + rotations" if rotate else name
             student = _quantized(model_dir, dtype, device, schemes[name], rotate)
             rows += student_rows(
@@ -177,7 +177,7 @@ def diagnose_model(
 
         layer_rows = []
         if layer_scan:
-            for layer, linears in tqdm(decoder_layers(teacher), desc="per-layer W4A4 scan"):
+            for layer, linears in progress(decoder_layers(teacher), desc="per-layer W4A4 scan"):
                 student = _quantized(
                     model_dir, dtype, device, _only(linears, schemes["W4A4"]), False
                 )
