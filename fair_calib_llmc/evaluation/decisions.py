@@ -193,6 +193,7 @@ def write_results(
     rows: Sequence[dict],
     styles: dict[str, dict] | None = None,
     *,
+    panels: dict[str, list[str]] | None = None,
     overwrite: bool = False,
 ) -> dict:
     """``results.json``, ``results.md`` and the curves of :func:`plot_rows`; returns the
@@ -212,12 +213,13 @@ def write_results(
         file.write(json.dumps(payload, indent=1, default=_jsonable))
     with open(paths["results.md"], mode) as file:
         file.write(markdown + "\n")
-    return {**paths, **plot_rows(out_dir, rows, styles)}
+    return {**paths, **plot_rows(out_dir, rows, styles, panels)}
 
 
-def plot_rows(out_dir: Path, rows: Sequence[dict], styles=None) -> dict:
+def plot_rows(out_dir: Path, rows: Sequence[dict], styles=None, panels=None) -> dict:
     """``flips_per_step.png`` and ``flips_per_position.png``: one curve per row name,
-    averaged over that name's seeds (rows as in ``results.json``)."""
+    averaged over that name's seeds (rows as in ``results.json``), in ``panels`` if given
+    (:func:`~fair_calib_llmc.plots.plot_seed_curves`)."""
     paths = {}
     axes = (("flips_per_step", "sampler step"), ("flips_per_position", "answer position"))
     for series, xlabel in axes:
@@ -233,6 +235,7 @@ def plot_rows(out_dir: Path, rows: Sequence[dict], styles=None) -> dict:
                 ylabel="frontier flip rate",
                 title=f"Frontier flips vs. the FP teacher per {xlabel.split()[-1]}",
                 styles=styles,
+                panels=panels,
             )
     return paths
 

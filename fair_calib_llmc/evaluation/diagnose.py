@@ -10,7 +10,8 @@ calibration data measures the format's sensitivity, not a calibration method's.
 
 Written to ``--out`` (default ``outputs/diagnose-<model dir name>``): ``results.json``,
 ``results.md`` (variants table + per-layer table), ``flips_per_step.png`` and
-``flips_per_position.png`` (one curve per variant, averaged over seeds) and
+``flips_per_position.png`` (one panel per precision, without and with rotations, averaged over
+seeds) and
 ``layer_sensitivity.png`` (flip rate with one layer W4A4, mean and range over seeds). The
 output directory is checked before any work, with ``quantize``'s rules: a non-empty one needs
 ``--overwrite``, and none inside the model directory is accepted.
@@ -117,13 +118,19 @@ def _quantized(model_dir, dtype, device, scheme: QuantizationScheme, rotate: boo
 
 
 def variant_styles(names) -> dict[str, dict]:
-    """One colour per precision, dashed when rotated: the plots read as three pairs."""
-    colours = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
+    """The same two styles in every precision's panel (:func:`variant_panels`): solid without
+    rotations, dashed with them."""
     styles = {}
-    for name, colour in zip(names, colours, strict=False):
-        styles[name] = {"color": colour}
-        styles[f"{name} + rotations"] = {"color": colour, "linestyle": "--", "marker": "x"}
+    for name in names:
+        styles[name] = {"color": "#dd8452"}
+        styles[f"{name} + rotations"] = {"color": "#4c72b0", "linestyle": "--", "marker": "x"}
     return styles
+
+
+def variant_panels(names) -> dict[str, list[str]]:
+    """One plot panel per precision holding it without and with rotations: the comparison
+    diagnose is for, without the other precisions' lines and bands on top."""
+    return {name: [name, f"{name} + rotations"] for name in names}
 
 
 def _only(targets: list[str], scheme: QuantizationScheme) -> QuantizationScheme:
@@ -210,7 +217,13 @@ def diagnose_model(
             "layer_summary": layers,
         }
         files = write_results(
-            out_dir, payload, markdown, rows, variant_styles(schemes), overwrite=overwrite
+            out_dir,
+            payload,
+            markdown,
+            rows,
+            variant_styles(schemes),
+            panels=variant_panels(schemes),
+            overwrite=overwrite,
         )
         if layer_rows:
             path = out_dir / "layer_sensitivity.png"
