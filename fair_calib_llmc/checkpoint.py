@@ -300,7 +300,6 @@ def output_lock(target: str | os.PathLike) -> Iterator[Path]:
     process dies, so a killed run never leaves a stale lock.
     """
     target = Path(target).expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
     path = _work_dir(target) / f".{target.name}.lock"
     if path in _HELD_LOCKS:
         _HELD_LOCKS[path][1] += 1
@@ -309,14 +308,28 @@ def output_lock(target: str | os.PathLike) -> Iterator[Path]:
         finally:
             _HELD_LOCKS[path][1] -= 1
         return
-    _HELD_LOCKS[path] = [_acquire_lock(path, target), 1]
+    created = _make_parents(target)
     try:
-        yield target
+        _HELD_LOCKS[path] = [_acquire_lock(path, target), 1]
+        try:
+            yield target
+        finally:
+            fd = _HELD_LOCKS.pop(path)[0]
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # before unlocking: a waiting run then locks a fresh file
+            os.close(fd)
     finally:
-        fd = _HELD_LOCKS.pop(path)[0]
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # before unlocking: a waiting run then locks a fresh file
-        os.close(fd)
+        for directory in reversed(created):  # a run that saved nothing leaves no directories
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def _make_parents(target: Path) -> list[Path]:
+    """Create ``target``'s missing parents (the lock lives there); return them, outermost
+    first."""
+    missing = [p for p in reversed(target.parents) if not p.exists()]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def _remove_held_lock_files() -> None:

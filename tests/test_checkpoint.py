@@ -358,6 +358,9 @@ def test_output_lock_is_reentrant_and_leaves_nothing(tmp_path):
         assert (tmp_path / ".out.lock").exists()
         save_atomically(_FakeModel(), _FakeTokenizer(), out)
     assert sorted(os.listdir(tmp_path)) == ["out"]
+    with output_lock(tmp_path / "new" / "sub" / "out"):  # a run that fails before its save
+        assert (tmp_path / "new" / "sub").is_dir()
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # leaves no directories behind
 
 
 def _texts():
