@@ -297,7 +297,8 @@ def output_lock(target: str | os.PathLike) -> Iterator[Path]:
     after its calibration). The lock is taken without waiting: a second run fails at once
     with :class:`OutputDirError` naming the holder's PID. Re-entrant within one process (the
     CLI, ``quantize()`` and ``save_atomically`` each take it); the kernel drops it when the
-    process dies, so a killed run never leaves a stale lock.
+    process dies, so a killed run never leaves a stale lock (only, after SIGKILL, a file that
+    the next run takes over).
     """
     target = Path(target).expanduser().resolve()
     path = _work_dir(target) / f".{target.name}.lock"
