@@ -107,21 +107,27 @@ def _evaluation_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    evaluation = bool(argv) and argv[0] in _EVALUATION
-    parser = _evaluation_parser(argv[0]) if evaluation else build_parser()
-    args = parser.parse_args(argv)
+def _set_environment_defaults(verbose: bool) -> None:
     # llm-compressor warns once per run unless this is set; the CLI never tokenizes in workers
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # llm-compressor logs device warnings to stdout while it is imported; commands'
     # configure_logging re-enables it with the CLI's own sink once the import is done
     os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "true")
-    if not args.verbose:
+    if not verbose:
         # Library progress bars: hidden, or (where a library forces them on) not left behind
         # once done (tqdm reads defaults from TQDM_*; "" is False). Ours opt back in.
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("TQDM_LEAVE", "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # before any import of tqdm or llm-compressor (evaluate's and diagnose's parsers import
+    # them): both read these once, at import
+    _set_environment_defaults(verbose=bool({"-v", "--verbose"} & set(argv)))
+    evaluation = bool(argv) and argv[0] in _EVALUATION
+    parser = _evaluation_parser(argv[0]) if evaluation else build_parser()
+    args = parser.parse_args(argv)
     try:
         from fair_calib_llmc import commands
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from loguru import logger
 
 from fair_calib_llmc.benchmark import BenchmarkSettings, run_benchmark
-from fair_calib_llmc.checkpoint import check_output_dir
+from fair_calib_llmc.checkpoint import check_output_dir, output_lock
 from fair_calib_llmc.corpus import shipped_texts
 from fair_calib_llmc.data import load_texts
 from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
@@ -84,23 +84,25 @@ def run_quantize(args: Namespace) -> None:
     )
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     model_path = Path(args.model).expanduser() if args.model else DEFAULT_MODEL_DIR
-    # before loading: an 8B model takes minutes to load, a wrong --output-dir seconds to find
-    check_output_dir(
+    # before loading: an 8B model takes minutes to load, a wrong --output-dir seconds to find;
+    # locked from here, so a second run into the same directory fails now, not after loading
+    target = check_output_dir(
         args.output_dir,
         model_dir=model_path if model_path.is_dir() else None,
         overwrite=args.overwrite,
     )
-    logger.info(f"quantizing {model_path} with {args.recipe} on {device}")
-    model, tokenizer = load_model(model_path, dtype=dtype, device=device)
-    result = quantize(
-        model,
-        tokenizer,
-        recipe,
-        texts,
-        output_dir=args.output_dir,
-        overwrite=args.overwrite,
-        max_prompts=args.max_prompts,
-    )
+    with output_lock(target):
+        logger.info(f"quantizing {model_path} with {args.recipe} on {device}")
+        model, tokenizer = load_model(model_path, dtype=dtype, device=device)
+        result = quantize(
+            model,
+            tokenizer,
+            recipe,
+            texts,
+            output_dir=args.output_dir,
+            overwrite=args.overwrite,
+            max_prompts=args.max_prompts,
+        )
     print(f"saved compressed checkpoint to {result.output_dir}")
     print(
         "load it with: import fair_calib_llmc; "

@@ -12,6 +12,7 @@ masked-stage states, so methods differ only in the algorithm.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -31,6 +32,7 @@ from fair_calib_llmc.checkpoint import (
     check_output_dir,
     expected_checkpoint_bytes,
     model_directory,
+    output_lock,
     save_atomically,
 )
 from fair_calib_llmc.data import load_texts
@@ -108,6 +110,29 @@ def release_traced_model(model) -> None:
             del registry[key]
 
 
+@contextmanager
+def _claimed_output_dir(model, model_dir, output_dir, overwrite) -> Iterator[Path | None]:
+    """The checked output directory (``None``: no save), locked until the block ends, so a
+    second run into it fails before its Stage I instead of racing this one's save. Under
+    torchrun it is checked and locked on the rank that writes."""
+    if output_dir is None:
+        yield None
+        return
+    with contextlib.ExitStack() as claim:
+        yield on_source_rank(
+            lambda: claim.enter_context(
+                output_lock(
+                    check_output_dir(
+                        output_dir,
+                        model_dir=model_dir,
+                        overwrite=overwrite,
+                        expected_bytes=expected_checkpoint_bytes(model),
+                    )
+                )
+            )
+        )
+
+
 def quantize(
     model,
     tokenizer,
@@ -133,60 +158,52 @@ def quantize(
     diffusion_spec(model, tokenizer)  # a causal or mask-less model fails here, first
     check_finite_weights(model)
     model_dir = model_directory(model)
-    if output_dir is not None:  # under torchrun: checked once, on the rank that will write
-        output_dir = on_source_rank(
-            lambda: check_output_dir(
-                output_dir,
-                model_dir=model_dir,
-                overwrite=overwrite,
-                expected_bytes=expected_checkpoint_bytes(model),
-            )
-        )
-    fair = next((m for m in recipe.modifiers if isinstance(m, FAIRCalibModifier)), None)
-    stage1 = fair.stage1 if fair else Stage1Settings()  # baselines: the same states
-    if any(type(m).__name__ == "AutoRoundModifier" for m in recipe.modifiers):
-        # auto-round refuses pipeline batches of several states (it exits the process); it
-        # groups states itself with AutoRoundModifier.batch_size
-        batch_size = 1
-    texts = load_texts(dataset, text_column)
+    with _claimed_output_dir(model, model_dir, output_dir, overwrite) as output_dir:
+        fair = next((m for m in recipe.modifiers if isinstance(m, FAIRCalibModifier)), None)
+        stage1 = fair.stage1 if fair else Stage1Settings()  # baselines: the same states
+        if any(type(m).__name__ == "AutoRoundModifier" for m in recipe.modifiers):
+            # auto-round refuses pipeline batches of several states (it exits the process); it
+            # groups states itself with AutoRoundModifier.batch_size
+            batch_size = 1
+        texts = load_texts(dataset, text_column)
 
-    start = time.monotonic()
-    calibration, prior, weight_stats = build_calibration_dataset(
-        model, tokenizer, texts, stage1, max_prompts=max_prompts, seed=seed
-    )
-    stage1_seconds = time.monotonic() - start
-
-    with config_on_disk(model):
         start = time.monotonic()
-        try:
-            model = oneshot(
-                model=model,
-                processor=tokenizer,
-                recipe=recipe,
-                dataset=calibration,
-                use_loss_mask=fair is not None,
-                num_calibration_samples=len(calibration),
-                shuffle_calibration_samples=False,
-                batch_size=batch_size,
-                max_seq_length=max(len(x) for x in calibration["input_ids"]),
-            )
-        finally:
-            release_traced_model(model)
-        stage2_seconds = time.monotonic() - start
-        logger.info(f"Stage I {stage1_seconds:.1f}s, Stage II (oneshot) {stage2_seconds:.1f}s")
+        calibration, prior, weight_stats = build_calibration_dataset(
+            model, tokenizer, texts, stage1, max_prompts=max_prompts, seed=seed
+        )
+        stage1_seconds = time.monotonic() - start
 
-        saved = None
-        if output_dir is not None:
-            saved = save_atomically(
-                model, tokenizer, output_dir, overwrite=overwrite, model_dir=model_dir
-            )
-    return QuantizeResult(
-        model,
-        calibration,
-        prior,
-        weight_stats,
-        stage1_seconds,
-        stage2_seconds,
-        saved,
-        list(recipe.modifiers),
-    )
+        with config_on_disk(model):
+            start = time.monotonic()
+            try:
+                model = oneshot(
+                    model=model,
+                    processor=tokenizer,
+                    recipe=recipe,
+                    dataset=calibration,
+                    use_loss_mask=fair is not None,
+                    num_calibration_samples=len(calibration),
+                    shuffle_calibration_samples=False,
+                    batch_size=batch_size,
+                    max_seq_length=max(len(x) for x in calibration["input_ids"]),
+                )
+            finally:
+                release_traced_model(model)
+            stage2_seconds = time.monotonic() - start
+            logger.info(f"Stage I {stage1_seconds:.1f}s, Stage II (oneshot) {stage2_seconds:.1f}s")
+
+            saved = None
+            if output_dir is not None:
+                saved = save_atomically(
+                    model, tokenizer, output_dir, overwrite=overwrite, model_dir=model_dir
+                )
+        return QuantizeResult(
+            model,
+            calibration,
+            prior,
+            weight_stats,
+            stage1_seconds,
+            stage2_seconds,
+            saved,
+            list(recipe.modifiers),
+        )

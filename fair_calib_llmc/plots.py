@@ -41,29 +41,57 @@ def plot_seed_curves(
     ylabel: str,
     title: str,
     styles: Mapping[str, dict] | None = None,
+    panels: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """One line per entry of ``curves`` (label -> per-seed series): mean over seeds, with the
     min-max range shaded when there is more than one seed. ``x`` counts from 1; ``styles``
-    gives matplotlib line keywords per label (e.g. one colour per precision, dashed when
-    rotated)."""
+    gives matplotlib line keywords per label.
+
+    ``panels`` (panel title -> labels) draws one subplot per panel on a shared y axis: six
+    lines with six overlapping bands in one plot cannot be read, three plots of a pair each
+    can (diagnose: one per precision, without and with rotations). Labels in no panel get
+    a last panel of their own.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    seeds = 1
-    for label, per_seed in curves.items():
-        mean, low, high = mean_and_range(per_seed)
-        x = range(1, len(mean) + 1)
-        style = {"marker": ".", "linewidth": 1.2, **(styles or {}).get(label, {})}
-        (line,) = ax.plot(x, mean, label=label, **style)
-        if len(per_seed) > 1:
-            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.1, linewidth=0)
-        seeds = max(seeds, len(per_seed))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"{title} (mean over {seeds} seed{'s' if seeds > 1 else ''})", fontsize=10)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    groups = _panel_groups(list(curves), panels)
+    width = 7 if len(groups) == 1 else 3.3 * len(groups) + 0.6
+    fig, axes = plt.subplots(1, len(groups), figsize=(width, 3.6), sharey=True, squeeze=False)
+    seeds = max(len(per_seed) for per_seed in curves.values())
+    for ax, (panel, labels) in zip(axes[0], groups, strict=True):
+        for label in labels:
+            _draw_curve(ax, label, curves[label], (styles or {}).get(label, {}))
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        if panel:
+            ax.set_title(panel, fontsize=9)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][0].set_ylim(bottom=0)
+    heading = f"{title} (mean over {seeds} seed{'s' if seeds > 1 else ''})"
+    if len(groups) == 1:
+        axes[0][0].set_title(heading, fontsize=10)
+    else:
+        fig.suptitle(heading, fontsize=10)
     return _save(fig, plt, path)
+
+
+def _panel_groups(labels: list[str], panels) -> list[tuple[str | None, list[str]]]:
+    """``[(panel title, its labels that have curves)]``; one untitled panel without ``panels``."""
+    if not panels:
+        return [(None, labels)]
+    groups = [(name, [x for x in members if x in labels]) for name, members in panels.items()]
+    placed = {label for _, members in groups for label in members}
+    rest = [label for label in labels if label not in placed]
+    groups += [("other", rest)] if rest else []
+    return [(name, members) for name, members in groups if members]
+
+
+def _draw_curve(ax, label: str, per_seed, style: dict) -> None:
+    mean, low, high = mean_and_range(per_seed)
+    x = range(1, len(mean) + 1)
+    (line,) = ax.plot(x, mean, label=label, **{"marker": ".", "linewidth": 1.2, **style})
+    if len(per_seed) > 1:
+        ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
 
 
 def plot_seed_bars(

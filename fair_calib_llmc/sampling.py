@@ -16,6 +16,7 @@ random remasking inside semi-autoregressive blocks, Gumbel-max sampling) and Dre
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -395,11 +396,31 @@ def teacher_traces(
     return traces
 
 
+#: Seconds between updates of a progress bar written to a file or pipe (not a terminal).
+REDIRECTED_BAR_INTERVAL = 30.0
+
+
 def progress(iterable=None, **kwargs) -> tqdm:
     """tqdm for the project's long loops: transient, with an ETA, and shown even where the
-    command line hides library bars (``TQDM_DISABLE``)."""
+    command line hides library bars (``TQDM_DISABLE``).
+
+    When stderr is not a terminal (``2> log``, CI) a bar cannot redraw in place: every
+    update of a nested bar becomes a new line (``diagnose`` wrote ~1,200). There only the
+    outermost bar is shown, updated every :data:`REDIRECTED_BAR_INTERVAL` seconds.
+    """
     kwargs.setdefault("leave", False)
-    return tqdm(iterable, disable=False, dynamic_ncols=True, **kwargs)
+    disable = False
+    if not _stderr_is_terminal():
+        kwargs.setdefault("mininterval", REDIRECTED_BAR_INTERVAL)
+        disable = bool(tqdm._instances)  # only enabled bars are registered there
+    return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
 
 
 def sampler_for(spec: DiffusionLMSpec, **settings) -> SamplerBase:

@@ -6,6 +6,9 @@ Fixtures live in ``conftest.py``; plain functions live here so tests import them
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -103,3 +106,36 @@ def tiny_causal_lm(tokenizer):
         vocab_size=len(tokenizer),
     )
     return LlamaForCausalLM(config)
+
+
+_HOLD_LOCK = """
+import sys
+from fair_calib_llmc.checkpoint import output_lock
+
+with output_lock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+@contextlib.contextmanager
+def output_locked_by_another_process(target: Path):
+    """Another process holding :func:`fair_calib_llmc.checkpoint.output_lock` on ``target``;
+    yields its PID."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(target)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in proc.stdout:  # llm-compressor may log to stdout on import
+            if line.strip() == "locked":
+                break
+        else:
+            raise AssertionError(proc.stderr.read())
+        yield proc.pid
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)

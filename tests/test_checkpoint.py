@@ -3,6 +3,7 @@ fail before Stage I."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -17,10 +18,11 @@ from fair_calib_llmc.checkpoint import (
     OutputDirError,
     check_output_dir,
     expected_checkpoint_bytes,
+    output_lock,
     save_atomically,
 )
 
-from .helpers import saved
+from .helpers import output_locked_by_another_process, saved
 
 RECIPE = "rtn_w4a4"
 
@@ -222,6 +224,143 @@ def test_save_atomically_refuses_the_model_directory(fp_model, tokenizer, tmp_pa
     with pytest.raises(OutputDirError, match="the model's own directory"):
         save_atomically(fp_model, tokenizer, tmp_path / "fp", overwrite=True)
     assert _tree(tmp_path / "fp") == before
+
+
+class _FakeModel:
+    """Writes a two-file "checkpoint": enough for save_atomically, no torch work."""
+
+    def save_pretrained(self, path, **kwargs):
+        (Path(path) / "model.safetensors").write_bytes(b"weights")
+        (Path(path) / "config.json").write_text("{}")
+
+
+class _FakeTokenizer:
+    def save_pretrained(self, path):
+        (Path(path) / "tokenizer.json").write_text("{}")
+
+
+@pytest.fixture
+def mount_point(tmp_path, monkeypatch):
+    """An empty directory that behaves like a mount point: ``os.path.ismount`` says so, and
+    renaming it or renaming onto it fails with EBUSY, as the kernel does."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    real_ismount, real_rename, real_replace = os.path.ismount, os.rename, os.replace
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == volume or real_ismount(p))
+
+    def busy(real):
+        def rename(src, dst, *args, **kwargs):
+            if volume in (Path(src), Path(dst)):
+                raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(dst))
+            return real(src, dst, *args, **kwargs)
+
+        return rename
+
+    monkeypatch.setattr(os, "rename", busy(real_rename))
+    monkeypatch.setattr(os, "replace", busy(real_replace))
+    return volume
+
+
+@pytest.mark.unit
+def test_empty_mount_point_is_saved_into(mount_point):
+    inode = mount_point.stat().st_ino
+    assert save_atomically(_FakeModel(), _FakeTokenizer(), mount_point) == mount_point
+    assert mount_point.stat().st_ino == inode  # the same directory, filled
+    assert _tree(mount_point) == {
+        "config.json": b"{}",
+        "model.safetensors": b"weights",
+        "tokenizer.json": b"{}",
+    }
+    assert sorted(os.listdir(mount_point.parent)) == ["volume"]  # nothing beside it
+
+
+@pytest.mark.unit
+def test_failed_move_into_a_mount_point_leaves_it_empty(mount_point, monkeypatch):
+    real_rename = os.rename
+
+    def fail_on_config(src, dst):
+        if Path(dst).name == "config.json":
+            raise OSError(errno.EIO, "I/O error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", fail_on_config)
+    with pytest.raises(OSError, match="I/O error"):
+        save_atomically(_FakeModel(), _FakeTokenizer(), mount_point)
+    assert os.listdir(mount_point) == []
+
+
+@pytest.mark.unit
+def test_read_only_mount_point_is_refused_before_stage_one(
+    fp_model, tokenizer, mount_point, monkeypatch, no_stage_one
+):
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.parent == mount_point:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(OutputDirError, match=r"volume.* is not writable \(Read-only file system\)"):
+        quantize(fp_model, tokenizer, RECIPE, ["text"], output_dir=mount_point)
+
+
+@pytest.mark.unit
+def test_non_empty_mount_point_is_not_replaced(mount_point):
+    (mount_point / "data.bin").write_bytes(b"mine")
+    with pytest.raises(OutputDirError, match="is a mount point and not empty"):
+        check_output_dir(mount_point, overwrite=True)
+    assert _tree(mount_point) == {"data.bin": b"mine"}
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_real_tmpfs_mount_point(tmp_path):
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(volume)])
+    if mount.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        save_atomically(_FakeModel(), _FakeTokenizer(), volume)
+        assert sorted(os.listdir(volume)) == ["config.json", "model.safetensors", "tokenizer.json"]
+        for name in os.listdir(volume):
+            (volume / name).unlink()
+        subprocess.run(["mount", "-o", "remount,ro", str(volume)], check=True)
+        with pytest.raises(OutputDirError, match="is not writable"):
+            check_output_dir(volume)
+    finally:
+        subprocess.run(["umount", str(volume)], check=True)
+
+
+@pytest.mark.integration
+def test_second_run_into_a_locked_directory_fails_first_naming_the_other(
+    fp_model, tokenizer, tmp_path, no_stage_one
+):
+    out = tmp_path / "out"
+    with output_locked_by_another_process(out) as pid:
+        for overwrite in (False, True):
+            with pytest.raises(OutputDirError, match=f"being written by another run \\(PID {pid},"):
+                quantize(fp_model, tokenizer, RECIPE, ["t"], output_dir=out, overwrite=overwrite)
+        with pytest.raises(OutputDirError, match=f"PID {pid}"):
+            save_atomically(_FakeModel(), _FakeTokenizer(), out)
+    assert sorted(os.listdir(tmp_path)) == ["fp"]  # the holder removed its lock file
+    assert save_atomically(_FakeModel(), _FakeTokenizer(), out) == out  # free again
+
+
+@pytest.mark.unit
+def test_output_lock_is_reentrant_and_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    with output_lock(out) as target:
+        assert target == out and (tmp_path / ".out.lock").read_text() == f"{os.getpid()}\n"
+        with output_lock(out):  # quantize() inside the CLI's lock, save_atomically inside both
+            pass
+        assert (tmp_path / ".out.lock").exists()
+        save_atomically(_FakeModel(), _FakeTokenizer(), out)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    with output_lock(tmp_path / "new" / "sub" / "out"):  # a run that fails before its save
+        assert (tmp_path / "new" / "sub").is_dir()
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # leaves no directories behind
 
 
 def _texts():

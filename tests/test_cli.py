@@ -16,6 +16,8 @@ import fair_calib_llmc_cli as cli
 from fair_calib_llmc.corpus import shipped_texts
 from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
 
+from .helpers import output_locked_by_another_process
+
 pytestmark = pytest.mark.integration
 
 
@@ -95,6 +97,46 @@ def test_output_problems_fail_before_the_model_loads(capsys, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert "working directory" in _error(capsys, *base, ".", "--overwrite")
     assert (tmp_path / "full" / "mine.txt").read_text() == "keep"
+
+
+def test_second_quantize_into_one_directory_fails_before_the_model_loads(
+    capsys, tmp_path, monkeypatch
+):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded although another run holds the directory")
+
+    monkeypatch.setattr("fair_calib_llmc.commands.load_model", no_loading)
+    out = tmp_path / "out"
+    argv = ["quantize", "--recipe", "rtn_w4a4", "--output-dir", str(out), "--overwrite"]
+    with output_locked_by_another_process(out) as pid:
+        assert f"another run (PID {pid}," in _error(capsys, *argv)
+
+
+def test_evaluate_and_diagnose_output_errors_are_one_line(capsys, tmp_path):
+    model = str(DEFAULT_MODEL_DIR)
+    diagnose = ["diagnose", "--model", model, "--out"]
+    assert "/proc is not writable" in _error(capsys, *diagnose, "/proc/x")
+    assert "model's own directory" in _error(capsys, *diagnose, model, "--overwrite")
+    (tmp_path / "results.md").write_text("mine")
+    evaluate = ["evaluate", "--teacher", model, "--student", model, "--out", str(tmp_path)]
+    assert "--overwrite" in _error(capsys, *evaluate)
+    assert (tmp_path / "results.md").read_text() == "mine"
+
+
+def test_redirected_diagnose_writes_a_few_stderr_lines(tmp_path):
+    argv = ["diagnose", "--model", str(DEFAULT_MODEL_DIR), "--out", str(tmp_path / "d")]
+    argv += ["--seeds", "0", "1", "--eval-prompts", "3", "--gen-length", "8", "--elbo-texts", "2"]
+    argv += ["--device", "cpu", "--no-layer-scan"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("TQDM_DISABLE", "TQDM_LEAVE"):
+        env.pop(name, None)
+    run = subprocess.run(
+        [sys.executable, "-m", "fair_calib_llmc_cli", *argv],
+        capture_output=True,  # bytes: text mode would turn a bar's \r redraws into lines
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr.count(b"\n") <= 10, run.stderr  # nested bars: one line per update
 
 
 def test_verbose_shows_the_traceback(tmp_path):

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 
+from fair_calib_llmc.checkpoint import OutputDirError
 from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR, load_default_model
 from fair_calib_llmc.evaluation import compare, diagnose
-from fair_calib_llmc.evaluation.decisions import METRICS
+from fair_calib_llmc.evaluation.decisions import METRICS, write_results
 from fair_calib_llmc.models import LLaDAModelLM
 from fair_calib_llmc.reload import save_and_verify
 
@@ -96,6 +98,97 @@ def test_evaluate_refuses_a_student_of_another_model(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="not the same model"):
         _cli(["evaluate", "--teacher", str(DEFAULT_MODEL_DIR), "--student", str(other)] + SMALL)
     assert not (other / "evaluation").exists()
+
+
+class _WorkStarted(Exception):
+    pass
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading a checkpoint (the first piece of work) raises :class:`_WorkStarted`."""
+
+    def load(*args, **kwargs):
+        raise _WorkStarted()
+
+    for module in (compare, diagnose):
+        monkeypatch.setattr(module, "load_checkpoint", load)
+
+
+def _evaluate(teacher, student, *extra):
+    return _cli(["evaluate", "--teacher", str(teacher), "--student", str(student), *SMALL, *extra])
+
+
+def _diagnose(model, *extra):
+    return _cli(["diagnose", "--model", str(model), *SMALL, *extra])
+
+
+def test_existing_results_are_refused_before_any_work(tmp_path, no_work):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.md").write_text("mine")
+    with pytest.raises(OutputDirError, match="exists and is not empty.*--overwrite"):
+        _evaluate(DEFAULT_MODEL_DIR, DEFAULT_MODEL_DIR, "--out", str(out))
+    with pytest.raises(OutputDirError, match="exists and is not empty.*--overwrite"):
+        _diagnose(DEFAULT_MODEL_DIR, "--out", str(out))
+    assert (out / "results.md").read_text() == "mine"
+    with pytest.raises(_WorkStarted):  # --overwrite: accepted, the work begins
+        _diagnose(DEFAULT_MODEL_DIR, "--out", str(out), "--overwrite")
+
+
+def test_rerun_does_not_replace_the_students_evaluation(tmp_path, no_work):
+    student = tmp_path / "student"
+    (student / "evaluation").mkdir(parents=True)
+    (student / "evaluation" / "results.json").write_text("{}")
+    with pytest.raises(OutputDirError, match="evaluation' exists and is not empty"):
+        _evaluate(DEFAULT_MODEL_DIR, student)
+    with pytest.raises(_WorkStarted):
+        _evaluate(DEFAULT_MODEL_DIR, student, "--overwrite")
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_results_never_go_into_a_model_directory(tmp_path, no_work, overwrite):
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    for path in (teacher, student):
+        path.mkdir()
+        (path / "config.json").write_text("{}")
+    before = sorted(tmp_path.rglob("*"))
+    cases = [
+        (teacher, "is the teacher's directory"),
+        (student, "is the student's directory"),
+        (tmp_path, "contains the teacher's directory"),
+        (teacher / "eval", "is inside the teacher's directory"),
+        (student / "other", "is inside the student's directory"),
+    ]
+    for out, message in cases:
+        with pytest.raises(OutputDirError, match=message):
+            _evaluate(teacher, student, "--out", str(out), *overwrite)
+    for out in (teacher, teacher / "eval"):
+        with pytest.raises(OutputDirError, match="the model's own directory"):
+            _diagnose(teacher, "--out", str(out), *overwrite)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_unwritable_results_directory_is_refused_before_any_work(no_work):
+    with pytest.raises(OutputDirError, match="cannot write the results.*is not writable"):
+        _diagnose(DEFAULT_MODEL_DIR, "--out", "/proc/fair-calib-diagnose")
+    with pytest.raises(OutputDirError, match="cannot write the results.*is not writable"):
+        _evaluate(DEFAULT_MODEL_DIR, DEFAULT_MODEL_DIR, "--out", "/proc/fair-calib-evaluate")
+
+
+def test_diagnose_refuses_a_quantized_checkpoint_before_any_work(rtn_w4a4, tmp_path, no_work):
+    with pytest.raises(ValueError, match="already quantized.*full-precision model"):
+        _diagnose(rtn_w4a4, "--out", str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_results_that_appear_during_the_run_are_not_replaced(tmp_path):
+    (tmp_path / "results.md").write_text("mine")
+    with pytest.raises(OutputDirError, match="results.md appeared while this run worked"):
+        write_results(tmp_path, {"rows": []}, "| table |", [])
+    assert (tmp_path / "results.md").read_text() == "mine"
+    write_results(tmp_path, {"rows": []}, "| table |", [], overwrite=True)
+    assert (tmp_path / "results.md").read_text() == "| table |\n"
 
 
 def test_variant_schemes_split_weights_and_activations():

@@ -85,3 +85,31 @@ def test_merged_seed_runs_equal_one_run_and_reject_overlaps(tmp_path):
     (tmp_path / "seed1" / "results.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="different full-precision models"):
         merge_results([tmp_path / "seed0", tmp_path / "seed1"], tmp_path / "again")
+
+
+def test_diagnose_curves_get_one_panel_per_precision(tmp_path, monkeypatch):
+    from fair_calib_llmc import plots
+    from fair_calib_llmc.evaluation.decisions import plot_rows
+    from fair_calib_llmc.evaluation.diagnose import variant_panels, variant_styles
+
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(
+        plots, "_save", lambda fig, plt, path: figures.append(fig) or save(fig, plt, path)
+    )
+    names = ["W4A16", "W16A4", "W4A4"]
+    rows = [
+        {"name": f"{name}{suffix}", "seed": seed, "flips_per_step": [0.1, 0.2, seed / 10]}
+        for name in names
+        for suffix in ("", " + rotations")
+        for seed in (0, 1)
+    ]
+    paths = plot_rows(tmp_path, rows, variant_styles(names), variant_panels(names))
+    assert paths["flips_per_step.png"].stat().st_size > 0
+    (figure,) = figures
+    panels = {ax.get_title(): [line.get_label() for line in ax.get_lines()] for ax in figure.axes}
+    assert panels == {name: [name, f"{name} + rotations"] for name in names}
+    # evaluate's curves (no panels): one plot, as before
+    figures.clear()
+    plot_rows(tmp_path / "evaluate", [{"name": "student", "seed": 0, "flips_per_step": [0.1]}])
+    assert len(figures[0].axes) == 1

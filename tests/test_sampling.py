@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from fair_calib_llmc.models import diffusion_spec
-from fair_calib_llmc.sampling import DreamSampler, LLaDASampler, sampler_for
+from fair_calib_llmc.sampling import DreamSampler, LLaDASampler, progress, sampler_for
 
 pytestmark = pytest.mark.unit
 
@@ -116,3 +116,12 @@ def test_sampler_for_picks_family(llada, dream):
         sampler_for(diffusion_spec(llada), steps=4, gen_length=8, block_length=8), LLaDASampler
     )
     assert isinstance(sampler_for(diffusion_spec(dream), steps=4, gen_length=8), DreamSampler)
+
+
+def test_redirected_progress_shows_only_the_outermost_bar(monkeypatch):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    with progress(total=3, desc="outer") as outer, progress(total=5, desc="inner") as inner:
+        assert not outer.disable and inner.disable
+        assert outer.mininterval >= 10  # a line every few seconds at most, not every update
+    with progress(total=3) as alone:
+        assert not alone.disable  # the outer one has closed

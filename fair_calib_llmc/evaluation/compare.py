@@ -7,7 +7,10 @@ seed (post-commit mismatch, first divergence), and both get the masked-diffusion
 perplexity on held-out texts. Written to ``STUDENT/evaluation/`` unless ``--out`` says otherwise:
 ``results.json`` (every seed's row with per-step and per-position flip rates), ``results.md``
 (mean ± half-range over seeds) and ``flips_per_step.png`` / ``flips_per_position.png``
-(averaged over seeds).
+(averaged over seeds). The output directory is checked before any work, with ``quantize``'s
+rules (:func:`~fair_calib_llmc.checkpoint.check_results_dir`): a non-empty one (a rerun's
+``STUDENT/evaluation/`` too) needs ``--overwrite``, and no other directory inside a model
+directory is accepted.
 
 Library use: :func:`evaluate_checkpoints`. CLI wiring: :func:`add_parser` and :func:`run`.
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from fair_calib_llmc.checkpoint import check_results_dir, output_lock
 from fair_calib_llmc.corpus import shipped_texts
 from fair_calib_llmc.data import load_texts
 from fair_calib_llmc.evaluation.decisions import (
@@ -45,47 +49,56 @@ def evaluate_checkpoints(
     settings: DecisionSettings = DecisionSettings(),
     *,
     out_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
     dtype: str | torch.dtype = "auto",
     device: str | None = None,
 ) -> dict:
     """Compare ``student_dir`` with ``teacher_dir``; write and return the results.
 
     :param texts: prompts / held-out text (default: the shipped held-out text)
+    :param overwrite: write over the results files of a non-empty ``out_dir``
     :param dtype: loads both in this dtype (``auto``: the teacher's own); the student is
         always loaded in the teacher's dtype so only the quantization differs
     :return: ``{"rows": [...], "summary": [...], "files": {...}}``
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out_dir = Path(out_dir) if out_dir is not None else Path(student_dir) / "evaluation"
-    texts = texts if texts is not None else shipped_texts("heldout")
-    start = time.monotonic()
-    teacher, tokenizer = load_checkpoint(teacher_dir, dtype=dtype, device=device)
-    dtype = teacher.get_input_embeddings().weight.dtype
-    student, _ = load_checkpoint(student_dir, dtype=dtype, device=device)
-    check_pair(teacher, student)
-    logger.info(f"evaluate: {student_dir} vs {teacher_dir} ({dtype}, {device})")
-    rollouts = teacher_rollouts(teacher, tokenizer, texts, settings)
-    teacher_rows = [
-        {"name": "teacher", "seed": r.seed, "elbo_ppl": r.teacher_elbo_ppl} for r in rollouts
-    ]
-    rows = teacher_rows + student_rows("student", teacher, student, rollouts, settings)
-    summary = summarise(rows)
-    table = markdown_table(summary)
-    footer = (
-        f"\nteacher `{teacher_dir}`, student `{student_dir}`; {len(settings.seeds)} seed(s) "
-        f"{list(settings.seeds)}, {len(rollouts[0].prompts)} prompts x {settings.gen_length} "
-        f"tokens per seed; {dtype}, {device}; {time.monotonic() - start:.0f} s"
+    default = Path(student_dir) / "evaluation"
+    out_dir = check_results_dir(
+        out_dir if out_dir is not None else default,
+        {"the teacher's directory": teacher_dir, "the student's directory": student_dir},
+        overwrite=overwrite,
+        default=default,
     )
-    payload = {
-        "teacher": str(teacher_dir),
-        "student": str(student_dir),
-        "settings": settings,
-        "dtype": dtype,
-        "rows": rows,
-        "summary": summary,
-    }
-    files = write_results(out_dir, payload, table + "\n" + footer, rows)
-    return {"rows": rows, "summary": summary, "table": table, "files": files}
+    with output_lock(out_dir):  # a second run into out_dir fails now, not at the end
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        texts = texts if texts is not None else shipped_texts("heldout")
+        start = time.monotonic()
+        teacher, tokenizer = load_checkpoint(teacher_dir, dtype=dtype, device=device)
+        dtype = teacher.get_input_embeddings().weight.dtype
+        student, _ = load_checkpoint(student_dir, dtype=dtype, device=device)
+        check_pair(teacher, student)
+        logger.info(f"evaluate: {student_dir} vs {teacher_dir} ({dtype}, {device})")
+        rollouts = teacher_rollouts(teacher, tokenizer, texts, settings)
+        teacher_rows = [
+            {"name": "teacher", "seed": r.seed, "elbo_ppl": r.teacher_elbo_ppl} for r in rollouts
+        ]
+        rows = teacher_rows + student_rows("student", teacher, student, rollouts, settings)
+        summary = summarise(rows)
+        table = markdown_table(summary)
+        footer = (
+            f"\nteacher `{teacher_dir}`, student `{student_dir}`; {len(settings.seeds)} seed(s) "
+            f"{list(settings.seeds)}, {len(rollouts[0].prompts)} prompts x {settings.gen_length} "
+            f"tokens per seed; {dtype}, {device}; {time.monotonic() - start:.0f} s"
+        )
+        payload = {
+            "teacher": str(teacher_dir),
+            "student": str(student_dir),
+            "settings": settings,
+            "dtype": dtype,
+            "rows": rows,
+            "summary": summary,
+        }
+        files = write_results(out_dir, payload, table + "\n" + footer, rows, overwrite=overwrite)
+        return {"rows": rows, "summary": summary, "table": table, "files": files}
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,7 +117,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--out", help="output directory")
+    parser.add_argument("--out", help="output directory (new or empty unless --overwrite)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write over the results files of a non-empty --out"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> DecisionSettings:
@@ -145,6 +161,7 @@ def run(args: argparse.Namespace) -> dict:
         texts,
         settings_from_args(args),
         out_dir=args.out,
+        overwrite=args.overwrite,
         dtype=dtype_from_args(args),
         device=args.device,
     )

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 
 from fair_calib_llmc import report
 from fair_calib_llmc.calibration import prompts_from_texts
+from fair_calib_llmc.checkpoint import OutputDirError
 from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.plots import plot_seed_curves
@@ -191,19 +192,34 @@ def write_results(
     markdown: str,
     rows: Sequence[dict],
     styles: dict[str, dict] | None = None,
+    *,
+    panels: dict[str, list[str]] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """``results.json``, ``results.md`` and the curves of :func:`plot_rows`; returns the
-    paths written."""
+    paths written. Without ``overwrite`` an existing ``results.*`` is never replaced, not
+    even one that appeared after the up-front :func:`~fair_calib_llmc.checkpoint.
+    check_results_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=_jsonable))
-    (out_dir / "results.md").write_text(markdown + "\n")
     paths = {"results.json": out_dir / "results.json", "results.md": out_dir / "results.md"}
-    return {**paths, **plot_rows(out_dir, rows, styles)}
+    existing = [path for path in paths.values() if path.exists()]
+    if existing and not overwrite:
+        raise OutputDirError(
+            f"{existing[0]} appeared while this run worked and is not replaced; move it away "
+            "and rerun, or pass --overwrite"
+        )
+    mode = "w" if overwrite else "x"  # "x": nor one that appears this very moment
+    with open(paths["results.json"], mode) as file:
+        file.write(json.dumps(payload, indent=1, default=_jsonable))
+    with open(paths["results.md"], mode) as file:
+        file.write(markdown + "\n")
+    return {**paths, **plot_rows(out_dir, rows, styles, panels)}
 
 
-def plot_rows(out_dir: Path, rows: Sequence[dict], styles=None) -> dict:
+def plot_rows(out_dir: Path, rows: Sequence[dict], styles=None, panels=None) -> dict:
     """``flips_per_step.png`` and ``flips_per_position.png``: one curve per row name,
-    averaged over that name's seeds (rows as in ``results.json``)."""
+    averaged over that name's seeds (rows as in ``results.json``), in ``panels`` if given
+    (:func:`~fair_calib_llmc.plots.plot_seed_curves`)."""
     paths = {}
     axes = (("flips_per_step", "sampler step"), ("flips_per_position", "answer position"))
     for series, xlabel in axes:
@@ -219,6 +235,7 @@ def plot_rows(out_dir: Path, rows: Sequence[dict], styles=None) -> dict:
                 ylabel="frontier flip rate",
                 title=f"Frontier flips vs. the FP teacher per {xlabel.split()[-1]}",
                 styles=styles,
+                panels=panels,
             )
     return paths
 

@@ -10,8 +10,11 @@ calibration data measures the format's sensitivity, not a calibration method's.
 
 Written to ``--out`` (default ``outputs/diagnose-<model dir name>``): ``results.json``,
 ``results.md`` (variants table + per-layer table), ``flips_per_step.png`` and
-``flips_per_position.png`` (one curve per variant, averaged over seeds) and
-``layer_sensitivity.png`` (flip rate with one layer W4A4, mean and range over seeds).
+``flips_per_position.png`` (one panel per precision, without and with rotations, averaged over
+seeds) and
+``layer_sensitivity.png`` (flip rate with one layer W4A4, mean and range over seeds). The
+output directory is checked before any work, with ``quantize``'s rules: a non-empty one needs
+``--overwrite``, and none inside the model directory is accepted.
 
 Library use: :func:`diagnose_model`. CLI wiring: :func:`add_parser` and :func:`run`.
 """
@@ -19,6 +22,7 @@ Library use: :func:`diagnose_model`. CLI wiring: :func:`add_parser` and :func:`r
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import time
@@ -31,8 +35,8 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from loguru import logger
 from torch import nn
-from tqdm.auto import tqdm
 
+from fair_calib_llmc.checkpoint import check_results_dir, output_lock
 from fair_calib_llmc.corpus import shipped_texts
 from fair_calib_llmc.data import load_texts
 from fair_calib_llmc.evaluation.compare import (
@@ -51,9 +55,17 @@ from fair_calib_llmc.evaluation.decisions import (
 )
 from fair_calib_llmc.learned_rotations import ExactSpinQuantModifier
 from fair_calib_llmc.plots import plot_seed_bars
+from fair_calib_llmc.sampling import progress
 from fair_calib_llmc.schemes import check_scheme_name
 
-__all__ = ["diagnose_model", "variant_schemes", "decoder_layers", "add_parser", "run"]
+__all__ = [
+    "diagnose_model",
+    "variant_schemes",
+    "decoder_layers",
+    "refuse_quantized",
+    "add_parser",
+    "run",
+]
 
 #: Modules never quantized: the LM heads of both families (as in the shipped recipes).
 LM_HEADS = ["lm_head", r"re:^model\.transformer\.ff_out$"]
@@ -106,13 +118,19 @@ def _quantized(model_dir, dtype, device, scheme: QuantizationScheme, rotate: boo
 
 
 def variant_styles(names) -> dict[str, dict]:
-    """One colour per precision, dashed when rotated: the plots read as three pairs."""
-    colours = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
+    """The same two styles in every precision's panel (:func:`variant_panels`): solid without
+    rotations, dashed with them."""
     styles = {}
-    for name, colour in zip(names, colours, strict=False):
-        styles[name] = {"color": colour}
-        styles[f"{name} + rotations"] = {"color": colour, "linestyle": "--", "marker": "x"}
+    for name in names:
+        styles[name] = {"color": "#dd8452"}
+        styles[f"{name} + rotations"] = {"color": "#4c72b0", "linestyle": "--", "marker": "x"}
     return styles
+
+
+def variant_panels(names) -> dict[str, list[str]]:
+    """One plot panel per precision holding it without and with rotations: the comparison
+    diagnose is for, without the other precisions' lines and bands on top."""
+    return {name: [name, f"{name} + rotations"] for name in names}
 
 
 def _only(targets: list[str], scheme: QuantizationScheme) -> QuantizationScheme:
@@ -129,69 +147,108 @@ def diagnose_model(
     rotations: bool = True,
     layer_scan: bool = True,
     out_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
     dtype: str | torch.dtype = "auto",
     device: str | None = None,
 ) -> dict:
-    """Run the variants and the per-layer scan; write and return the results."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """Run the variants and the per-layer scan; write and return the results.
+
+    :param overwrite: write over the results files of a non-empty ``out_dir``
+    """
     model_dir = Path(model_dir)
-    out_dir = Path(out_dir or Path("outputs") / f"diagnose-{model_dir.name}")
-    texts = texts if texts is not None else shipped_texts("heldout")
+    refuse_quantized(model_dir)
+    out_dir = check_results_dir(
+        out_dir or Path("outputs") / f"diagnose-{model_dir.name}",
+        {"the model's own directory": model_dir},
+        overwrite=overwrite,
+    )
     schemes = variant_schemes(scheme)  # an unknown scheme fails here, before any work
-    start = time.monotonic()
-    teacher, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
-    dtype = teacher.get_input_embeddings().weight.dtype
-    rollouts = teacher_rollouts(teacher, tokenizer, texts, settings)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    texts = texts if texts is not None else shipped_texts("heldout")
+    with output_lock(out_dir):  # a second run into out_dir fails now, not at the end
+        start = time.monotonic()
+        teacher, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
+        dtype = teacher.get_input_embeddings().weight.dtype
+        rollouts = teacher_rollouts(teacher, tokenizer, texts, settings)
 
-    rows = []
-    plan = [(name, False) for name in schemes]
-    plan += [(name, True) for name in schemes] if rotations else []
-    for name, rotate in tqdm(plan, desc="diagnose variants"):
-        label = f"{name} + rotations" if rotate else name
-        student = _quantized(model_dir, dtype, device, schemes[name], rotate)
-        rows += student_rows(
-            label, teacher, student, rollouts, settings, precision=name, rotations=rotate
-        )
-        del student
-
-    layer_rows = []
-    if layer_scan:
-        for layer, linears in tqdm(decoder_layers(teacher), desc="per-layer W4A4 scan"):
-            student = _quantized(model_dir, dtype, device, _only(linears, schemes["W4A4"]), False)
-            layer_rows += student_rows(layer, teacher, student, rollouts, settings, elbo=False)
+        rows = []
+        plan = [(name, False) for name in schemes]
+        plan += [(name, True) for name in schemes] if rotations else []
+        for name, rotate in progress(plan, desc="diagnose variants"):
+            label = f"{name} + rotations" if rotate else name
+            student = _quantized(model_dir, dtype, device, schemes[name], rotate)
+            rows += student_rows(
+                label, teacher, student, rollouts, settings, precision=name, rotations=rotate
+            )
             del student
 
-    variants = summarise(rows)
-    layers = summarise(layer_rows)
-    table = markdown_table(variants, key="name")
-    layer_metrics = ("frontier_flip_rate", "post_commit_mismatch", "kl_frontier")
-    layer_table = markdown_table(layers, key="name", metrics=layer_metrics) if layers else ""
-    markdown = (
-        f"## Variants (RTN, data-free; {scheme})\n\n{table}\n\n"
-        + (f"## One decoder layer W4A4 at a time\n\n{layer_table}\n\n" if layer_table else "")
-        + f"model `{model_dir}`; seeds {list(settings.seeds)}, "
-        f"{len(rollouts[0].prompts)} prompts x {settings.gen_length} tokens per seed; "
-        + _teacher_ppl(rollouts)
-        + f"{dtype}, {device}; {time.monotonic() - start:.0f} s"
-    )
-    payload = {
-        "model": str(model_dir),
-        "scheme": scheme,
-        "rotations": ROTATIONS if rotations else None,
-        "settings": settings,
-        "dtype": dtype,
-        "teacher_elbo_ppl": [r.teacher_elbo_ppl for r in rollouts],
-        "rows": rows,
-        "layer_rows": layer_rows,
-        "summary": variants,
-        "layer_summary": layers,
-    }
-    files = write_results(out_dir, payload, markdown, rows, variant_styles(schemes))
-    if layer_rows:
-        path = out_dir / "layer_sensitivity.png"
-        files[path.name] = plot_layer_sensitivity(layer_rows, rows, path)
-    logger.info(f"diagnose: wrote {', '.join(files)} to {out_dir}")
-    return {"rows": rows, "layer_rows": layer_rows, "markdown": markdown, "files": files}
+        layer_rows = []
+        if layer_scan:
+            for layer, linears in progress(decoder_layers(teacher), desc="per-layer W4A4 scan"):
+                student = _quantized(
+                    model_dir, dtype, device, _only(linears, schemes["W4A4"]), False
+                )
+                layer_rows += student_rows(layer, teacher, student, rollouts, settings, elbo=False)
+                del student
+
+        variants = summarise(rows)
+        layers = summarise(layer_rows)
+        table = markdown_table(variants, key="name")
+        layer_metrics = ("frontier_flip_rate", "post_commit_mismatch", "kl_frontier")
+        layer_table = markdown_table(layers, key="name", metrics=layer_metrics) if layers else ""
+        markdown = (
+            f"## Variants (RTN, data-free; {scheme})\n\n{table}\n\n"
+            + (f"## One decoder layer W4A4 at a time\n\n{layer_table}\n\n" if layer_table else "")
+            + f"model `{model_dir}`; seeds {list(settings.seeds)}, "
+            f"{len(rollouts[0].prompts)} prompts x {settings.gen_length} tokens per seed; "
+            + _teacher_ppl(rollouts)
+            + f"{dtype}, {device}; {time.monotonic() - start:.0f} s"
+        )
+        payload = {
+            "model": str(model_dir),
+            "scheme": scheme,
+            "rotations": ROTATIONS if rotations else None,
+            "settings": settings,
+            "dtype": dtype,
+            "teacher_elbo_ppl": [r.teacher_elbo_ppl for r in rollouts],
+            "rows": rows,
+            "layer_rows": layer_rows,
+            "summary": variants,
+            "layer_summary": layers,
+        }
+        files = write_results(
+            out_dir,
+            payload,
+            markdown,
+            rows,
+            variant_styles(schemes),
+            panels=variant_panels(schemes),
+            overwrite=overwrite,
+        )
+        if layer_rows:
+            path = out_dir / "layer_sensitivity.png"
+            files[path.name] = plot_layer_sensitivity(layer_rows, rows, path)
+        logger.info(f"diagnose: wrote {', '.join(files)} to {out_dir}")
+        return {"rows": rows, "layer_rows": layer_rows, "markdown": markdown, "files": files}
+
+
+def refuse_quantized(model_dir: Path) -> None:
+    """Diagnose quantizes the full-precision model; a checkpoint that is quantized already
+    (``quantization_config`` in its ``config.json``) would be quantized twice and compared
+    with itself as teacher, for minutes of meaningless numbers."""
+    config = model_dir / "config.json"
+    if not config.is_file():
+        return  # load_checkpoint says what is missing
+    try:
+        quantized = "quantization_config" in json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return  # load_checkpoint reports a broken config
+    if quantized:
+        raise ValueError(
+            f"{model_dir} is already quantized (its config.json has a quantization_config); "
+            "diagnose needs the full-precision model: pass the directory it was quantized "
+            "from (fair-calib-llmc evaluate compares a quantized checkpoint with it)"
+        )
 
 
 def plot_layer_sensitivity(layer_rows, rows, path: Path) -> Path:
@@ -242,6 +299,7 @@ def run(args: argparse.Namespace) -> dict:
         rotations=not args.no_rotations,
         layer_scan=not args.no_layer_scan,
         out_dir=args.out,
+        overwrite=args.overwrite,
         dtype=dtype_from_args(args),
         device=args.device,
     )
