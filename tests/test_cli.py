@@ -34,7 +34,8 @@ def test_help_imports_nothing_heavy():
     code = textwrap.dedent(
         """
         import sys, fair_calib_llmc_cli as cli
-        for argv in (["--help"], ["quantize", "--help"], ["demo", "--help"]):
+        for command in ([], ["quantize"], ["demo"], ["evaluate"], ["diagnose"]):
+            argv = [*command, "--help"]
             try:
                 cli.main(argv)
             except SystemExit as e:
@@ -46,6 +47,7 @@ def test_help_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "--recipe" in out.stdout and "--overwrite" in out.stdout and "--device" in out.stdout
+    assert "--teacher" in out.stdout and "--no-layer-scan" in out.stdout
 
 
 def _error(capsys, *argv) -> str:

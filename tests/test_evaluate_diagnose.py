@@ -3,7 +3,6 @@ argparse wiring the ``fair-calib-llmc`` command uses."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -11,8 +10,9 @@ import torch
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 
+import fair_calib_llmc_cli as cli
 from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR, load_default_model
-from fair_calib_llmc.evaluation import compare, diagnose
+from fair_calib_llmc.evaluation import diagnose
 from fair_calib_llmc.evaluation.decisions import METRICS
 from fair_calib_llmc.models import LLaDAModelLM
 from fair_calib_llmc.reload import save_and_verify
@@ -36,13 +36,9 @@ def one_thread():
 
 
 def _cli(argv):
-    """What cli.py does with the two registration functions."""
-    parser = argparse.ArgumentParser(prog="fair-calib-llmc")
-    sub = parser.add_subparsers(dest="command", required=True)
-    compare.add_parser(sub)
-    diagnose.add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """What fair_calib_llmc_cli.main does, returning the command's result."""
+    args = cli.build_parser().parse_args(argv)
+    return cli._command(args)(args)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ perplexity on held-out texts. Written to ``STUDENT/evaluation/`` unless ``--out`
 (mean ± half-range over seeds) and ``flips_per_step.png`` / ``flips_per_position.png``
 (averaged over seeds).
 
-Library use: :func:`evaluate_checkpoints`. CLI wiring: :func:`add_parser` and :func:`run`.
+Library use: :func:`evaluate_checkpoints`. CLI: :func:`run` (the arguments are defined in
+``fair_calib_llmc_cli``, so ``--help`` imports nothing heavy).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from fair_calib_llmc.evaluation.decisions import (
     write_results,
 )
 
-__all__ = ["evaluate_checkpoints", "add_parser", "run"]
+__all__ = ["evaluate_checkpoints", "run"]
 
 
 def evaluate_checkpoints(
@@ -88,25 +89,6 @@ def evaluate_checkpoints(
     return {"rows": rows, "summary": summary, "table": table, "files": files}
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by ``evaluate`` and ``diagnose``."""
-    parser.add_argument(
-        "--dataset", help="local .json/.jsonl/.txt with prompts (default: shipped held-out text)"
-    )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--eval-prompts", type=int, default=16, help="prompts per seed")
-    parser.add_argument("--prompt-length", type=int, default=32)
-    parser.add_argument("--gen-length", type=int, default=32)
-    parser.add_argument("--steps", type=int, help="sampler steps (default: gen-length)")
-    parser.add_argument("--block-length", type=int, help="LLaDA block (default: gen-length)")
-    parser.add_argument(
-        "--elbo-texts", type=int, default=16, help="held-out texts for ELBO perplexity (0: skip)"
-    )
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--out", help="output directory")
-
-
 def settings_from_args(args: argparse.Namespace) -> DecisionSettings:
     return DecisionSettings(
         seeds=tuple(args.seeds),
@@ -121,20 +103,6 @@ def settings_from_args(args: argparse.Namespace) -> DecisionSettings:
 
 def dtype_from_args(args: argparse.Namespace):
     return args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``evaluate`` on an argparse ``subparsers`` object (``set_defaults(func=run)``)."""
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="decision-level metrics of a quantized checkpoint against its FP teacher",
-        description=__doc__.split("\n\n")[1],
-    )
-    parser.add_argument("--teacher", required=True, help="full-precision checkpoint dir")
-    parser.add_argument("--student", required=True, help="quantized (or any) checkpoint dir")
-    add_settings_arguments(parser)
-    parser.set_defaults(func=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> dict:
