@@ -73,3 +73,44 @@ def test_our_lazy_import_of_llmcompressor_registers_too():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == ""
+
+
+def test_modules_the_hook_imports_do_not_import_llmcompressor_themselves():
+    """The hook imports fair_calib_llmc.modifier and .rotations while llm-compressor finishes
+    importing; a module of ours that they import and that imports llm-compressor at import
+    time would be half-initialised then (``cannot import name ... partially initialized``)."""
+    out = _python(
+        """
+        import ast, importlib, sys
+        import fair_calib_llmc
+        from pathlib import Path
+
+        class NoLLMCompressor:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "llmcompressor":
+                    raise ImportError(f"{name} imported")
+
+        package = Path(fair_calib_llmc.__file__).parent
+        needed = set()
+        for hooked in ("modifier.py", "rotations.py"):
+            for node in ast.walk(ast.parse((package / hooked).read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module.startswith("fair_calib"):
+                    needed.add(node.module)
+        sys.meta_path.insert(0, NoLLMCompressor())
+        for name in sorted(needed):
+            importlib.import_module(name)
+        """
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_module_of_ours_imported_first_still_registers():
+    out = _python(
+        """
+        from fair_calib_llmc.calibration import Stage1Settings
+        from fair_calib_llmc.sensitivity import decoder_layers
+        from llmcompressor.modifiers.factory import ModifierFactory
+        assert "FAIRCalibModifier" in ModifierFactory._registered_registry
+        """
+    )
+    assert out.returncode == 0, out.stderr
