@@ -21,6 +21,17 @@ METHODS = "rtn, gptq, r1r2+gptq, quarot+gptq, quarot+autoround, fair-calib-unifo
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: 0 or -1 prompts would otherwise quietly run one prompt."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fair-calib-llmc",
@@ -60,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"any of: {METHODS} (default: rtn quarot+gptq fair-calib)",
     )
     demo.add_argument("--seeds", nargs="+", type=int, default=[0])
-    demo.add_argument("--calibration-prompts", type=int, default=32)
-    demo.add_argument("--eval-prompts", type=int, default=16)
+    demo.add_argument("--calibration-prompts", type=positive_int, default=32)
+    demo.add_argument("--eval-prompts", type=positive_int, default=16)
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     demo.set_defaults(run="fair_calib_llmc.commands:run_demo")
 
@@ -90,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace a non-empty --output-dir (deleted only after the new checkpoint is saved)",
     )
-    quant.add_argument("--max-prompts", type=int, default=64, help="calibration prompts")
+    quant.add_argument("--max-prompts", type=positive_int, default=64, help="calibration prompts")
     quant.set_defaults(run="fair_calib_llmc.commands:run_quantize")
 
     _add_evaluation_parsers(sub, verbose)
@@ -105,7 +116,7 @@ def _add_evaluation_parsers(sub, verbose: argparse.ArgumentParser) -> None:
         "--dataset", help="local .json/.jsonl/.txt with prompts (default: shipped held-out text)"
     )
     settings.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    settings.add_argument("--eval-prompts", type=int, default=16, help="prompts per seed")
+    settings.add_argument("--eval-prompts", type=positive_int, default=16, help="prompts per seed")
     settings.add_argument("--prompt-length", type=int, default=32)
     settings.add_argument("--gen-length", type=int, default=32)
     settings.add_argument("--steps", type=int, help="sampler steps (default: gen-length)")

@@ -22,7 +22,7 @@ from llmcompressor.core import reset_session
 from loguru import logger
 from transformers import AutoModel
 
-from fair_calib_llmc.calibration import prompts_from_texts
+from fair_calib_llmc.calibration import check_prompt_count, prompts_from_texts
 from fair_calib_llmc.checkpoint import check_output_dir, save_atomically
 from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity
 from fair_calib_llmc.models.family import diffusion_spec
@@ -57,6 +57,10 @@ class BenchmarkSettings:
     seeds: tuple[int, ...] = (0,)
     #: every other row is also reported as a paired per-seed difference to this one
     reference_method: str = REFERENCE_METHOD
+
+    def __post_init__(self) -> None:
+        check_prompt_count(self.calibration_prompts, "calibration_prompts")
+        check_prompt_count(self.eval_prompts, "eval_prompts")
 
 
 def _checkpoint_mib(path: Path) -> float:

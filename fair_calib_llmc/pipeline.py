@@ -26,7 +26,12 @@ from datasets import Dataset
 from llmcompressor import oneshot
 from loguru import logger
 
-from fair_calib_llmc.calibration import Stage1Settings, WeightStats, build_calibration_dataset
+from fair_calib_llmc.calibration import (
+    Stage1Settings,
+    WeightStats,
+    build_calibration_dataset,
+    check_prompt_count,
+)
 from fair_calib_llmc.checkpoint import (
     check_output_dir,
     expected_checkpoint_bytes,
@@ -127,6 +132,7 @@ def quantize(
     :param batch_size: masked-stage states that go through each layer at once; they all have
         the same length (prompt + answer), so batching costs no padding and no truncation
     """
+    check_prompt_count(max_prompts)
     recipe = load_recipe(recipe)
     diffusion_spec(model, tokenizer)  # a causal or mask-less model fails here, first
     check_finite_weights(model)

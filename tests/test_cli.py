@@ -99,6 +99,23 @@ def test_output_problems_fail_before_the_model_loads(capsys, tmp_path, monkeypat
     assert (tmp_path / "full" / "mine.txt").read_text() == "keep"
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["quantize", "--recipe", "rtn_w4a4", "--output-dir", "q", "--max-prompts", "0"],
+        ["quantize", "--recipe", "rtn_w4a4", "--output-dir", "q", "--max-prompts", "-1"],
+        ["demo", "--eval-prompts", "0"],
+        ["demo", "--calibration-prompts", "-1"],
+        ["evaluate", "--teacher", "t", "--student", "s", "--eval-prompts", "0"],
+    ],
+)
+def test_non_positive_prompt_counts_are_refused(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert "must be a positive integer" in capsys.readouterr().err
+
+
 def test_verbose_shows_the_traceback(tmp_path):
     with pytest.raises(ValueError, match="unknown recipe"):
         cli.main(["quantize", "--recipe", "nope", "--output-dir", str(tmp_path), "-v"])

@@ -82,6 +82,18 @@ def test_empty_or_short_calibration_set(llada, tokenizer):
             quantize(llada, tokenizer, "fair_calib_w4a4", texts)
 
 
+@pytest.mark.parametrize("max_prompts", [0, -1])
+def test_non_positive_max_prompts_fail_before_any_work(
+    llada, tokenizer, calibration_texts, monkeypatch, max_prompts
+):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before max_prompts was checked")
+
+    monkeypatch.setattr("fair_calib_llmc.pipeline.load_recipe", no_work)
+    with pytest.raises(ValueError, match="max_prompts must be a positive integer"):
+        quantize(llada, tokenizer, "rtn_w4a4", calibration_texts, max_prompts=max_prompts)
+
+
 def test_nan_weights_fail_before_calibration(llada, tokenizer, calibration_texts, tmp_path):
     with torch.no_grad():
         llada.model.transformer.blocks[0].q_proj.weight[0, 0] = float("nan")
