@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a non-empty --output-dir (deleted only after the new checkpoint is saved)",
     )
     quant.add_argument("--max-prompts", type=positive_int, default=64, help="calibration prompts")
+    quant.add_argument(
+        "--prompt-length",
+        type=positive_int,
+        help="tokens of each calibration text used as a Stage I prompt (default: the "
+        "recipe's FAIRCalibModifier.stage1.prompt_length, else 32)",
+    )
     quant.set_defaults(run="fair_calib_llmc.commands:run_quantize")
 
     _add_evaluation_parsers(sub, verbose)

@@ -120,7 +120,8 @@ def prompts_from_texts(
     if not prompts:
         raise ValueError(
             f"the calibration set is empty or too short: none of its {len(texts)} texts has "
-            f"{prompt_length} tokens. Pass longer texts or lower prompt_length."
+            f"{prompt_length} tokens. Pass longer texts or a shorter prompt (--prompt-length, "
+            "prompt_length= in quantize(), or FAIRCalibModifier.stage1.prompt_length)."
         )
     if max_prompts is not None and len(prompts) < max_prompts:
         logger.warning(

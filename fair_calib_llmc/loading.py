@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from loguru import logger
+from safetensors import SafetensorError
 
 __all__ = ["DTYPES", "load_model", "resolve_device", "resolve_dtype"]
 
@@ -83,6 +84,11 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
         raise FileNotFoundError(f"could not load {path}: {str(err).splitlines()[0]}") from err
+    except SafetensorError as err:  # a truncated download or an interrupted copy
+        raise ValueError(
+            f"could not load {path}: a .safetensors file in it is damaged or truncated "
+            f"({str(err).splitlines()[0]}); copy or download the checkpoint again"
+        ) from err
     model = model.to(device).eval()
     n_params = sum(p.numel() for p in model.parameters())
     logger.debug(f"loaded {source}: {n_params / 1e6:.1f}M parameters, {model.dtype}, on {device}")

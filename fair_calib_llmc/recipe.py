@@ -18,6 +18,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import yaml
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from llmcompressor.recipe import Recipe
 from pydantic import ValidationError
 
@@ -114,9 +115,16 @@ def load_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:
     try:
         return Recipe.create_instance(text)
     except ValidationError as err:
-        details = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or err.title}: {e['msg']}" for e in err.errors()
-        )
+        details = "; ".join(_field_error(e, err.title) for e in err.errors())
         raise RecipeError(f"{source}: {err.title}: {details}") from err
     except (ValueError, TypeError, KeyError) as err:
         raise RecipeError(f"{source}: {str(err).splitlines()[0]}") from err
+
+
+def _field_error(error: dict, title: str) -> str:
+    """``field.path: message``, with the valid names where the field is a scheme name."""
+    where = ".".join(str(p) for p in error["loc"]) or title
+    message = error["msg"]
+    if error["loc"] and error["loc"][-1] == "scheme" and "unknown scheme" not in message:
+        message += f" (valid names: {', '.join(PRESET_SCHEMES)})"
+    return f"{where}: {message}"

@@ -75,6 +75,8 @@ def test_user_errors_are_one_line_naming_the_fix(capsys, tmp_path, jsonl_without
         (["--recipe", "rtn_w4a4", "--model", str(tmp_path / "nope")], "no such model directory"),
         (["--recipe", "rtn_w4a4", "--dataset", str(jsonl_without_text)], "--text-column"),
         (["--recipe", "rtn_w4a4", "--device", "cuda:7"], "--device cpu"),
+        (["--recipe", "rtn_w4a4", "--dataset", str(tmp_path)], "is a directory"),
+        (["--recipe", "rtn_w4a4", "--prompt-length", "4096"], "--prompt-length"),
     ]
     for args, expected in cases:
         assert expected in _error(capsys, "quantize", *args, *out)

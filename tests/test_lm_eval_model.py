@@ -320,3 +320,14 @@ def test_nvfp4_fp32_checkpoint_scores_like_the_model_that_was_saved(tokenizer, t
     lm = _lm(path, dtype="float32", greedy_check=False)
     assert lm.model.model.transformer.blocks[0].q_proj.weight.dtype == torch.float32
     assert lm._loglikelihood_tokens([(("", ""), context, continuation)])[0][0] == expected
+
+
+def test_shell_entry_point_without_pretrained_is_one_line(capsys):
+    from fair_calib_llmc.evaluation.harness import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "dllm", "--tasks", "tiny_dllm_choice", "--include_path", str(TASKS)])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after lm-eval's own log lines
+    assert last.startswith("lm-eval-dllm: error: the dllm model needs a checkpoint: pass ")
+    assert "--model_args pretrained=DIR" in last

@@ -47,3 +47,13 @@ def test_wrong_model_path_names_the_fix(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_model(tmp_path / "empty")
+
+
+def test_truncated_safetensors_names_the_fix(tmp_path):
+    import shutil
+
+    checkpoint = shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "cut")
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="damaged or truncated .*copy or download the checkpoint"):
+        load_model(checkpoint, device="cpu")

@@ -88,3 +88,9 @@ def test_modifier_field_error_names_the_file(tmp_path):
 def test_recipe_of_the_wrong_shape_fails_loudly(recipe, where):
     with pytest.raises(RecipeError, match=where):
         check_recipe_shape(recipe)
+
+
+def test_unknown_scheme_lists_the_valid_names():
+    text = "q_stage:\n  q_modifiers:\n    QuantizationModifier:\n      scheme: W4A5\n"
+    with pytest.raises(RecipeError, match="scheme.*valid names: .*NVFP4.*W4A4_G128_PACKED"):
+        load_recipe(text)
