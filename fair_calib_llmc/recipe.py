@@ -31,9 +31,25 @@ class RecipeError(ValueError):
     """A recipe that cannot be found, parsed or applied; the message names its source."""
 
 
+def _recipe_folder():
+    """``fair_calib_llmc.recipes`` where the package is installed (wheel or editable), else
+    the checkout's own ``recipes/`` (the package imported from a source tree on PYTHONPATH,
+    where nothing maps the folder to that name)."""
+    try:
+        return files("fair_calib_llmc.recipes")
+    except ModuleNotFoundError:
+        checkout = Path(__file__).resolve().parent.parent / "recipes"
+        if checkout.is_dir():
+            return checkout
+        raise RecipeError(
+            f"no shipped recipes: fair_calib_llmc.recipes is not installed and {checkout} does "
+            "not exist; install the package (pip install .) or pass a recipe .yaml path"
+        ) from None
+
+
 def shipped_recipes() -> dict[str, str]:
     """Name -> YAML text of every recipe shipped with the package."""
-    folder = files("fair_calib_llmc.recipes")
+    folder = _recipe_folder()
     return {
         entry.name.removesuffix(".yaml"): entry.read_text()
         for entry in sorted(folder.iterdir(), key=lambda e: e.name)
