@@ -32,6 +32,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help, except where the help already names its
+    default or there is none to show (``None``, a flag's ``False``)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fair-calib-llmc",
@@ -46,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False, parents=[verbose])
     common.add_argument(
         "--model",
-        help="LLaDA / Dream checkpoint directory, or a hub id where the hub can be reached "
-        "(default: the built-in default model)",
+        help="LLaDA / Dream checkpoint directory (default: the built-in default model); a hub "
+        "id (org/name) needs the hub to be reachable, or the model in the local cache",
     )
     common.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU if there is one)")
     common.add_argument(
@@ -57,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         parents=[common],
+        formatter_class=_HelpFormatter,
         help="FAIR-Calib vs RTN / GPTQ W4A4 side by side: quantize, save, reload, compare",
         description="Quantize one model with several methods, save and reload every "
         "checkpoint, and compare each with the full-precision model decision by decision. "
@@ -70,15 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD",
         help=f"any of: {METHODS} (default: rtn quarot+gptq fair-calib)",
     )
-    demo.add_argument("--seeds", nargs="+", type=int, default=[0])
-    demo.add_argument("--calibration-prompts", type=positive_int, default=32)
-    demo.add_argument("--eval-prompts", type=positive_int, default=16)
+    demo.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="one run per seed (default: 0)"
+    )
+    demo.add_argument(
+        "--calibration-prompts", type=positive_int, default=32, help="calibration prompts"
+    )
+    demo.add_argument(
+        "--eval-prompts", type=positive_int, default=16, help="held-out prompts per seed"
+    )
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     demo.set_defaults(run="fair_calib_llmc.commands:run_demo")
 
     quant = sub.add_parser(
         "quantize",
         parents=[common],
+        formatter_class=_HelpFormatter,
         help="quantize one checkpoint with one recipe",
         description="Stage I rollouts + llm-compressor oneshot + atomic compressed save.",
     )
@@ -95,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the shipped calibration text)",
     )
     quant.add_argument("--text-column", default="text", help="the dataset column holding text")
-    quant.add_argument("--output-dir", required=True)
+    quant.add_argument(
+        "--output-dir",
+        required=True,
+        help="where the compressed checkpoint goes: a new or empty directory (a non-empty one "
+        "needs --overwrite; the model's own directory and the working directory are refused)",
+    )
     quant.add_argument(
         "--overwrite",
         action="store_true",
@@ -121,22 +145,27 @@ def _add_evaluation_parsers(sub, verbose: argparse.ArgumentParser) -> None:
     settings.add_argument(
         "--dataset", help="local .json/.jsonl/.txt with prompts (default: shipped held-out text)"
     )
-    settings.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    settings.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)"
+    )
     settings.add_argument("--eval-prompts", type=positive_int, default=16, help="prompts per seed")
-    settings.add_argument("--prompt-length", type=int, default=32)
-    settings.add_argument("--gen-length", type=int, default=32)
+    settings.add_argument("--prompt-length", type=positive_int, default=32, help="prompt tokens")
+    settings.add_argument("--gen-length", type=positive_int, default=32, help="answer tokens")
     settings.add_argument("--steps", type=int, help="sampler steps (default: gen-length)")
     settings.add_argument("--block-length", type=int, help="LLaDA block (default: gen-length)")
     settings.add_argument(
         "--elbo-texts", type=int, default=16, help="held-out texts for ELBO perplexity (0: skip)"
     )
-    settings.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    settings.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="default: the checkpoint's own dtype"
+    )
     settings.add_argument("--device", help="default: cuda when available, else cpu")
-    settings.add_argument("--out", help="output directory")
+    settings.add_argument("--out", help="output directory (default: see above)")
 
     evaluate = sub.add_parser(
         "evaluate",
         parents=[settings],
+        formatter_class=_HelpFormatter,
         help="decision-level metrics of a checkpoint against its teacher",
         description="Per seed the teacher samples answers to prompts drawn from the user's "
         "texts; the student replays them (frontier flip rate, KL on and off the frontier), "
@@ -152,6 +181,7 @@ def _add_evaluation_parsers(sub, verbose: argparse.ArgumentParser) -> None:
     diagnose = sub.add_parser(
         "diagnose",
         parents=[settings],
+        formatter_class=_HelpFormatter,
         help="where W4A4 hurts a dLLM: weights, activations, layers",
         description="Round-to-nearest, data-free variants of the full-precision model (in "
         "memory, nothing saved): weights only (W4A16), input activations only (W16A4), both "

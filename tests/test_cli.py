@@ -50,6 +50,25 @@ def test_help_imports_nothing_heavy():
     assert "--teacher" in out.stdout and "--no-layer-scan" in out.stdout
 
 
+def _help(capsys, command: str) -> str:
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_help_shows_defaults_and_plain_text(capsys):
+    quantize = _help(capsys, "quantize")
+    assert "--output-dir OUTPUT_DIR where the compressed checkpoint goes" in quantize
+    assert "calibration prompts (default: 64)" in quantize
+    assert "holding text (default: text)" in quantize
+    assert "hub id (org/name) needs the hub to be reachable" in quantize
+    assert "(default: None)" not in quantize
+    for command in ("evaluate", "diagnose"):
+        text = _help(capsys, command)
+        assert "``" not in text and ":func:" not in text
+        assert "prompts per seed (default: 16)" in text
+
+
 def _error(capsys, *argv) -> str:
     assert cli.main(list(argv)) == 1
     err = capsys.readouterr().err
