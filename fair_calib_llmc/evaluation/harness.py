@@ -55,7 +55,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from fair_calib_llmc.evaluation import LM_EVAL_MODEL_NAME
+from fair_calib_llmc.evaluation import LM_EVAL_MODEL_NAME, LM_EVAL_TASKS
 from fair_calib_llmc.models.family import denoiser_logits, diffusion_spec
 from fair_calib_llmc.reload import load_quantized, restore_decompressed
 from fair_calib_llmc.sampling import LLaDASampler, sampler_for
@@ -434,15 +434,19 @@ class DiffusionHarnessLM(TemplateLM):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``lm_eval``'s own command line with ``--model dllm`` available."""
+    """``lm_eval``'s own command line with ``--model dllm`` available and the shipped tasks
+    (:data:`~fair_calib_llmc.evaluation.LM_EVAL_TASKS`) on the include path, unless the
+    command names another ``--include_path`` (lm-eval takes one)."""
     import sys
 
     from lm_eval.__main__ import cli_evaluate
 
     import fair_calib_llmc  # noqa: F401  (model classes, registration)
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+        argv += ["--include_path", str(LM_EVAL_TASKS)]
+    sys.argv = [sys.argv[0], *argv]
     try:
         cli_evaluate()
     except ModelArgumentError as err:
