@@ -83,7 +83,7 @@ def test_evaluate_writes_table_json_and_plots_next_to_the_student(rtn_w4a4):
     mean = sum(r["frontier_flip_rate"] for r in students) / 2
     table = (out / "results.md").read_text().splitlines()
     line = next(row for row in table if row.startswith("| student"))
-    assert line.split("|")[2].strip().startswith(f"{mean:.4g} ±")
+    assert line.split("|")[3].strip().startswith(f"{mean:.4f} ±")  # after name and seeds
     assert [e["name"] for e in result["summary"]] == ["teacher", "student"]
 
 
