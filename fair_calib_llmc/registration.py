@@ -6,7 +6,8 @@ compressed-tensors schemes and the transformers backport for online transforms
 needs llm-compressor (``FAIRCalibModifier`` with ``ModifierFactory``, the SpinQuant mappings)
 is registered the moment llm-compressor finishes importing, whoever imports it and whenever:
 importing llm-compressor costs seconds and prints device warnings, which a consumer who only
-loads a checkpoint should not pay for. The same applies to lm-evaluation-harness's registry.
+loads a checkpoint should not pay for. lm-evaluation-harness gets its ``dllm`` model on import,
+as a "module:Class" placeholder that imports no model code (:mod:`fair_calib_llmc.evaluation`).
 
 The hook is a ``sys.meta_path`` finder that wraps the loader of a few named modules and runs a
 function after the module has executed (:class:`AfterImport`). While llm-compressor imports,
@@ -95,15 +96,17 @@ def _quiet_device_warning(_logger_module) -> None:
 
 
 def _register_llmcompressor(_llmcompressor) -> None:
-    """After llm-compressor imported: restore its logging as it configured it, then register
-    ``FAIRCalibModifier`` and the SpinQuant mappings."""
-    # by module, not by name: fair_calib_llmc.modifier may itself be importing llmcompressor.
-    # These import SpinQuant, which asks for the device too: still muted here.
-    importlib.import_module("fair_calib_llmc.modifier")
-    importlib.import_module("fair_calib_llmc.rotations")
-    config = sys.modules["llmcompressor.logger"].LOGGER_CONFIG  # .logger is loguru's logger
-    # what llmcompressor.logger.configure_logger set, which muting one module changed
-    (logger.disable if config.disabled else logger.enable)("llmcompressor")
+    """After llm-compressor imported: register ``FAIRCalibModifier`` and the SpinQuant
+    mappings, then restore llm-compressor's logging as it configured it."""
+    try:
+        # by module, not by name: fair_calib_llmc.modifier may itself be importing
+        # llmcompressor. These import SpinQuant, which asks for the device too: still muted.
+        importlib.import_module("fair_calib_llmc.modifier")
+        importlib.import_module("fair_calib_llmc.rotations")
+    finally:
+        config = sys.modules["llmcompressor.logger"].LOGGER_CONFIG  # .logger: loguru's logger
+        # what llmcompressor.logger.configure_logger set, which muting one module changed
+        (logger.disable if config.disabled else logger.enable)("llmcompressor")
 
 
 def install() -> None:
