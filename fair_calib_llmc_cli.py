@@ -13,11 +13,34 @@ adds the traceback and every library log line.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
 METHODS = "rtn, gptq, r1r2+gptq, quarot+gptq, quarot+autoround, fair-calib-uniform, fair-calib"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: 0 or -1 prompts would otherwise quietly run one prompt."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help, except where the help already names its
+    default or there is none to show (``None``, a flag's ``False``)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,23 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="{demo,quantize,evaluate,diagnose}"
     )
-    # listed here; their arguments are defined next to their code (see _EVALUATION)
-    sub.add_parser("evaluate", help="decision-level metrics of a checkpoint against its teacher")
-    sub.add_parser("diagnose", help="where W4A4 hurts a dLLM: weights, activations, layers")
-    common = argparse.ArgumentParser(add_help=False)
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", help="library logs and tracebacks")
+    common = argparse.ArgumentParser(add_help=False, parents=[verbose])
     common.add_argument(
         "--model",
-        help="LLaDA / Dream checkpoint directory or hub id (default: the built-in default model)",
+        help="LLaDA / Dream checkpoint directory (default: the built-in default model); a hub "
+        "id (org/name) needs the hub to be reachable, or the model in the local cache",
     )
     common.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU if there is one)")
     common.add_argument(
         "--dtype", default="auto", choices=DTYPES, help="default: the checkpoint's own dtype"
     )
-    common.add_argument("-v", "--verbose", action="store_true", help="library logs and tracebacks")
 
     demo = sub.add_parser(
         "demo",
         parents=[common],
+        formatter_class=_HelpFormatter,
         help="FAIR-Calib vs RTN / GPTQ W4A4 side by side: quantize, save, reload, compare",
         description="Quantize one model with several methods, save and reload every "
         "checkpoint, and compare each with the full-precision model decision by decision. "
@@ -59,14 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD",
         help=f"any of: {METHODS} (default: rtn quarot+gptq fair-calib)",
     )
-    demo.add_argument("--seeds", nargs="+", type=int, default=[0])
-    demo.add_argument("--calibration-prompts", type=int, default=32)
-    demo.add_argument("--eval-prompts", type=int, default=16)
+    demo.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="one run per seed (default: 0)"
+    )
+    demo.add_argument(
+        "--calibration-prompts", type=positive_int, default=32, help="calibration prompts"
+    )
+    demo.add_argument(
+        "--eval-prompts", type=positive_int, default=16, help="held-out prompts per seed"
+    )
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    demo.set_defaults(run="fair_calib_llmc.commands:run_demo")
 
     quant = sub.add_parser(
         "quantize",
         parents=[common],
+        formatter_class=_HelpFormatter,
         help="quantize one checkpoint with one recipe",
         description="Stage I rollouts + llm-compressor oneshot + atomic compressed save.",
     )
@@ -83,60 +114,118 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the shipped calibration text)",
     )
     quant.add_argument("--text-column", default="text", help="the dataset column holding text")
-    quant.add_argument("--output-dir", required=True)
+    quant.add_argument(
+        "--output-dir",
+        required=True,
+        help="where the compressed checkpoint goes: a new or empty directory (a non-empty one "
+        "needs --overwrite; the model's own directory and the working directory are refused)",
+    )
     quant.add_argument(
         "--overwrite",
         action="store_true",
         help="replace a non-empty --output-dir (deleted only after the new checkpoint is saved)",
     )
-    quant.add_argument("--max-prompts", type=int, default=64, help="calibration prompts")
+    quant.add_argument("--max-prompts", type=positive_int, default=64, help="calibration prompts")
+    quant.add_argument(
+        "--prompt-length",
+        type=positive_int,
+        help="tokens of each calibration text used as a Stage I prompt (default: the "
+        "recipe's FAIRCalibModifier.stage1.prompt_length, else 32)",
+    )
+    quant.set_defaults(run="fair_calib_llmc.commands:run_quantize")
+
+    _add_evaluation_parsers(sub, verbose)
     return parser
 
 
-#: Subcommands whose parsers live in fair_calib_llmc.evaluation (built only when named).
-_EVALUATION = ("evaluate", "diagnose")
+def _add_evaluation_parsers(sub, verbose: argparse.ArgumentParser) -> None:
+    """``evaluate`` and ``diagnose`` (their work: fair_calib_llmc.evaluation.compare /
+    .diagnose, whose ``run`` reads these arguments)."""
+    settings = argparse.ArgumentParser(add_help=False, parents=[verbose])
+    settings.add_argument(
+        "--dataset", help="local .json/.jsonl/.txt with prompts (default: shipped held-out text)"
+    )
+    settings.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)"
+    )
+    settings.add_argument("--eval-prompts", type=positive_int, default=16, help="prompts per seed")
+    settings.add_argument("--prompt-length", type=positive_int, default=32, help="prompt tokens")
+    settings.add_argument("--gen-length", type=positive_int, default=32, help="answer tokens")
+    settings.add_argument("--steps", type=int, help="sampler steps (default: gen-length)")
+    settings.add_argument("--block-length", type=int, help="LLaDA block (default: gen-length)")
+    settings.add_argument(
+        "--elbo-texts", type=int, default=16, help="held-out texts for ELBO perplexity (0: skip)"
+    )
+    settings.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="default: the checkpoint's own dtype"
+    )
+    settings.add_argument("--device", help="default: cuda when available, else cpu")
+    settings.add_argument(
+        "--out", help="output directory, new or empty unless --overwrite (default: see above)"
+    )
+    settings.add_argument(
+        "--overwrite", action="store_true", help="write over the results files of a non-empty --out"
+    )
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        parents=[settings],
+        formatter_class=_HelpFormatter,
+        help="decision-level metrics of a checkpoint against its teacher",
+        description="Per seed the teacher samples answers to prompts drawn from the user's "
+        "texts; the student replays them (frontier flip rate, KL on and off the frontier), "
+        "generates freely with the same seed (post-commit mismatch, first divergence), and "
+        "both get the masked-diffusion ELBO perplexity on held-out texts. Written to "
+        "STUDENT/evaluation/ unless --out says otherwise: results.json, results.md and "
+        "flips_per_step.png / flips_per_position.png (averaged over seeds).",
+    )
+    evaluate.add_argument("--teacher", required=True, help="full-precision checkpoint dir")
+    evaluate.add_argument("--student", required=True, help="quantized (or any) checkpoint dir")
+    evaluate.set_defaults(run="fair_calib_llmc.evaluation.compare:run")
+
+    diagnose = sub.add_parser(
+        "diagnose",
+        parents=[settings],
+        formatter_class=_HelpFormatter,
+        help="where W4A4 hurts a dLLM: weights, activations, layers",
+        description="Round-to-nearest, data-free variants of the full-precision model (in "
+        "memory, nothing saved): weights only (W4A16), input activations only (W16A4), both "
+        "(W4A4), each without and with rotations, plus a per-layer scan that quantizes one "
+        "decoder layer at a time W4A4. Each variant replays the FP teacher's rollouts over "
+        "several seeds. Written to --out (default: outputs/diagnose-<model dir name>).",
+    )
+    diagnose.add_argument("--model", required=True, help="full-precision checkpoint dir")
+    diagnose.add_argument("--scheme", default="W4A4_G128_PACKED", help="W4A4 scheme to split")
+    diagnose.add_argument("--no-rotations", action="store_true", help="skip the rotated variants")
+    diagnose.add_argument("--no-layer-scan", action="store_true", help="skip the per-layer scan")
+    diagnose.set_defaults(run="fair_calib_llmc.evaluation.diagnose:run")
 
 
-def _evaluation_parser(command: str) -> argparse.ArgumentParser:
-    from fair_calib_llmc.evaluation import compare, diagnose
-
-    parser = argparse.ArgumentParser(prog="fair-calib-llmc")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub_parser = {"evaluate": compare, "diagnose": diagnose}[command].add_parser(sub)
-    sub_parser.add_argument("-v", "--verbose", action="store_true", help="library logs")
-    return parser
+def _command(args: argparse.Namespace):
+    """The function that does ``args.command``'s work, imported now (after parsing)."""
+    module, name = args.run.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _set_environment_defaults(verbose: bool) -> None:
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # Set before anything imports tqdm or llm-compressor (parsing imports neither): both read
+    # these once, at import.
     # llm-compressor warns once per run unless this is set; the CLI never tokenizes in workers
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # llm-compressor logs device warnings to stdout while it is imported; commands'
     # configure_logging re-enables it with the CLI's own sink once the import is done
     os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "true")
-    if not verbose:
+    if not args.verbose:
         # Library progress bars: hidden, or (where a library forces them on) not left behind
         # once done (tqdm reads defaults from TQDM_*; "" is False). Ours opt back in.
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("TQDM_LEAVE", "")
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    # before any import of tqdm or llm-compressor (evaluate's and diagnose's parsers import
-    # them): both read these once, at import
-    _set_environment_defaults(verbose=bool({"-v", "--verbose"} & set(argv)))
-    evaluation = bool(argv) and argv[0] in _EVALUATION
-    parser = _evaluation_parser(argv[0]) if evaluation else build_parser()
-    args = parser.parse_args(argv)
     try:
         from fair_calib_llmc import commands
 
         commands.configure_logging(verbose=args.verbose)
-        if evaluation:
-            args.func(args)
-        else:
-            run = {"demo": commands.run_demo, "quantize": commands.run_quantize}[args.command]
-            run(args)
+        _command(args)(args)
     except KeyboardInterrupt:
         print("fair-calib-llmc: interrupted", file=sys.stderr)
         return 130

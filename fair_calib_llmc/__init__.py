@@ -1,28 +1,27 @@
 """fair-calib-llmc: FAIR-Calib W4A4 quantization of diffusion LMs inside llm-compressor.
 
-Importing the package registers, with no further call:
+Importing the package registers, with no further call (:mod:`fair_calib_llmc.registration`):
 * the native LLaDA / Dream model classes with transformers' Auto classes;
-* ``FAIRCalibModifier`` with llm-compressor's ``ModifierFactory`` (so recipes can name it);
 * the W4A4 schemes with compressed-tensors' presets;
-* LLaDA / Dream layer mappings with ``SpinQuantModifier``;
 * the transformers backport that re-attaches online transforms (rotations) when a
   compressed-tensors checkpoint is loaded (:mod:`fair_calib_llmc.transform_loading`);
-* the ``dllm`` model with lm-evaluation-harness, when it is installed (``[eval]`` extra).
+* the ``dllm`` model with lm-evaluation-harness, when it is installed (``[eval]`` extra);
+* once llm-compressor is imported (by this package or by the caller, before or after):
+  ``FAIRCalibModifier``, ``ExactSpinQuantModifier`` and ``LearnedSpinQuantModifier`` with
+  ``ModifierFactory`` (so recipes can name them) and the LLaDA / Dream layer mappings with
+  ``SpinQuantModifier``.
+
+Loading a checkpoint therefore does not import llm-compressor. The public names below are
+imported from their modules on first use (module ``__getattr__``), so ``import
+fair_calib_llmc`` costs what loading a model needs and prints nothing.
 """
 
-from fair_calib_llmc import (  # noqa: F401  (registration on import)
-    evaluation,
-    learned_rotations,
-    rotations,
-    schemes,
-    transform_loading,
-)
-from fair_calib_llmc.calibration import Stage1Settings, build_calibration_dataset
-from fair_calib_llmc.checkpoint import save_atomically
-from fair_calib_llmc.data import load_texts
-from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
-from fair_calib_llmc.learned_rotations import ExactSpinQuantModifier, LearnedSpinQuantModifier
-from fair_calib_llmc.models import (
+from __future__ import annotations
+
+import importlib
+
+from fair_calib_llmc import registration
+from fair_calib_llmc.models import (  # noqa: F401  (public names, in __all__)
     DiffusionLMSpec,
     DreamConfig,
     DreamModel,
@@ -30,37 +29,52 @@ from fair_calib_llmc.models import (
     LLaDAModelLM,
     diffusion_spec,
 )
-from fair_calib_llmc.modifier import FAIRCalibModifier
-from fair_calib_llmc.pipeline import quantize
-from fair_calib_llmc.prior import PriorSettings
-from fair_calib_llmc.recipe import check_recipe_shape, load_recipe, shipped_recipes
-from fair_calib_llmc.sampling import DreamSampler, LLaDASampler, SamplerBase
 
-transform_loading.install()
+registration.install()
 
-__all__ = [
-    "DEFAULT_MODEL_DIR",
-    "DiffusionLMSpec",
-    "DreamConfig",
-    "DreamModel",
-    "DreamSampler",
-    "ExactSpinQuantModifier",
-    "FAIRCalibModifier",
-    "LLaDAConfig",
-    "LLaDAModelLM",
-    "LLaDASampler",
-    "LearnedSpinQuantModifier",
-    "PriorSettings",
-    "SamplerBase",
-    "Stage1Settings",
-    "build_calibration_dataset",
-    "check_recipe_shape",
-    "diffusion_spec",
-    "load_recipe",
-    "load_texts",
-    "quantize",
-    "save_atomically",
-    "shipped_recipes",
-]
+#: public name -> the submodule that defines it (imported when the name is first used)
+_LAZY = {
+    "DEFAULT_MODEL_DIR": "default_model",
+    "DreamSampler": "sampling",
+    "ExactSpinQuantModifier": "learned_rotations",
+    "FAIRCalibModifier": "modifier",
+    "LLaDASampler": "sampling",
+    "LearnedSpinQuantModifier": "learned_rotations",
+    "PriorSettings": "prior",
+    "SamplerBase": "sampling",
+    "Stage1Settings": "calibration",
+    "build_calibration_dataset": "calibration",
+    "check_recipe_shape": "recipe",
+    "load_recipe": "recipe",
+    "load_texts": "data",
+    "quantize": "pipeline",
+    "save_atomically": "checkpoint",
+    "shipped_recipes": "recipe",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+__all__ = sorted(
+    [
+        "DiffusionLMSpec",
+        "DreamConfig",
+        "DreamModel",
+        "LLaDAConfig",
+        "LLaDAModelLM",
+        "diffusion_spec",
+        *_LAZY,
+    ]
+)
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from llmcompressor.core import reset_session
 from loguru import logger
 from transformers import AutoModel
 
-from fair_calib_llmc.calibration import prompts_from_texts
+from fair_calib_llmc.calibration import check_prompt_count, prompts_from_texts
 from fair_calib_llmc.checkpoint import check_output_dir, save_atomically
 from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity
 from fair_calib_llmc.models.family import diffusion_spec
@@ -59,6 +59,10 @@ class BenchmarkSettings:
     seeds: tuple[int, ...] = (0,)
     #: every other row is also reported as a paired per-seed difference to this one
     reference_method: str = REFERENCE_METHOD
+
+    def __post_init__(self) -> None:
+        check_prompt_count(self.calibration_prompts, "calibration_prompts")
+        check_prompt_count(self.eval_prompts, "eval_prompts")
 
 
 def _checkpoint_mib(path: Path) -> float:
@@ -116,7 +120,7 @@ def run_benchmark(
             "kl_frontier": 0.0,
             "kl_non_frontier": 0.0,
             "elbo_ppl": elbo_perplexity(teacher, heldout, spec=spec),
-            "peak_gpu_mib": 0.0,
+            "peak_gpu_mib": None,
             "checkpoint_mib": None,
         }
     ]
@@ -153,7 +157,8 @@ def run_benchmark(
                 reset_session()
                 _release_memory(device)
                 continue
-            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
+            # not measured on the CPU: None, so the table leaves the column out
+            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
             expected = probe_logits(result.model, device=device)
             path = save_atomically(
                 result.model, tokenizer, out_dir / f"{method}-seed{seed}", overwrite=True

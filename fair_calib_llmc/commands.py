@@ -102,6 +102,7 @@ def run_quantize(args: Namespace) -> None:
             output_dir=args.output_dir,
             overwrite=args.overwrite,
             max_prompts=args.max_prompts,
+            prompt_length=args.prompt_length,
         )
     print(f"saved compressed checkpoint to {result.output_dir}")
     print(

@@ -20,6 +20,13 @@ __all__ = ["load_texts"]
 
 #: file suffix -> ``datasets`` packaged loader
 _LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
+#: loader -> what a readable file of its kind holds (named in error messages)
+_FORMATS = {
+    "json": "a JSON list of records or one JSON record per line",
+    "csv": "a header line naming the columns, then one sample per line",
+    "text": "UTF-8 text, one sample per line",
+    "parquet": "a parquet table",
+}
 
 
 def load_texts(dataset, text_column: str = "text") -> list[str]:
@@ -27,6 +34,11 @@ def load_texts(dataset, text_column: str = "text") -> list[str]:
     source = "calibration dataset"
     if isinstance(dataset, (str, os.PathLike)) and not isinstance(dataset, Dataset):
         path = Path(dataset).expanduser()
+        if path.is_dir():
+            raise IsADirectoryError(
+                f"calibration dataset {dataset} is a directory; pass one local "
+                f"{'/'.join(_LOADERS)} file in it"
+            )
         if not path.is_file():
             raise FileNotFoundError(
                 f"no such calibration file: {dataset}; pass a local "
@@ -72,15 +84,31 @@ def _read_file(path: Path) -> Dataset:
             f"cannot read calibration file {path}: unknown suffix {path.suffix!r}; use one of "
             f"{', '.join(_LOADERS)}"
         )
+    size = path.stat().st_size
+    if size == 0 or (size < 4096 and not path.read_bytes().strip()):
+        raise ValueError(
+            f"calibration file {path} is empty; pass a file with text ({_FORMATS[loader]})"
+        )
     bars_were_disabled = are_progress_bars_disabled()
     verbosity = datasets_logging.get_verbosity()
     disable_progress_bars()
-    datasets_logging.set_verbosity_error()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # the error below names why
     try:
         return load_dataset(loader, data_files=str(path), split="train")
     except Exception as err:  # datasets raises its own types for malformed files
-        raise ValueError(f"cannot read calibration file {path}: {err}") from err
+        raise ValueError(f"cannot read calibration file {path}: {_reason(err, loader)}") from err
     finally:
         datasets_logging.set_verbosity(verbosity)
         if not bars_were_disabled:
             enable_progress_bars()
+
+
+def _reason(err: BaseException, loader: str) -> str:
+    """The innermost cause of a ``datasets`` error, named: its own message is often generic
+    ("An error occurred while generating the dataset") or empty."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    if isinstance(err, UnicodeDecodeError):
+        return f"it is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {message}; the file must hold {_FORMATS[loader]}"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from loguru import logger
+from safetensors import SafetensorError
 
 __all__ = ["DTYPES", "load_model", "resolve_device", "resolve_dtype"]
 
@@ -25,6 +26,8 @@ DTYPES = {
     "float16": torch.float16,
 }
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+#: seconds the hub may take to answer one request before it counts as unreachable
+_HUB_PROBE_SECONDS = 3.0
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -55,6 +58,26 @@ def resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
     return DTYPES[dtype]
 
 
+def _hub_reachable(hub_id: str) -> bool:
+    """One short request to the hub (``HF_ENDPOINT``), unless ``HF_HUB_OFFLINE`` is set.
+
+    Without it an unreachable hub costs about a minute of retries before transformers gives
+    up; with it, a model in the local cache still loads (``local_files_only``) and any other
+    fails at once.
+    """
+    import httpx
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=_HUB_PROBE_SECONDS)
+    except (httpx.HTTPError, OSError) as err:
+        logger.debug(f"{constants.ENDPOINT} is not reachable ({err}); {hub_id}: cache only")
+        return False
+    return True
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -78,11 +101,24 @@ def load_model(
         )
     device = resolve_device(device)
     source = str(local) if local.exists() else str(path)
+    cached_only = not local.exists() and not _hub_reachable(source)
     try:
-        model = AutoModel.from_pretrained(source, dtype=resolve_dtype(dtype))
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModel.from_pretrained(
+            source, dtype=resolve_dtype(dtype), local_files_only=cached_only
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cached_only)
     except OSError as err:
+        if cached_only:
+            raise FileNotFoundError(
+                f"the model hub cannot be reached and {path} is not in the local cache; pass "
+                "--model a local checkpoint directory (downloaded where the hub is reachable)"
+            ) from None
         raise FileNotFoundError(f"could not load {path}: {str(err).splitlines()[0]}") from err
+    except SafetensorError as err:  # a truncated download or an interrupted copy
+        raise ValueError(
+            f"could not load {path}: a .safetensors file in it is damaged or truncated "
+            f"({str(err).splitlines()[0]}); copy or download the checkpoint again"
+        ) from err
     model = model.to(device).eval()
     n_params = sum(p.numel() for p in model.parameters())
     logger.debug(f"loaded {source}: {n_params / 1e6:.1f}M parameters, {model.dtype}, on {device}")

@@ -27,7 +27,12 @@ from datasets import Dataset
 from llmcompressor import oneshot
 from loguru import logger
 
-from fair_calib_llmc.calibration import Stage1Settings, WeightStats, build_calibration_dataset
+from fair_calib_llmc.calibration import (
+    Stage1Settings,
+    WeightStats,
+    build_calibration_dataset,
+    check_prompt_count,
+)
 from fair_calib_llmc.checkpoint import (
     check_output_dir,
     expected_checkpoint_bytes,
@@ -37,6 +42,7 @@ from fair_calib_llmc.checkpoint import (
 )
 from fair_calib_llmc.data import load_texts
 from fair_calib_llmc.distributed import on_source_rank
+from fair_calib_llmc.loading import load_model
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.modifier import FAIRCalibModifier, check_finite_weights
 from fair_calib_llmc.prior import PositionPrior
@@ -145,22 +151,43 @@ def quantize(
     text_column: str = "text",
     seed: int = 0,
     batch_size: int = 16,
+    prompt_length: int | None = None,
 ) -> QuantizeResult:
     """Stage I + ``oneshot`` + atomic compressed save. See the module docstring.
 
+    :param model: a LLaDA / Dream model, or the path of a checkpoint directory (loaded with
+        :func:`fair_calib_llmc.loading.load_model`: on the GPU if there is one, in its dtype)
+    :param tokenizer: the model's tokenizer (``None`` with a path: the checkpoint's own)
+    :param prompt_length: tokens of each text used as a rollout prompt (default: the recipe's
+        ``FAIRCalibModifier.stage1.prompt_length``, else 32)
     :param output_dir: where to save the compressed checkpoint (``None``: do not save)
     :param overwrite: replace a non-empty ``output_dir`` (the old one is deleted only after the
         new checkpoint is in place); the model's own directory is never replaced
     :param batch_size: masked-stage states that go through each layer at once; they all have
         the same length (prompt + answer), so batching costs no padding and no truncation
     """
+    check_prompt_count(max_prompts)
     recipe = load_recipe(recipe)
+    if isinstance(model, (str, os.PathLike)):
+        if output_dir is not None:  # before loading, which takes minutes at 8B size
+            check_output_dir(output_dir, model_dir=Path(model).expanduser(), overwrite=overwrite)
+        model, own_tokenizer = load_model(model)
+        tokenizer = own_tokenizer if tokenizer is None else tokenizer
+    if not callable(tokenizer):
+        raise ValueError(
+            f"quantize() needs the model's tokenizer, got {type(tokenizer).__name__}; pass "
+            "tokenizer=AutoTokenizer.from_pretrained(MODEL_DIR) (or the model as a path)"
+        )
     diffusion_spec(model, tokenizer)  # a causal or mask-less model fails here, first
     check_finite_weights(model)
     model_dir = model_directory(model)
     with _claimed_output_dir(model, model_dir, output_dir, overwrite) as output_dir:
         fair = next((m for m in recipe.modifiers if isinstance(m, FAIRCalibModifier)), None)
         stage1 = fair.stage1 if fair else Stage1Settings()  # baselines: the same states
+        if prompt_length is not None:
+            stage1 = Stage1Settings.model_validate(
+                {**stage1.model_dump(), "prompt_length": prompt_length}
+            )
         if any(type(m).__name__ == "AutoRoundModifier" for m in recipe.modifiers):
             # auto-round refuses pipeline batches of several states (it exits the process); it
             # groups states itself with AutoRoundModifier.batch_size

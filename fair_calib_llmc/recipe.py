@@ -18,6 +18,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import yaml
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from llmcompressor.recipe import Recipe
 from pydantic import ValidationError
 
@@ -30,9 +31,25 @@ class RecipeError(ValueError):
     """A recipe that cannot be found, parsed or applied; the message names its source."""
 
 
+def _recipe_folder():
+    """``fair_calib_llmc.recipes`` where the package is installed (wheel or editable), else
+    the checkout's own ``recipes/`` (the package imported from a source tree on PYTHONPATH,
+    where nothing maps the folder to that name)."""
+    try:
+        return files("fair_calib_llmc.recipes")
+    except ModuleNotFoundError:
+        checkout = Path(__file__).resolve().parent.parent / "recipes"
+        if checkout.is_dir():
+            return checkout
+        raise RecipeError(
+            f"no shipped recipes: fair_calib_llmc.recipes is not installed and {checkout} does "
+            "not exist; install the package (pip install .) or pass a recipe .yaml path"
+        ) from None
+
+
 def shipped_recipes() -> dict[str, str]:
     """Name -> YAML text of every recipe shipped with the package."""
-    folder = files("fair_calib_llmc.recipes")
+    folder = _recipe_folder()
     return {
         entry.name.removesuffix(".yaml"): entry.read_text()
         for entry in sorted(folder.iterdir(), key=lambda e: e.name)
@@ -114,9 +131,16 @@ def load_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:
     try:
         return Recipe.create_instance(text)
     except ValidationError as err:
-        details = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or err.title}: {e['msg']}" for e in err.errors()
-        )
+        details = "; ".join(_field_error(e, err.title) for e in err.errors())
         raise RecipeError(f"{source}: {err.title}: {details}") from err
     except (ValueError, TypeError, KeyError) as err:
         raise RecipeError(f"{source}: {str(err).splitlines()[0]}") from err
+
+
+def _field_error(error: dict, title: str) -> str:
+    """``field.path: message``, with the valid names where the field is a scheme name."""
+    where = ".".join(str(p) for p in error["loc"]) or title
+    message = error["msg"]
+    if error["loc"] and error["loc"][-1] == "scheme" and "unknown scheme" not in message:
+        message += f" (valid names: {', '.join(PRESET_SCHEMES)})"
+    return f"{where}: {message}"

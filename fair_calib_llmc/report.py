@@ -14,6 +14,7 @@ from pathlib import Path
 
 __all__ = [
     "COLUMNS",
+    "DISPLAY",
     "REFERENCE_METHOD",
     "markdown_table",
     "merge_results",
@@ -39,6 +40,22 @@ COLUMNS = [
     "peak_gpu_mib",
     "checkpoint_mib",
 ]
+
+
+#: metric -> (table header, decimals): the README's names; decimals follow each metric's
+#: spread over seeds (rates to 1e-4, perplexities to 1e-2, seconds to 0.1).
+DISPLAY = {
+    "frontier_flip_rate": ("frontier flip rate", 4),
+    "post_commit_mismatch": ("post-commit mismatch", 3),
+    "first_divergence": ("first divergence", 2),
+    "kl_frontier": ("KL frontier", 4),
+    "kl_non_frontier": ("KL non-frontier", 4),
+    "elbo_ppl": ("ELBO ppl", 2),
+    "stage1_seconds": ("Stage I s", 1),
+    "stage2_seconds": ("Stage II s", 1),
+    "peak_gpu_mib": ("peak GPU MiB", 0),
+    "checkpoint_mib": ("checkpoint MiB", 2),
+}
 
 
 def write_results(out_dir: Path, rows: list[dict], per_step: dict, settings: dict) -> str:
@@ -110,16 +127,24 @@ def summarise(
 def markdown_table(
     summary: Sequence[dict], key: str = "method", metrics: Sequence[str] = COLUMNS[1:]
 ) -> str:
-    """``| key | metric ... |`` with ``mean ± half-range`` cells (``-`` where missing)."""
-    lines = ["| " + " | ".join((key, *metrics)) + " |", "|" + "---|" * (len(metrics) + 1)]
+    """``| key | seeds | metric ... |`` with ``mean ± half-range`` cells (``-`` where missing),
+    headers and decimals from :data:`DISPLAY`; a metric no entry measured (say, peak GPU
+    memory on a CPU run) gets no column."""
+    metrics = [m for m in metrics if any(m in entry for entry in summary)]
+    headers = [DISPLAY.get(m, (m, None))[0] for m in metrics]
+    lines = ["| " + " | ".join((key, "seeds", *headers)) + " |", "|" + "---|" * (len(metrics) + 2)]
     for entry in summary:
-        cells = [str(entry[key])]
+        cells = [str(entry[key]), str(entry["seeds"])]
         for metric in metrics:
             if metric not in entry:
                 cells.append("-")
                 continue
             mean, spread = entry[metric]
-            cells.append(f"{mean:.4g}" + (f" ± {spread:.2g}" if entry["seeds"] > 1 else ""))
+            decimals = DISPLAY.get(metric, (None, None))[1]
+            number = f".{decimals}f" if decimals is not None else ".4g"
+            cells.append(
+                f"{mean:{number}}" + (f" ± {spread:{number}}" if entry["seeds"] > 1 else "")
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

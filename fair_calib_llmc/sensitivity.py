@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 from compressed_tensors.utils import match_named_modules
-from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from torch import nn
 
 from fair_calib_llmc.models.family import DiffusionLMSpec, align_logits
@@ -31,6 +30,10 @@ __all__ = ["decoder_layers", "layer_sensitivity"]
 def decoder_layers(model: nn.Module, sequential_targets=None) -> list[nn.Module]:
     """The decoder layers in order, found the way llm-compressor's sequential pipeline finds
     them (``sequential_targets`` as given to ``oneshot``; default: the model's own)."""
+    # imported here: fair_calib_llmc.modifier needs this module, and importing llm-compressor
+    # runs the hook that imports fair_calib_llmc.modifier (fair_calib_llmc.registration)
+    from llmcompressor.utils.pytorch.module import infer_sequential_targets
+
     targets = infer_sequential_targets(model, sequential_targets)
     layers = [m for _, m in match_named_modules(model, targets)]
     if not layers:

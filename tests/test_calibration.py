@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loguru import logger
 
-from fair_calib_llmc.calibration import Stage1Settings, build_calibration_dataset
+from fair_calib_llmc.calibration import (
+    Stage1Settings,
+    build_calibration_dataset,
+    prompts_from_texts,
+)
 from fair_calib_llmc.models import diffusion_spec
 from fair_calib_llmc.prior import PriorSettings
 from fair_calib_llmc.sampling import DiffusionTrace, default_sampler
@@ -57,3 +62,24 @@ def test_weights_sit_on_the_column_that_decides(family, llada, dream, tokenizer,
     # normalisation is one global scale (no weight reaches the floor here)
     assert _spread(weights / torch.cat(right)) < 1e-5
     assert _spread(weights / torch.cat(wrong)) > 1e-2  # the check can tell the two apart
+
+
+@pytest.mark.parametrize("count", [0, -1, 1.5, True])
+def test_non_positive_prompt_counts_are_refused(tokenizer, calibration_texts, count):
+    """0 and -1 used to run one prompt: the loop stopped once it held ``count`` prompts."""
+    with pytest.raises(ValueError, match="max_prompts must be a positive integer"):
+        prompts_from_texts(calibration_texts, tokenizer, PROMPT, count)
+
+
+def test_fewer_usable_prompts_than_asked_are_logged_with_the_reason(tokenizer, calibration_texts):
+    lines = []
+    sink = logger.add(lines.append, level="WARNING", format="{message}")
+    try:
+        texts = [*calibration_texts[:3], "too short"]
+        prompts = prompts_from_texts(texts, tokenizer, PROMPT, max_prompts=10)
+    finally:
+        logger.remove(sink)
+    assert len(prompts) == 3
+    assert len(lines) == 1, lines
+    assert "asked for 10 prompts of 16 tokens, 3 usable: 4 texts" in lines[0]
+    assert "1 of them shorter than 16 tokens" in lines[0]

@@ -36,7 +36,8 @@ def test_help_imports_nothing_heavy():
     code = textwrap.dedent(
         """
         import sys, fair_calib_llmc_cli as cli
-        for argv in (["--help"], ["quantize", "--help"], ["demo", "--help"]):
+        for command in ([], ["quantize"], ["demo"], ["evaluate"], ["diagnose"]):
+            argv = [*command, "--help"]
             try:
                 cli.main(argv)
             except SystemExit as e:
@@ -48,6 +49,26 @@ def test_help_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "--recipe" in out.stdout and "--overwrite" in out.stdout and "--device" in out.stdout
+    assert "--teacher" in out.stdout and "--no-layer-scan" in out.stdout
+
+
+def _help(capsys, command: str) -> str:
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_help_shows_defaults_and_plain_text(capsys):
+    quantize = _help(capsys, "quantize")
+    assert "--output-dir OUTPUT_DIR where the compressed checkpoint goes" in quantize
+    assert "calibration prompts (default: 64)" in quantize
+    assert "holding text (default: text)" in quantize
+    assert "hub id (org/name) needs the hub to be reachable" in quantize
+    assert "(default: None)" not in quantize
+    for command in ("evaluate", "diagnose"):
+        text = _help(capsys, command)
+        assert "``" not in text and ":func:" not in text
+        assert "prompts per seed (default: 16)" in text
 
 
 def _error(capsys, *argv) -> str:
@@ -75,6 +96,8 @@ def test_user_errors_are_one_line_naming_the_fix(capsys, tmp_path, jsonl_without
         (["--recipe", "rtn_w4a4", "--model", str(tmp_path / "nope")], "no such model directory"),
         (["--recipe", "rtn_w4a4", "--dataset", str(jsonl_without_text)], "--text-column"),
         (["--recipe", "rtn_w4a4", "--device", "cuda:7"], "--device cpu"),
+        (["--recipe", "rtn_w4a4", "--dataset", str(tmp_path)], "is a directory"),
+        (["--recipe", "rtn_w4a4", "--prompt-length", "4096"], "--prompt-length"),
     ]
     for args, expected in cases:
         assert expected in _error(capsys, "quantize", *args, *out)
@@ -137,6 +160,23 @@ def test_redirected_diagnose_writes_a_few_stderr_lines(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stderr.count(b"\n") <= 10, run.stderr  # nested bars: one line per update
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["quantize", "--recipe", "rtn_w4a4", "--output-dir", "q", "--max-prompts", "0"],
+        ["quantize", "--recipe", "rtn_w4a4", "--output-dir", "q", "--max-prompts", "-1"],
+        ["demo", "--eval-prompts", "0"],
+        ["demo", "--calibration-prompts", "-1"],
+        ["evaluate", "--teacher", "t", "--student", "s", "--eval-prompts", "0"],
+    ],
+)
+def test_non_positive_prompt_counts_are_refused(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert "must be a positive integer" in capsys.readouterr().err
 
 
 def test_verbose_shows_the_traceback(tmp_path):

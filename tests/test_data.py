@@ -59,3 +59,20 @@ def test_bad_paths_and_types(tmp_path):
         load_texts(tmp_path / "bad.json")
     with pytest.raises(TypeError, match="unsupported calibration dataset type int"):
         load_texts(3)
+
+
+def test_unreadable_files_say_why_and_what_to_pass(tmp_path):
+    """datasets' own messages were empty (an empty .jsonl) or generic ("An error occurred
+    while generating the dataset"); a directory was called "no such calibration file"."""
+    cases = {
+        "empty.jsonl": (b"", "is empty; pass a file with text (a JSON list of records"),
+        "empty.txt": (b"\n \n", "is empty; pass a file with text (UTF-8 text, one sample"),
+        "latin1.txt": ("caf\u00e9 cr\u00e8me\n".encode("latin-1"), "is not UTF-8 text"),
+    }
+    for name, (content, expected) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name}.*{expected}".replace("(", r"\(")):
+            load_texts(tmp_path / name)
+    (tmp_path / "data.jsonl").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory; pass one local"):
+        load_texts(tmp_path / "data.jsonl")

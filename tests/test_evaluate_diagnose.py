@@ -3,7 +3,6 @@ argparse wiring the ``fair-calib-llmc`` command uses."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -12,6 +11,7 @@ import torch
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 
+import fair_calib_llmc_cli as cli
 from fair_calib_llmc.checkpoint import OutputDirError
 from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR, load_default_model
 from fair_calib_llmc.evaluation import compare, diagnose
@@ -38,13 +38,9 @@ def one_thread():
 
 
 def _cli(argv):
-    """What cli.py does with the two registration functions."""
-    parser = argparse.ArgumentParser(prog="fair-calib-llmc")
-    sub = parser.add_subparsers(dest="command", required=True)
-    compare.add_parser(sub)
-    diagnose.add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """What fair_calib_llmc_cli.main does, returning the command's result."""
+    args = cli.build_parser().parse_args(argv)
+    return cli._command(args)(args)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +85,7 @@ def test_evaluate_writes_table_json_and_plots_next_to_the_student(rtn_w4a4):
     mean = sum(r["frontier_flip_rate"] for r in students) / 2
     table = (out / "results.md").read_text().splitlines()
     line = next(row for row in table if row.startswith("| student"))
-    assert line.split("|")[2].strip().startswith(f"{mean:.4g} ±")
+    assert line.split("|")[3].strip().startswith(f"{mean:.4f} ±")  # after name and seeds
     assert [e["name"] for e in result["summary"]] == ["teacher", "student"]
 
 

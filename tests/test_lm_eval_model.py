@@ -6,6 +6,7 @@ sampler directly."""
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from pathlib import Path
 
@@ -322,3 +323,42 @@ def test_nvfp4_fp32_checkpoint_scores_like_the_model_that_was_saved(tokenizer, t
     lm = _lm(path, dtype="float32", greedy_check=False)
     assert lm.model.model.transformer.blocks[0].q_proj.weight.dtype == torch.float32
     assert lm._loglikelihood_tokens([(("", ""), context, continuation)])[0][0] == expected
+
+
+def test_shell_entry_point_without_pretrained_is_one_line(capsys):
+    from fair_calib_llmc.evaluation.harness import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "dllm", "--tasks", "tiny_dllm_choice", "--include_path", str(TASKS)])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after lm-eval's own log lines
+    assert last.startswith("lm-eval-dllm: error: the dllm model needs a checkpoint: pass ")
+    assert "--model_args pretrained=DIR" in last
+
+
+def test_shipped_tasks_load_from_any_directory_without_warnings(tmp_path, monkeypatch, caplog):
+    """Their data paths used to be relative to the repository root, and the perplexity task
+    warned about every metric's missing aggregation on each run."""
+    from fair_calib_llmc.evaluation import LM_EVAL_TASKS
+
+    monkeypatch.chdir(tmp_path)
+    names = ["python_next_line", "python_next_line_choice", "python_heldout_ppl"]
+    with caplog.at_level(logging.WARNING):
+        manager = TaskManager(include_path=str(LM_EVAL_TASKS), include_defaults=False)
+        tasks = manager.load_task_or_group(names)
+    assert sorted(tasks) == sorted(names)
+    assert all(len(list(task.test_docs())) > 0 for task in tasks.values())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warnings, warnings
+
+
+def test_shell_entry_point_finds_the_shipped_tasks_from_anywhere(
+    checkpoints, tmp_path, monkeypatch, capsys
+):
+    from fair_calib_llmc.evaluation.harness import main
+
+    monkeypatch.chdir(tmp_path)
+    model_args = f"pretrained={checkpoints['llada', 'fp']},mc_samples=4"
+    argv = ["--model", "dllm", "--model_args", model_args, "--device", "cpu"]
+    main([*argv, "--tasks", "python_next_line_choice", "--limit", "2"])
+    assert "python_next_line_choice" in capsys.readouterr().out

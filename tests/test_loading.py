@@ -47,3 +47,42 @@ def test_wrong_model_path_names_the_fix(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_model(tmp_path / "empty")
+
+
+def test_truncated_safetensors_names_the_fix(tmp_path):
+    import shutil
+
+    checkpoint = shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "cut")
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="damaged or truncated .*copy or download the checkpoint"):
+        load_model(checkpoint, device="cpu")
+
+
+@pytest.mark.integration
+def test_unreachable_hub_fails_fast_with_the_fix(tmp_path):
+    """A hub id used to cost ~55 s of retries; the endpoint here refuses at once (loopback)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import time
+        from fair_calib_llmc.loading import load_model
+        start = time.monotonic()
+        try:
+            load_model("some-org/some-dllm", device="cpu")
+        except FileNotFoundError as err:
+            print(f"{time.monotonic() - start:.1f}", err)
+        """
+    )
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path)}
+    env.pop("HF_HUB_OFFLINE", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    seconds, message = out.stdout.strip().split(" ", 1)
+    assert float(seconds) < 5, out.stdout
+    assert message.startswith("the model hub cannot be reached and some-org/some-dllm is not")
+    assert "pass --model a local checkpoint directory" in message

@@ -13,7 +13,7 @@ from transformers import AutoModel
 from fair_calib_llmc import quantize
 from fair_calib_llmc.models import DreamModel, LLaDAModelLM
 
-from .helpers import dream_config, llada_config, saved, tiny_causal_lm
+from .helpers import dream_config, llada_config, save_with_tokenizer, saved, tiny_causal_lm
 
 pytestmark = pytest.mark.integration
 
@@ -80,6 +80,35 @@ def test_empty_or_short_calibration_set(llada, tokenizer):
     for texts in ([], ["too short"]):
         with pytest.raises(ValueError, match="calibration set is empty or too short"):
             quantize(llada, tokenizer, "fair_calib_w4a4", texts)
+
+
+@pytest.mark.parametrize("max_prompts", [0, -1])
+def test_non_positive_max_prompts_fail_before_any_work(
+    llada, tokenizer, calibration_texts, monkeypatch, max_prompts
+):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before max_prompts was checked")
+
+    monkeypatch.setattr("fair_calib_llmc.pipeline.load_recipe", no_work)
+    with pytest.raises(ValueError, match="max_prompts must be a positive integer"):
+        quantize(llada, tokenizer, "rtn_w4a4", calibration_texts, max_prompts=max_prompts)
+
+
+def test_tokenizer_none_names_the_fix(llada, calibration_texts):
+    with pytest.raises(ValueError, match="needs the model's tokenizer, got NoneType"):
+        quantize(llada, None, "rtn_w4a4", calibration_texts)
+
+
+def test_a_path_is_loaded_and_prompt_length_overrides_the_recipe(
+    llada, tokenizer, calibration_texts, tmp_path
+):
+    save_with_tokenizer(llada, tokenizer, tmp_path / "fp")
+    result = quantize(
+        str(tmp_path / "fp"), None, "rtn_w4a4", calibration_texts, max_prompts=2, prompt_length=8
+    )
+    assert isinstance(result.model, LLaDAModelLM)
+    answer = 32  # the default sampler's answer length
+    assert {len(ids) for ids in result.calibration["input_ids"]} == {8 + answer}
 
 
 def test_nan_weights_fail_before_calibration(llada, tokenizer, calibration_texts, tmp_path):

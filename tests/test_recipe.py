@@ -88,3 +88,42 @@ def test_modifier_field_error_names_the_file(tmp_path):
 def test_recipe_of_the_wrong_shape_fails_loudly(recipe, where):
     with pytest.raises(RecipeError, match=where):
         check_recipe_shape(recipe)
+
+
+def test_unknown_scheme_lists_the_valid_names():
+    text = "q_stage:\n  q_modifiers:\n    QuantizationModifier:\n      scheme: W4A5\n"
+    with pytest.raises(RecipeError, match="scheme.*valid names: .*NVFP4.*W4A4_G128_PACKED"):
+        load_recipe(text)
+
+
+@pytest.mark.integration
+def test_shipped_names_work_from_a_source_checkout_on_pythonpath(tmp_path):
+    """Without an install nothing maps recipes/ to fair_calib_llmc.recipes; ``-S`` keeps the
+    editable install's finder (a .pth file) out, site-packages stay importable."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    checkout = tmp_path / "checkout"
+    repo = REPO_RECIPES.parent
+    shutil.copytree(
+        repo / "fair_calib_llmc",
+        checkout / "fair_calib_llmc",
+        ignore=shutil.ignore_patterns("__pycache__", "model.safetensors"),
+    )
+    shutil.copytree(REPO_RECIPES, checkout / "recipes")
+    paths = [str(checkout), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    code = (
+        f"import fair_calib_llmc.recipe as r; assert r.__file__.startswith({str(checkout)!r}); "
+        "print(sorted(r.shipped_recipes())); r.load_recipe('rtn_w4a4')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": ":".join(paths), "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "'fair_calib_w4a4'" in out.stdout and "'rtn_w4a4'" in out.stdout

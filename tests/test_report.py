@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fair_calib_llmc.report import COLUMNS, merge_results, summarise, write_results
+from fair_calib_llmc.report import merge_results, summarise, write_results
 
 pytestmark = pytest.mark.unit
 
@@ -29,8 +29,8 @@ def test_written_files(tmp_path):
     per_step = {"gptq": [[0.1, 0.3], [0.3, 0.5]]}
     table = write_results(tmp_path, rows, per_step, {"seeds": [0, 1]})
     lines = (tmp_path / "results.md").read_text().splitlines()
-    assert lines[0] == "| " + " | ".join(COLUMNS) + " |" and lines[2] == table.splitlines()[2]
-    assert lines[2].startswith("| gptq | 0.25 ± 0.05 | - |")
+    assert lines[0] == "| method | seeds | frontier flip rate | ELBO ppl |"  # measured ones
+    assert lines[2] == table.splitlines()[2] == "| gptq | 2 | 0.2500 ± 0.0500 | 26.50 ± 0.50 |"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == {"rows": rows, "flips_per_step": per_step, "settings": {"seeds": [0, 1]}}
     assert (tmp_path / "flips.png").stat().st_size > 1000
@@ -113,3 +113,15 @@ def test_diagnose_curves_get_one_panel_per_precision(tmp_path, monkeypatch):
     figures.clear()
     plot_rows(tmp_path / "evaluate", [{"name": "student", "seed": 0, "flips_per_step": [0.1]}])
     assert len(figures[0].axes) == 1
+
+
+def test_table_uses_readable_headers_and_drops_what_no_run_measured(tmp_path):
+    """The demo prints this table: it used raw field names, 4-5 significant digits, and a
+    peak_gpu_mib column of zeros on CPU runs."""
+    rows = [
+        {**_row("rtn", 0, 0.123456, 107.7549), "stage1_seconds": 3.14159, "peak_gpu_mib": None},
+        {**_row("rtn", 1, 0.125, 107.75), "stage1_seconds": 3.0, "peak_gpu_mib": None},
+    ]
+    header, _, line = write_results(tmp_path, rows, {}, {}).splitlines()[:3]
+    assert header == "| method | seeds | frontier flip rate | ELBO ppl | Stage I s |"
+    assert line == "| rtn | 2 | 0.1242 ± 0.0008 | 107.75 ± 0.00 | 3.1 ± 0.1 |"

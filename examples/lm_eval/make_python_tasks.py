@@ -1,5 +1,6 @@
-"""Build the offline lm-eval tasks of ``examples/lm_eval/tasks`` from the default model's
-shipped held-out text (Python standard-library code no training file shares).
+"""Build the data of the offline lm-eval tasks shipped in ``fair_calib_llmc/assets/lm_eval_tasks``
+(the YAMLs there are written by hand) from the default model's shipped held-out text (Python
+standard-library code no training file shares).
 
 * ``python_next_line``: four lines of code and the first word of the next line -> complete
   that line (generation; exact match and chrF);
@@ -16,11 +17,11 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 from fair_calib_llmc.corpus import shipped_texts
+from fair_calib_llmc.evaluation import LM_EVAL_TASKS
 
-TASKS = Path(__file__).resolve().parent / "tasks"
+TASKS = LM_EVAL_TASKS
 ITEMS, CONTEXT_LINES, MAX_LINE = 48, 4, 60
 
 

@@ -17,11 +17,15 @@ happens.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
-__all__ = ["LM_EVAL_MODEL_NAME", "register_lm_eval_model"]
+__all__ = ["LM_EVAL_MODEL_NAME", "LM_EVAL_TASKS", "register_lm_eval_model"]
 
 #: The name users pass to ``lm_eval --model``.
 LM_EVAL_MODEL_NAME = "dllm"
+#: lm-eval tasks shipped with the package (held-out Python: next line, choice, perplexity);
+#: ``lm-eval-dllm`` includes them unless given another ``--include_path``.
+LM_EVAL_TASKS = Path(__file__).resolve().parent.parent / "assets" / "lm_eval_tasks"
 _TARGET = "fair_calib_llmc.evaluation.harness:DiffusionHarnessLM"
 
 

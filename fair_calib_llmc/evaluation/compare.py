@@ -12,7 +12,8 @@ rules (:func:`~fair_calib_llmc.checkpoint.check_results_dir`): a non-empty one (
 ``STUDENT/evaluation/`` too) needs ``--overwrite``, and no other directory inside a model
 directory is accepted.
 
-Library use: :func:`evaluate_checkpoints`. CLI wiring: :func:`add_parser` and :func:`run`.
+Library use: :func:`evaluate_checkpoints`. CLI: :func:`run` (the arguments are defined in
+``fair_calib_llmc_cli``, so ``--help`` imports nothing heavy).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from fair_calib_llmc.evaluation.decisions import (
     write_results,
 )
 
-__all__ = ["evaluate_checkpoints", "add_parser", "run"]
+__all__ = ["evaluate_checkpoints", "run"]
 
 
 def evaluate_checkpoints(
@@ -101,28 +102,6 @@ def evaluate_checkpoints(
         return {"rows": rows, "summary": summary, "table": table, "files": files}
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by ``evaluate`` and ``diagnose``."""
-    parser.add_argument(
-        "--dataset", help="local .json/.jsonl/.txt with prompts (default: shipped held-out text)"
-    )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--eval-prompts", type=int, default=16, help="prompts per seed")
-    parser.add_argument("--prompt-length", type=int, default=32)
-    parser.add_argument("--gen-length", type=int, default=32)
-    parser.add_argument("--steps", type=int, help="sampler steps (default: gen-length)")
-    parser.add_argument("--block-length", type=int, help="LLaDA block (default: gen-length)")
-    parser.add_argument(
-        "--elbo-texts", type=int, default=16, help="held-out texts for ELBO perplexity (0: skip)"
-    )
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--out", help="output directory (new or empty unless --overwrite)")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="write over the results files of a non-empty --out"
-    )
-
-
 def settings_from_args(args: argparse.Namespace) -> DecisionSettings:
     return DecisionSettings(
         seeds=tuple(args.seeds),
@@ -137,20 +116,6 @@ def settings_from_args(args: argparse.Namespace) -> DecisionSettings:
 
 def dtype_from_args(args: argparse.Namespace):
     return args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``evaluate`` on an argparse ``subparsers`` object (``set_defaults(func=run)``)."""
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="decision-level metrics of a quantized checkpoint against its FP teacher",
-        description=__doc__.split("\n\n")[1],
-    )
-    parser.add_argument("--teacher", required=True, help="full-precision checkpoint dir")
-    parser.add_argument("--student", required=True, help="quantized (or any) checkpoint dir")
-    add_settings_arguments(parser)
-    parser.set_defaults(func=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> dict:

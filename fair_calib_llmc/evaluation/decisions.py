@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from fair_calib_llmc import report
-from fair_calib_llmc.calibration import prompts_from_texts
+from fair_calib_llmc.calibration import check_prompt_count, prompts_from_texts
 from fair_calib_llmc.checkpoint import OutputDirError
 from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity
 from fair_calib_llmc.models.family import diffusion_spec
@@ -66,6 +66,9 @@ class DecisionSettings:
     heldout_texts: int = 16  # 0: no ELBO perplexity
     heldout_length: int = 128
     elbo_samples: int = 8
+
+    def __post_init__(self) -> None:
+        check_prompt_count(self.eval_prompts, "eval_prompts")
 
     def sampler(self, spec):
         settings = {"steps": self.gen_length, "gen_length": self.gen_length}

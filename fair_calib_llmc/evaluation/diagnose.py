@@ -16,7 +16,8 @@ seeds) and
 output directory is checked before any work, with ``quantize``'s rules: a non-empty one needs
 ``--overwrite``, and none inside the model directory is accepted.
 
-Library use: :func:`diagnose_model`. CLI wiring: :func:`add_parser` and :func:`run`.
+Library use: :func:`diagnose_model`. CLI: :func:`run` (the arguments are defined in
+``fair_calib_llmc_cli``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from fair_calib_llmc.checkpoint import check_results_dir, output_lock
 from fair_calib_llmc.corpus import shipped_texts
 from fair_calib_llmc.data import load_texts
 from fair_calib_llmc.evaluation.compare import (
-    add_settings_arguments,
     dtype_from_args,
     settings_from_args,
 )
@@ -58,14 +58,7 @@ from fair_calib_llmc.plots import plot_seed_bars
 from fair_calib_llmc.sampling import progress
 from fair_calib_llmc.schemes import check_scheme_name
 
-__all__ = [
-    "diagnose_model",
-    "variant_schemes",
-    "decoder_layers",
-    "refuse_quantized",
-    "add_parser",
-    "run",
-]
+__all__ = ["diagnose_model", "variant_schemes", "decoder_layers", "refuse_quantized", "run"]
 
 #: Modules never quantized: the LM heads of both families (as in the shipped recipes).
 LM_HEADS = ["lm_head", r"re:^model\.transformer\.ff_out$"]
@@ -271,22 +264,6 @@ def plot_layer_sensitivity(layer_rows, rows, path: Path) -> Path:
 def _teacher_ppl(rollouts) -> str:
     values = [r.teacher_elbo_ppl for r in rollouts if r.teacher_elbo_ppl is not None]
     return f"teacher ELBO ppl {sum(values) / len(values):.4g}; " if values else ""
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``diagnose`` on an argparse ``subparsers`` object (``set_defaults(func=run)``)."""
-    parser = subparsers.add_parser(
-        "diagnose",
-        help="where W4A4 hurts a dLLM: weights vs activations, rotations, layer by layer",
-        description=__doc__.split("\n\n")[1],
-    )
-    parser.add_argument("--model", required=True, help="full-precision checkpoint dir")
-    parser.add_argument("--scheme", default="W4A4_G128_PACKED", help="W4A4 scheme to split")
-    parser.add_argument("--no-rotations", action="store_true", help="skip the rotated variants")
-    parser.add_argument("--no-layer-scan", action="store_true", help="skip the per-layer scan")
-    add_settings_arguments(parser)
-    parser.set_defaults(func=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -55,12 +55,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from fair_calib_llmc.evaluation import LM_EVAL_MODEL_NAME
+from fair_calib_llmc.evaluation import LM_EVAL_MODEL_NAME, LM_EVAL_TASKS
 from fair_calib_llmc.models.family import denoiser_logits, diffusion_spec
 from fair_calib_llmc.reload import load_quantized, restore_decompressed
 from fair_calib_llmc.sampling import LLaDASampler, sampler_for
 
-__all__ = ["DiffusionHarnessLM", "masked_diffusion_loglikelihood", "main"]
+__all__ = ["DiffusionHarnessLM", "ModelArgumentError", "masked_diffusion_loglikelihood", "main"]
 
 _SAMPLER_KEYS = {
     "llada": ("steps", "block_length", "remasking", "temperature"),
@@ -146,6 +146,10 @@ def _continuation_masks(
     return masks, (n_target / counts.double()) / mc_samples
 
 
+class ModelArgumentError(ValueError):
+    """A wrong ``--model_args`` for ``dllm``: :func:`main` prints it as one line."""
+
+
 @register_model(LM_EVAL_MODEL_NAME)
 class DiffusionHarnessLM(TemplateLM):
     """lm-eval model for masked-diffusion LMs (LLaDA, Dream); see the module docstring.
@@ -176,7 +180,7 @@ class DiffusionHarnessLM(TemplateLM):
 
     def __init__(
         self,
-        pretrained: str | nn.Module,
+        pretrained: str | nn.Module | None = None,
         tokenizer=None,
         dtype: str | torch.dtype | None = "auto",
         device: str | None = None,
@@ -200,14 +204,19 @@ class DiffusionHarnessLM(TemplateLM):
         add_bos_token: bool | None = None,
     ) -> None:
         super().__init__()
+        if pretrained is None:
+            raise ModelArgumentError(
+                "the dllm model needs a checkpoint: pass --model_args pretrained=DIR (a LLaDA or "
+                "Dream checkpoint directory, full precision or compressed)"
+            )
         if isinstance(batch_size, str) and not batch_size.isdigit():
-            raise ValueError(
+            raise ModelArgumentError(
                 f"batch_size={batch_size!r} is not supported by the dllm model; pass an "
                 "integer (sequences per forward pass)"
             )
         self._batch_size = int(batch_size or 1)
         if self._batch_size < 1 or int(mc_samples) < 1:
-            raise ValueError("batch_size and mc_samples must be positive integers")
+            raise ModelArgumentError("batch_size and mc_samples must be positive integers")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._device = torch.device(device)
 
@@ -247,7 +256,7 @@ class DiffusionHarnessLM(TemplateLM):
         given = {k: v for k, v in given.items() if v is not None}
         wrong = sorted(set(given) - set(_SAMPLER_KEYS[self.spec.family]))
         if wrong:
-            raise ValueError(
+            raise ModelArgumentError(
                 f"{wrong} are not {self.spec.family} sampler settings; "
                 f"{self.spec.family} takes {list(_SAMPLER_KEYS[self.spec.family])}"
             )
@@ -358,7 +367,9 @@ class DiffusionHarnessLM(TemplateLM):
         try:
             return sampler_for(self.spec, **settings)
         except ValueError as error:  # pydantic's ValidationError is a ValueError
-            raise ValueError(f"dllm sampler settings {settings} are invalid: {error}") from None
+            raise ModelArgumentError(
+                f"dllm sampler settings {settings} are invalid: {error}"
+            ) from None
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
@@ -423,16 +434,24 @@ class DiffusionHarnessLM(TemplateLM):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``lm_eval``'s own command line with ``--model dllm`` available."""
+    """``lm_eval``'s own command line with ``--model dllm`` available and the shipped tasks
+    (:data:`~fair_calib_llmc.evaluation.LM_EVAL_TASKS`) on the include path, unless the
+    command names another ``--include_path`` (lm-eval takes one)."""
     import sys
 
     from lm_eval.__main__ import cli_evaluate
 
     import fair_calib_llmc  # noqa: F401  (model classes, registration)
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+        argv += ["--include_path", str(LM_EVAL_TASKS)]
+    sys.argv = [sys.argv[0], *argv]
+    try:
+        cli_evaluate()
+    except ModelArgumentError as err:
+        print(f"lm-eval-dllm: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
