@@ -17,7 +17,10 @@ import importlib
 import os
 import sys
 
-METHODS = "rtn, gptq, r1r2+gptq, quarot+gptq, quarot+autoround, fair-calib-uniform, fair-calib"
+METHODS = (
+    "rtn, gptq, r1r2+gptq, quarot+gptq, quarot+autoround, fair-calib-uniform, fair-calib, "
+    "spinquant-learned+gptq, fair-calib-learned"
+)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -105,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         required=True,
         help="a shipped recipe name (fair_calib_w4a4, fair_calib_uniform_w4a4, "
-        "quarot_gptq_w4a4, quarot_autoround_w4a4, spinquant_gptq_w4a4, gptq_w4a4, rtn_w4a4) "
-        "or a .yaml path",
+        "fair_calib_learned_w4a4, quarot_gptq_w4a4, quarot_autoround_w4a4, "
+        "spinquant_gptq_w4a4, spinquant_learned_gptq_w4a4, gptq_w4a4, rtn_w4a4) or a .yaml path",
     )
     quant.add_argument(
         "--dataset",
