@@ -233,24 +233,9 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         batches = [self._batch(b, device) for b in dataloader]
         with torch.no_grad():
             targets = [self._teacher(model, b, spec) for b in batches]
-        optimiser = CayleyAdam(params, lr=self.lr, total_steps=self.steps)
-        _, world = rank_and_world()
         with _training_forwards(quantized, sites), _frozen(model):
             before = self._objectives_by_weighting(model, batches, targets, spec)
-            bar = tqdm(range(self.steps), desc="learning rotations", unit="step")
-            for step in bar:
-                index = step % len(batches)
-                with torch.enable_grad():
-                    loss = self._objective(model, batches[index], targets[index], spec)
-                    loss.backward()
-                if world > 1:  # every rank must fuse the same rotations
-                    grads = [q.grad for q in params]
-                    all_reduce_sum(grads)
-                    for g in grads:
-                        g.div_(world)
-                optimiser.step()
-                optimiser.zero_grad()
-                bar.set_postfix(loss=f"{loss.item():.4g}")
+            self._optimise(model, params, batches, targets, spec)
             after = self._objectives_by_weighting(model, batches, targets, spec)
         self._learned = {"R1": r1, "R2": r2}
         self._report = {
@@ -274,6 +259,27 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         with torch.no_grad():
             for module, where in sites.items():
                 fuse_rotation(module, where)
+
+    def _optimise(self, model, params: list[torch.Tensor], batches, targets, spec) -> None:
+        """``steps`` Cayley-Adam steps, one calibration batch each (cycling), with a progress
+        bar; under torchrun the gradients are averaged so every rank fuses the same
+        rotations."""
+        optimiser = CayleyAdam(params, lr=self.lr, total_steps=self.steps)
+        _, world = rank_and_world()
+        bar = tqdm(range(self.steps), desc="learning rotations", unit="step")
+        for step in bar:
+            index = step % len(batches)
+            with torch.enable_grad():
+                loss = self._objective(model, batches[index], targets[index], spec)
+                loss.backward()
+            if world > 1:
+                grads = [q.grad for q in params]
+                all_reduce_sum(grads)
+                for g in grads:
+                    g.div_(world)
+            optimiser.step()
+            optimiser.zero_grad()
+            bar.set_postfix(loss=f"{loss.item():.4g}")
 
     @staticmethod
     def _identity(size: int, device) -> torch.Tensor:
