@@ -51,6 +51,7 @@ from fair_calib_llmc.recipe import load_recipe
 __all__ = [
     "quantize",
     "QuantizeResult",
+    "refuse_quantized_model",
     "release_traced_model",
 ]
 
@@ -116,6 +117,24 @@ def release_traced_model(model) -> None:
             del registry[key]
 
 
+def refuse_quantized_model(model) -> None:
+    """``oneshot`` turns the model into a quantized one in place (quantization schemes and
+    observers on its modules, fused rotations, compressed weights after a save); quantizing it
+    again fails deep inside llm-compressor (``'Linear' object has no attribute 'weight'``) or
+    quantizes quantized weights. Refuse it first, naming the fix."""
+    quantized = getattr(model, "transform_config", None) is not None or any(
+        getattr(module, "quantization_scheme", None) is not None
+        or getattr(module, "quantization_status", None) is not None
+        for module in model.modules()
+    )
+    if quantized:
+        raise ValueError(
+            f"this {type(model).__name__} went through quantize()/oneshot already (it holds "
+            "quantization schemes or fused rotations); load the full-precision model again and "
+            "quantize that"
+        )
+
+
 @contextmanager
 def _claimed_output_dir(model, model_dir, output_dir, overwrite) -> Iterator[Path | None]:
     """The checked output directory (``None``: no save), locked until the block ends, so a
@@ -173,6 +192,7 @@ def quantize(
             check_output_dir(output_dir, model_dir=Path(model).expanduser(), overwrite=overwrite)
         model, own_tokenizer = load_model(model)
         tokenizer = own_tokenizer if tokenizer is None else tokenizer
+    refuse_quantized_model(model)
     if not callable(tokenizer):
         raise ValueError(
             f"quantize() needs the model's tokenizer, got {type(tokenizer).__name__}; pass "

@@ -145,3 +145,20 @@ def test_failed_save_leaves_no_checkpoint(
             max_prompts=2,
         )
     assert sorted(os.listdir(tmp_path)) == ["fp"]
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_a_quantized_model_is_refused_before_any_work(
+    llada, tokenizer, calibration_texts, tmp_path, monkeypatch, save
+):
+    """oneshot quantizes the model in place; a second quantize() of the same object failed
+    deep inside llm-compressor ('Linear' object has no attribute 'weight')."""
+    output_dir = tmp_path / "q" if save else None
+    quantize(llada, tokenizer, "rtn_w4a4", calibration_texts, output_dir=output_dir, max_prompts=2)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started on an already quantized model")
+
+    monkeypatch.setattr("fair_calib_llmc.pipeline.build_calibration_dataset", no_work)
+    with pytest.raises(ValueError, match="went through quantize.*load the full-precision model"):
+        quantize(llada, tokenizer, "rtn_w4a4", calibration_texts, max_prompts=2)
