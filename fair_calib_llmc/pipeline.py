@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.fx._symbolic_trace as fx_trace
 from datasets import Dataset
 from llmcompressor import oneshot
@@ -52,6 +53,7 @@ __all__ = [
     "quantize",
     "QuantizeResult",
     "refuse_quantized_model",
+    "restore_model_dtype",
     "release_traced_model",
 ]
 
@@ -133,6 +135,40 @@ def refuse_quantized_model(model) -> None:
             "quantization schemes or fused rotations); load the full-precision model again and "
             "quantize that"
         )
+
+
+@torch.no_grad()
+def restore_model_dtype(model, dtype: torch.dtype) -> int:
+    """Cast back the floating parameters and buffers ``oneshot`` left in another dtype.
+
+    auto-round optimises in bfloat16 and leaves the weights, norms, scales and the online
+    Hadamards of a float32 model in bfloat16: its forward then fails (``float !=
+    BFloat16``); only the compressed save hid it. Tensors already in ``dtype``, integer ones
+    (zero points, packed weights) and wider floating ones (SpinQuant's float64 online
+    Hadamards, kept for precision) stay. Each tensor is replaced through its module's
+    (offload) dict, as compressed-tensors' update would copy into the old dtype; a tensor
+    shared by several modules stays shared. Returns the tensors cast.
+    """
+    bits = torch.finfo(dtype).bits
+    cast: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name in list(tensors):
+                tensor = tensors[name]
+                if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+                    continue
+                if torch.finfo(tensor.dtype).bits > bits:
+                    continue
+                if id(tensor) not in cast:
+                    data = tensor.data.to(dtype)
+                    cast[id(tensor)] = (
+                        torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
+                        if isinstance(tensor, torch.nn.Parameter)
+                        else data
+                    )
+                del tensors[name]  # an offload cache offloads a new key anew, in its dtype
+                tensors[name] = cast[id(tensor)]
+    return len(cast)
 
 
 @contextmanager
@@ -220,6 +256,7 @@ def quantize(
         )
         stage1_seconds = time.monotonic() - start
 
+        dtype = model.dtype
         with config_on_disk(model):
             start = time.monotonic()
             try:
@@ -236,6 +273,7 @@ def quantize(
                 )
             finally:
                 release_traced_model(model)
+            restore_model_dtype(model, dtype)
             stage2_seconds = time.monotonic() - start
             logger.info(f"Stage I {stage1_seconds:.1f}s, Stage II (oneshot) {stage2_seconds:.1f}s")
 

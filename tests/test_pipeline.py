@@ -162,3 +162,31 @@ def test_a_quantized_model_is_refused_before_any_work(
     monkeypatch.setattr("fair_calib_llmc.pipeline.build_calibration_dataset", no_work)
     with pytest.raises(ValueError, match="went through quantize.*load the full-precision model"):
         quantize(llada, tokenizer, "rtn_w4a4", calibration_texts, max_prompts=2)
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_an_autoround_result_runs_in_the_models_dtype(
+    llada, tokenizer, calibration_texts, tmp_path, save
+):
+    """auto-round left a float32 model's weights, norms and scales in bfloat16: the returned
+    model's forward failed (float != BFloat16) unless a save happened to hide it."""
+    from fair_calib_llmc.recipe import shipped_recipes
+
+    recipe = shipped_recipes()["quarot_autoround_w4a4"].replace("iters: 200", "iters: 2")
+    assert "iters: 2\n" in recipe
+    output_dir = tmp_path / "q" if save else None
+    result = quantize(
+        llada, tokenizer, recipe, calibration_texts, output_dir=output_dir, max_prompts=2
+    )
+    tensors = [*result.model.named_parameters(), *result.model.named_buffers()]
+    narrower = [
+        name
+        for name, tensor in tensors
+        if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < 32
+    ]
+    assert not narrower
+    assert all(p.dtype == torch.float32 for p in result.model.parameters() if p.is_floating_point())
+    probe = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        logits = result.model(probe).logits
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
