@@ -26,6 +26,8 @@ import torch
 import torch.fx._symbolic_trace as fx_trace
 from datasets import Dataset
 from llmcompressor import oneshot
+from llmcompressor.core import active_session, reset_session
+from llmcompressor.recipe import Recipe
 from loguru import logger
 
 from fair_calib_llmc.calibration import (
@@ -54,6 +56,7 @@ __all__ = [
     "QuantizeResult",
     "refuse_quantized_model",
     "restore_model_dtype",
+    "session_released",
     "release_traced_model",
 ]
 
@@ -135,6 +138,26 @@ def refuse_quantized_model(model) -> None:
             "quantization schemes or fused rotations); load the full-precision model again and "
             "quantize that"
         )
+
+
+@contextmanager
+def session_released(recipe: Recipe) -> Iterator[None]:
+    """Reset llm-compressor's active session when the block ends (also on an error).
+
+    ``oneshot`` leaves its process-wide session holding the model (``state.model``) and the
+    recipe's modifiers, which hold the model's modules (GPTQ's per-module dicts, hooks'
+    handles), until the next ``oneshot`` resets it: a model the caller dropped stays in (GPU)
+    memory, and a sweep peaks with two models. The block covers ``oneshot`` and the
+    compressed save, which reads the session's recipe (``recipe.yaml``). The modifiers stay
+    readable from :attr:`QuantizeResult.modifiers`; the session keeps a copy of the recipe
+    built from its YAML (modifiers that never ran, holding nothing), so a later
+    ``result.model.save_pretrained`` still writes the recipe that made the model.
+    """
+    try:
+        yield
+    finally:
+        reset_session()
+        active_session().lifecycle.recipe = Recipe.create_instance(recipe.yaml())
 
 
 @torch.no_grad()
@@ -257,7 +280,7 @@ def quantize(
         stage1_seconds = time.monotonic() - start
 
         dtype = model.dtype
-        with config_on_disk(model):
+        with config_on_disk(model), session_released(recipe):
             start = time.monotonic()
             try:
                 model = oneshot(

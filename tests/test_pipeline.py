@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from llmcompressor.core import reset_session
 from transformers import AutoModel
 
 from fair_calib_llmc import quantize
@@ -37,23 +36,41 @@ def test_quantize_a_model_built_in_memory(llada, tokenizer, calibration_texts, t
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
-def test_a_quantized_model_is_freed_when_dropped(family, tokenizer, calibration_texts):
-    """llm-compressor's tracing registers the model in torch.fx's process-wide wrap registry;
-    quantize() takes it out again, so a sweep does not keep every model it quantized."""
+def test_quantized_models_are_freed_when_dropped(family, tokenizer, calibration_texts, tmp_path):
+    """Every model a sweep quantized and dropped is freed at once: llm-compressor's tracing
+    registers it in torch.fx's process-wide wrap registry, and its session holds it (and the
+    modifiers holding its modules) until the next oneshot; quantize() releases both."""
     import gc
     import weakref
 
-    model = (
-        LLaDAModelLM(llada_config(tokenizer))
-        if family == "llada"
-        else DreamModel(dream_config(tokenizer))
-    )
-    weights = [weakref.ref(p) for p in model.parameters()]
-    result = quantize(model, tokenizer, "quarot_gptq_w4a4", calibration_texts, max_prompts=2)
-    del model, result
-    reset_session()  # the session holds the model until the next oneshot
-    gc.collect()  # modules and their hooks form reference cycles
-    assert all(ref() is None for ref in weights)
+    runs = [
+        ("rtn_w4a4", None),
+        ("quarot_gptq_w4a4", tmp_path / "q"),  # rotated, and the compressed save
+        ("fair_calib_w4a4", None),
+    ]
+    for recipe, output_dir in runs:
+        model = (
+            LLaDAModelLM(llada_config(tokenizer))
+            if family == "llada"
+            else DreamModel(dream_config(tokenizer))
+        )
+        weights = [weakref.ref(p) for p in model.parameters()]
+        result = quantize(
+            model, tokenizer, recipe, calibration_texts, output_dir=output_dir, max_prompts=2
+        )
+        assert result.modifiers and all(m.finalized for m in result.modifiers)
+        del model, result
+        gc.collect()  # modules and their hooks form reference cycles
+        assert all(ref() is None for ref in weights), recipe
+
+
+def test_a_later_save_of_the_result_writes_its_recipe(
+    llada, tokenizer, calibration_texts, tmp_path
+):
+    """The released session keeps a copy of the recipe, which the compressed save writes."""
+    result = quantize(llada, tokenizer, "quarot_gptq_w4a4", calibration_texts, max_prompts=2)
+    result.model.save_pretrained(tmp_path / "later")
+    assert "ExactSpinQuantModifier" in (tmp_path / "later" / "recipe.yaml").read_text()
 
 
 def test_quantize_from_a_jsonl_file(dream, tokenizer, calibration_texts, tmp_path):
