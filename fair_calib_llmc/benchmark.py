@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from llmcompressor.core import reset_session
 from loguru import logger
 from transformers import AutoModel
 
@@ -154,7 +153,6 @@ def run_benchmark(
                 logger.exception(f"{method} (seed {seed}) failed")
                 rows.append({"method": method, "seed": seed, "error": repr(error)})
                 write_results(out_dir, rows, per_step, vars(settings))
-                reset_session()
                 _release_memory(device)
                 continue
             # not measured on the CPU: None, so the table leaves the column out
@@ -171,8 +169,7 @@ def run_benchmark(
             learning = [
                 m.learning_report for m in result.modifiers if hasattr(m, "learning_report")
             ]
-            del model, result
-            reset_session()  # the session holds the model: free it before the next method
+            del model, result  # quantize() released llm-compressor's session
             _release_memory(device)
             student = AutoModel.from_pretrained(path, dtype=teacher.dtype).to(device).eval()
             reload_error = float((probe_logits(student, device=device) - expected).abs().max())

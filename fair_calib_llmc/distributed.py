@@ -10,7 +10,9 @@ its share of the data and GPTQ sums each module's Hessian on an owner rank
   single process would;
 * Stage II: the cross-covariances, and the Hessians they are solved with, are summed over ranks
   before the least-squares target is formed, so every rank holds the same ``W*``;
-* only the source rank writes the checkpoint (:func:`on_source_rank`).
+* only the source rank writes the checkpoint (:func:`on_source_rank`);
+* rotations are fused into weights the ranks share once, by the source rank
+  (:func:`shared_weights_written_once`).
 
 The process group is the caller's (``torchrun`` + ``compressed_tensors.offload.init_dist`` on
 GPUs, or ``torch.distributed.init_process_group("gloo")`` on CPUs); without one every function
@@ -19,14 +21,28 @@ here is the one-process identity.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import TypeVar
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 from compressed_tensors.distributed import is_distributed, is_source_process
+from compressed_tensors.offload.cache.dist_cpu import DistributedCPUCache
+from compressed_tensors.offload.cache.dist_disk import DistributedDiskCache
 
-__all__ = ["all_reduce_sum", "my_share", "on_source_rank", "rank_and_world"]
+__all__ = [
+    "all_reduce_sum",
+    "my_share",
+    "on_source_rank",
+    "rank_and_world",
+    "shared_weights_written_once",
+]
+
+#: compressed-tensors' offload caches whose storage all ranks share (shared CPU memory, one
+#: set of files); llm-compressor's sequential pipeline offloads to the CPU one under torchrun
+SHARED_CACHES = (DistributedCPUCache, DistributedDiskCache)
 
 T = TypeVar("T")
 
@@ -79,3 +95,34 @@ def on_source_rank(function: Callable[[], T]) -> T | None:
     if outcome[1] is not None:
         raise outcome[1]
     return outcome[0]
+
+
+def _keep_offload(self, offloaded, data) -> None:
+    """``update_offload`` on a rank that must not write: the source rank writes the value."""
+
+
+@contextmanager
+def shared_weights_written_once() -> Iterator[None]:
+    """Let only the source rank write weights all ranks share, for a read-modify-write step
+    every rank runs (fusing a rotation: ``W <- W R``).
+
+    Under torchrun every rank holds the same module objects over one shared storage
+    (:data:`SHARED_CACHES`), and compressed-tensors' ``update_offload_parameter`` writes from
+    whichever rank calls it (its docstring leaves the guarding to the caller). SpinQuant's
+    ``on_calibration_start`` runs on every rank, so each rank read the weights the previous
+    rank had already rotated and rotated them again: with two processes the embedding held
+    ``E R1 R1`` (and every fused linear its own mix), not the one-process ``E R1``. Every rank
+    still runs the whole step (attaching online transforms and offloading new modules are
+    collectives); the other ranks' writes to shared storage are dropped, and the barrier
+    after it makes the source rank's writes visible to all. Replicated caches (one copy per
+    GPU) are written by every rank, each computing the same value.
+    """
+    if not is_distributed():
+        yield
+        return
+    with ExitStack() as patches:
+        if not is_source_process():
+            for cache in SHARED_CACHES:
+                patches.enter_context(mock.patch.object(cache, "update_offload", _keep_offload))
+        yield
+    dist.barrier()

@@ -22,9 +22,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.fx._symbolic_trace as fx_trace
 from datasets import Dataset
 from llmcompressor import oneshot
+from llmcompressor.core import active_session, reset_session
+from llmcompressor.recipe import Recipe
 from loguru import logger
 
 from fair_calib_llmc.calibration import (
@@ -51,6 +54,9 @@ from fair_calib_llmc.recipe import load_recipe
 __all__ = [
     "quantize",
     "QuantizeResult",
+    "refuse_quantized_model",
+    "restore_model_dtype",
+    "session_released",
     "release_traced_model",
 ]
 
@@ -116,6 +122,78 @@ def release_traced_model(model) -> None:
             del registry[key]
 
 
+def refuse_quantized_model(model) -> None:
+    """``oneshot`` turns the model into a quantized one in place (quantization schemes and
+    observers on its modules, fused rotations, compressed weights after a save); quantizing it
+    again fails deep inside llm-compressor (``'Linear' object has no attribute 'weight'``) or
+    quantizes quantized weights. Refuse it first, naming the fix."""
+    quantized = getattr(model, "transform_config", None) is not None or any(
+        getattr(module, "quantization_scheme", None) is not None
+        or getattr(module, "quantization_status", None) is not None
+        for module in model.modules()
+    )
+    if quantized:
+        raise ValueError(
+            f"this {type(model).__name__} went through quantize()/oneshot already (it holds "
+            "quantization schemes or fused rotations); load the full-precision model again and "
+            "quantize that"
+        )
+
+
+@contextmanager
+def session_released(recipe: Recipe) -> Iterator[None]:
+    """Reset llm-compressor's active session when the block ends (also on an error).
+
+    ``oneshot`` leaves its process-wide session holding the model (``state.model``) and the
+    recipe's modifiers, which hold the model's modules (GPTQ's per-module dicts, hooks'
+    handles), until the next ``oneshot`` resets it: a model the caller dropped stays in (GPU)
+    memory, and a sweep peaks with two models. The block covers ``oneshot`` and the
+    compressed save, which reads the session's recipe (``recipe.yaml``). The modifiers stay
+    readable from :attr:`QuantizeResult.modifiers`; the session keeps a copy of the recipe
+    built from its YAML (modifiers that never ran, holding nothing), so a later
+    ``result.model.save_pretrained`` still writes the recipe that made the model.
+    """
+    try:
+        yield
+    finally:
+        reset_session()
+        active_session().lifecycle.recipe = Recipe.create_instance(recipe.yaml())
+
+
+@torch.no_grad()
+def restore_model_dtype(model, dtype: torch.dtype) -> int:
+    """Cast back the floating parameters and buffers ``oneshot`` left in another dtype.
+
+    auto-round optimises in bfloat16 and leaves the weights, norms, scales and the online
+    Hadamards of a float32 model in bfloat16: its forward then fails (``float !=
+    BFloat16``); only the compressed save hid it. Tensors already in ``dtype``, integer ones
+    (zero points, packed weights) and wider floating ones (SpinQuant's float64 online
+    Hadamards, kept for precision) stay. Each tensor is replaced through its module's
+    (offload) dict, as compressed-tensors' update would copy into the old dtype; a tensor
+    shared by several modules stays shared. Returns the tensors cast.
+    """
+    bits = torch.finfo(dtype).bits
+    cast: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name in list(tensors):
+                tensor = tensors[name]
+                if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+                    continue
+                if torch.finfo(tensor.dtype).bits > bits:
+                    continue
+                if id(tensor) not in cast:
+                    data = tensor.data.to(dtype)
+                    cast[id(tensor)] = (
+                        torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
+                        if isinstance(tensor, torch.nn.Parameter)
+                        else data
+                    )
+                del tensors[name]  # an offload cache offloads a new key anew, in its dtype
+                tensors[name] = cast[id(tensor)]
+    return len(cast)
+
+
 @contextmanager
 def _claimed_output_dir(model, model_dir, output_dir, overwrite) -> Iterator[Path | None]:
     """The checked output directory (``None``: no save), locked until the block ends, so a
@@ -173,6 +251,7 @@ def quantize(
             check_output_dir(output_dir, model_dir=Path(model).expanduser(), overwrite=overwrite)
         model, own_tokenizer = load_model(model)
         tokenizer = own_tokenizer if tokenizer is None else tokenizer
+    refuse_quantized_model(model)
     if not callable(tokenizer):
         raise ValueError(
             f"quantize() needs the model's tokenizer, got {type(tokenizer).__name__}; pass "
@@ -200,7 +279,8 @@ def quantize(
         )
         stage1_seconds = time.monotonic() - start
 
-        with config_on_disk(model):
+        dtype = model.dtype
+        with config_on_disk(model), session_released(recipe):
             start = time.monotonic()
             try:
                 model = oneshot(
@@ -216,6 +296,7 @@ def quantize(
                 )
             finally:
                 release_traced_model(model)
+            restore_model_dtype(model, dtype)
             stage2_seconds = time.monotonic() - start
             logger.info(f"Stage I {stage1_seconds:.1f}s, Stage II (oneshot) {stage2_seconds:.1f}s")
 

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from llmcompressor.core import reset_session
 from loguru import logger
 
 from fair_calib_llmc.benchmark import METHOD_RECIPES
@@ -96,8 +95,7 @@ def main(argv=None) -> None:
             }
         )
         logger.info(f"{rows[-1]}")
-        del model, result
-        reset_session()  # the session holds the model until the next oneshot
+        del model, result  # quantize() released llm-compressor's session
         gc.collect()  # the model sits in reference cycles (modules <-> hooks)
         torch.cuda.empty_cache()
         (out / "results.json").write_text(json.dumps(rows, indent=1))

@@ -48,6 +48,10 @@ states = {key: list(result.calibration[key]) for key in ("input_ids", "loss_mask
 with open(f"{dump}-{rank}.json", "w") as f:
     json.dump(states, f)
 torch.save(first_layer, f"{dump}-{rank}-layer0.pt")
+# the rotated recipes fuse R1 into the embedding (a learned R1 on top of the Hadamard)
+learned = next((m._learned.get("R1") for m in result.modifiers if hasattr(m, "_learned")), None)
+fused = {"embedding": result.model.get_input_embeddings().weight.detach(), "learned_r1": learned}
+torch.save(fused, f"{dump}-{rank}-embedding.pt")
 if dist.is_initialized():
     dist.barrier()
     dist.destroy_process_group()

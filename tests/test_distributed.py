@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from compressed_tensors.transform.utils.hadamard import random_hadamard_matrix
 from transformers import AutoModel
 
 from .helpers import save_with_tokenizer
@@ -18,10 +19,7 @@ from .helpers import save_with_tokenizer
 pytestmark = pytest.mark.integration
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-# FAIR-Calib's own Stage II without the rotation stage: with SpinQuant's random-hadamard, a
-# two-process run fuses another R1 into the embedding than a one-process run (seen with
-# llm-compressor 0.14.0.1; upstream, not diagnosed), which would hide what is checked here
-RECIPE = r"""
+FAIR_STAGE = r"""
 fair_stage:
   fair_modifiers:
     FAIRCalibModifier:
@@ -29,6 +27,26 @@ fair_stage:
       targets: [Linear]
       ignore: [lm_head, 're:^model\.transformer\.ff_out$']
 """
+# the rotations of fair_calib_w4a4 / fair_calib_learned_w4a4 (a few learning steps): fused
+# into weights all ranks share, once (they were fused once per rank: E R1 R1 with two)
+ROTATIONS = {
+    "fixed": """
+rotate_stage:
+  rotate_modifiers:
+    ExactSpinQuantModifier:
+      rotations: [R1, R2, R4]
+      transform_type: random-hadamard
+""",
+    "learned": """
+rotate_stage:
+  rotate_modifiers:
+    LearnedSpinQuantModifier:
+      rotations: [R1, R2, R4]
+      transform_type: random-hadamard
+      learn: [R1, R2]
+      steps: 4
+""",
+}
 
 
 def _free_port() -> int:
@@ -45,20 +63,30 @@ def _run(command: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def _fused_r1(width: int, learned: torch.Tensor | None) -> torch.Tensor:
+    """The residual rotation SpinQuant's R1 fuses: compressed-tensors' random Hadamard (the R1
+    factory's first draw from its default-seeded generator), times the learned R1 if any."""
+    generator = torch.Generator()
+    hadamard = random_hadamard_matrix(width, torch.float64, torch.device("cpu"), generator)
+    hadamard = hadamard / width**0.5
+    return hadamard if learned is None else hadamard @ learned.double()
+
+
 def _probe(path: Path) -> torch.Tensor:  # the checkpoint loads and computes
     model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.arange(3, 40)[None] % model.config.vocab_size).logits
 
 
+@pytest.mark.parametrize("rotations", ["fixed", "learned"])
 def test_two_processes_give_the_one_process_checkpoint(
-    llada, tokenizer, calibration_texts, tmp_path
+    llada, tokenizer, calibration_texts, tmp_path, rotations
 ):
     fp = save_with_tokenizer(llada, tokenizer, tmp_path / "fp")
     texts = tmp_path / "texts.json"
     texts.write_text(json.dumps(calibration_texts))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(ROTATIONS[rotations] + FAIR_STAGE)
     args = [str(WORKER), str(fp), str(texts)]
     _run([sys.executable, *args, str(tmp_path / "one"), str(tmp_path / "one"), str(recipe)])
     _run(
@@ -93,9 +121,25 @@ def test_two_processes_give_the_one_process_checkpoint(
     torch.testing.assert_close(
         torch.tensor([w for _, w in together]), torch.tensor([w for _, w in alone])
     )
+    # Rotations: every rank's embedding is the full-precision one rotated once (R1 = the
+    # Hadamard, times the learned R1), as one process's is (fixed R1: the same one)
+    embedding = llada.get_input_embeddings().weight.detach().double()
+    fused = {
+        run: torch.load(tmp_path / f"{run}-embedding.pt") for run in ("one-0", "two-0", "two-1")
+    }
+    for run, got in fused.items():
+        torch.testing.assert_close(
+            got["embedding"].double(),
+            embedding @ _fused_r1(embedding.shape[1], got["learned_r1"]),
+            msg=run,
+        )
+    if rotations == "fixed":
+        assert torch.equal(fused["one-0"]["embedding"], fused["two-0"]["embedding"])
     # Stage II: every rank solves with the statistics of all states (summed over ranks), equal
     # to one process's up to the order of float sums
     alone = torch.load(tmp_path / "one-0-layer0.pt")
+    if rotations == "learned":  # another R1 than one process's: the ranks agree
+        alone = torch.load(tmp_path / "two-0-layer0.pt")
     for rank in (0, 1):
         summed = torch.load(tmp_path / f"two-{rank}-layer0.pt")
         assert len(summed) == len(alone) == 7  # the first layer's linears

@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from llmcompressor.core import reset_session
 from transformers import AutoModel
 
 from fair_calib_llmc import quantize
@@ -37,23 +36,41 @@ def test_quantize_a_model_built_in_memory(llada, tokenizer, calibration_texts, t
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
-def test_a_quantized_model_is_freed_when_dropped(family, tokenizer, calibration_texts):
-    """llm-compressor's tracing registers the model in torch.fx's process-wide wrap registry;
-    quantize() takes it out again, so a sweep does not keep every model it quantized."""
+def test_quantized_models_are_freed_when_dropped(family, tokenizer, calibration_texts, tmp_path):
+    """Every model a sweep quantized and dropped is freed at once: llm-compressor's tracing
+    registers it in torch.fx's process-wide wrap registry, and its session holds it (and the
+    modifiers holding its modules) until the next oneshot; quantize() releases both."""
     import gc
     import weakref
 
-    model = (
-        LLaDAModelLM(llada_config(tokenizer))
-        if family == "llada"
-        else DreamModel(dream_config(tokenizer))
-    )
-    weights = [weakref.ref(p) for p in model.parameters()]
-    result = quantize(model, tokenizer, "quarot_gptq_w4a4", calibration_texts, max_prompts=2)
-    del model, result
-    reset_session()  # the session holds the model until the next oneshot
-    gc.collect()  # modules and their hooks form reference cycles
-    assert all(ref() is None for ref in weights)
+    runs = [
+        ("rtn_w4a4", None),
+        ("quarot_gptq_w4a4", tmp_path / "q"),  # rotated, and the compressed save
+        ("fair_calib_w4a4", None),
+    ]
+    for recipe, output_dir in runs:
+        model = (
+            LLaDAModelLM(llada_config(tokenizer))
+            if family == "llada"
+            else DreamModel(dream_config(tokenizer))
+        )
+        weights = [weakref.ref(p) for p in model.parameters()]
+        result = quantize(
+            model, tokenizer, recipe, calibration_texts, output_dir=output_dir, max_prompts=2
+        )
+        assert result.modifiers and all(m.finalized for m in result.modifiers)
+        del model, result
+        gc.collect()  # modules and their hooks form reference cycles
+        assert all(ref() is None for ref in weights), recipe
+
+
+def test_a_later_save_of_the_result_writes_its_recipe(
+    llada, tokenizer, calibration_texts, tmp_path
+):
+    """The released session keeps a copy of the recipe, which the compressed save writes."""
+    result = quantize(llada, tokenizer, "quarot_gptq_w4a4", calibration_texts, max_prompts=2)
+    result.model.save_pretrained(tmp_path / "later")
+    assert "ExactSpinQuantModifier" in (tmp_path / "later" / "recipe.yaml").read_text()
 
 
 def test_quantize_from_a_jsonl_file(dream, tokenizer, calibration_texts, tmp_path):
@@ -145,3 +162,48 @@ def test_failed_save_leaves_no_checkpoint(
             max_prompts=2,
         )
     assert sorted(os.listdir(tmp_path)) == ["fp"]
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_a_quantized_model_is_refused_before_any_work(
+    llada, tokenizer, calibration_texts, tmp_path, monkeypatch, save
+):
+    """oneshot quantizes the model in place; a second quantize() of the same object failed
+    deep inside llm-compressor ('Linear' object has no attribute 'weight')."""
+    output_dir = tmp_path / "q" if save else None
+    quantize(llada, tokenizer, "rtn_w4a4", calibration_texts, output_dir=output_dir, max_prompts=2)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started on an already quantized model")
+
+    monkeypatch.setattr("fair_calib_llmc.pipeline.build_calibration_dataset", no_work)
+    with pytest.raises(ValueError, match="went through quantize.*load the full-precision model"):
+        quantize(llada, tokenizer, "rtn_w4a4", calibration_texts, max_prompts=2)
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_an_autoround_result_runs_in_the_models_dtype(
+    llada, tokenizer, calibration_texts, tmp_path, save
+):
+    """auto-round left a float32 model's weights, norms and scales in bfloat16: the returned
+    model's forward failed (float != BFloat16) unless a save happened to hide it."""
+    from fair_calib_llmc.recipe import shipped_recipes
+
+    recipe = shipped_recipes()["quarot_autoround_w4a4"].replace("iters: 200", "iters: 2")
+    assert "iters: 2\n" in recipe
+    output_dir = tmp_path / "q" if save else None
+    result = quantize(
+        llada, tokenizer, recipe, calibration_texts, output_dir=output_dir, max_prompts=2
+    )
+    tensors = [*result.model.named_parameters(), *result.model.named_buffers()]
+    narrower = [
+        name
+        for name, tensor in tensors
+        if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < 32
+    ]
+    assert not narrower
+    assert all(p.dtype == torch.float32 for p in result.model.parameters() if p.is_floating_point())
+    probe = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        logits = result.model(probe).logits
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

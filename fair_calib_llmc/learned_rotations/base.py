@@ -42,7 +42,11 @@ from pydantic import Field, PrivateAttr, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from fair_calib_llmc.distributed import all_reduce_sum, rank_and_world
+from fair_calib_llmc.distributed import (
+    all_reduce_sum,
+    rank_and_world,
+    shared_weights_written_once,
+)
 from fair_calib_llmc.learned_rotations.cayley import CayleyAdam, cayley, distance_from_identity
 from fair_calib_llmc.learned_rotations.objectives import (
     decision_columns,
@@ -118,14 +122,19 @@ class ExactSpinQuantModifier(SpinQuantModifier):
 
     @torch.no_grad()
     def on_calibration_start(self, state: State, event: Event, **kwargs):
-        super().on_calibration_start(state, event, **kwargs)
+        with shared_weights_written_once():  # under torchrun: fused once, not once per rank
+            super().on_calibration_start(state, event, **kwargs)
+            self._perturb(state.model)
+
+    def _perturb(self, model: nn.Module) -> None:
+        """Fuse the ``equivalent_perturbation`` rotation (see the class docstring)."""
         if self.equivalent_perturbation > 0:
-            width = state.model.config.hidden_size
+            width = model.config.hidden_size
             generator = torch.Generator().manual_seed(0)
             noise = torch.randn(width, width, generator=generator, dtype=torch.float64)
             skew = (noise - noise.T) / 2**0.5
             q = cayley(self.equivalent_perturbation * skew)
-            for module, sites in rotation_sites(state.model, self.mappings, q, None).items():
+            for module, sites in rotation_sites(model, self.mappings, q, None).items():
                 fuse_rotation(module, sites)
 
 
@@ -256,7 +265,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             f"-> {after['frontier']:.5g}, under uniform weights {before['uniform']:.5g} -> "
             f"{after['uniform']:.5g}"
         )
-        with torch.no_grad():
+        with torch.no_grad(), shared_weights_written_once():  # every rank learned the same
             for module, where in sites.items():
                 fuse_rotation(module, where)
 
