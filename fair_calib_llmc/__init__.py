@@ -21,20 +21,18 @@ from __future__ import annotations
 import importlib
 
 from fair_calib_llmc import registration
-from fair_calib_llmc.models import (  # noqa: F401  (public names, in __all__)
-    DiffusionLMSpec,
-    DreamConfig,
-    DreamModel,
-    LLaDAConfig,
-    LLaDAModelLM,
-    diffusion_spec,
-)
 
 registration.install()
 
 #: public name -> the submodule that defines it (imported when the name is first used)
 _LAZY = {
     "DEFAULT_MODEL_DIR": "default_model",
+    "DiffusionLMSpec": "models",
+    "DreamConfig": "models",
+    "DreamModel": "models",
+    "LLaDAConfig": "models",
+    "LLaDAModelLM": "models",
+    "diffusion_spec": "models",
     "DreamSampler": "sampling",
     "ExactSpinQuantModifier": "learned_rotations",
     "FAIRCalibModifier": "modifier",
@@ -65,16 +63,6 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-__all__ = sorted(
-    [
-        "DiffusionLMSpec",
-        "DreamConfig",
-        "DreamModel",
-        "LLaDAConfig",
-        "LLaDAModelLM",
-        "diffusion_spec",
-        *_LAZY,
-    ]
-)
+__all__ = sorted(_LAZY)
 
 __version__ = "0.1.0"

@@ -26,12 +26,52 @@ def test_import_prints_nothing_and_leaves_llmcompressor_out():
         """
         import sys
         import fair_calib_llmc
-        heavy = {"llmcompressor", "datasets"} & {m.split(".")[0] for m in sys.modules}
+        heavy = {"llmcompressor", "datasets", "compressed_tensors"} & {
+            m.split(".")[0] for m in sys.modules
+        }
         assert not heavy, heavy
+        assert "transformers.modeling_utils" not in sys.modules  # the model code waits
         """
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == out.stderr == ""
+
+
+LOAD = "AutoModel.from_pretrained(str(fair_calib_llmc.DEFAULT_MODEL_DIR))"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "import fair_calib_llmc; from transformers import AutoModel",
+        "from transformers import AutoModel; import fair_calib_llmc",
+        "from transformers import PreTrainedModel; import fair_calib_llmc; "
+        "from transformers import AutoModel",
+        "import fair_calib_llmc; from fair_calib_llmc.models import LLaDAModelLM; "
+        "from transformers import AutoModel",
+        "import fair_calib_llmc; from fair_calib_llmc.models.dream import DreamModel; "
+        "from transformers import AutoModel",
+        "import fair_calib_llmc; from fair_calib_llmc.models import diffusion_spec; "
+        "from transformers import AutoConfig, AutoModel",
+        "from fair_calib_llmc.models import LLaDAModelLM; import fair_calib_llmc; "
+        "from transformers import AutoModel",
+    ],
+)
+def test_the_model_classes_register_whatever_is_imported_first(first):
+    """The config and model classes register when transformers' Auto modules (or its modeling
+    code, or ours) are imported, in any order: a checkpoint loads as the native class."""
+    out = _python(
+        f"""
+        {first}
+        from transformers import AutoConfig, AutoModelForCausalLM
+        import fair_calib_llmc
+        directory = str(fair_calib_llmc.DEFAULT_MODEL_DIR)
+        assert type(AutoConfig.from_pretrained(directory)).__name__ == "LLaDAConfig"
+        assert type({LOAD}) is fair_calib_llmc.LLaDAModelLM
+        assert type(AutoModelForCausalLM.from_pretrained(directory)).__name__ == "LLaDAModelLM"
+        """
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_llmcompressor_imported_later_knows_our_modifier_and_mappings():

@@ -1,21 +1,31 @@
-"""Native LLaDA and Dream models, registered with transformers' Auto classes on import.
+"""Native LLaDA and Dream models, registered with transformers' Auto classes.
 
 After ``import fair_calib_llmc``, ``AutoConfig``/``AutoModel``/``AutoModelForCausalLM``
 ``.from_pretrained`` load LLaDA (``model_type: llada``) and Dream (``model_type: Dream``)
 checkpoint directories without ``trust_remote_code``. Both are also registered with
 ``AutoModelForCausalLM`` because that is what ``llmcompressor.oneshot(model="path")`` uses.
+The registration happens when transformers' Auto modules are imported
+(:mod:`fair_calib_llmc.registration`); the model classes, which import transformers' modeling
+code, are imported here on first use.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from __future__ import annotations
 
-from fair_calib_llmc.models.dream import DREAM_MASK_TOKEN_ID, DreamConfig, DreamModel
+import importlib
+
+from fair_calib_llmc.models.configs import (
+    DREAM_MASK_TOKEN_ID,
+    LLADA_MASK_TOKEN_ID,
+    LM_HEAD,
+    DreamConfig,
+    LLaDAConfig,
+)
 from fair_calib_llmc.models.family import (
     DiffusionLMSpec,
     align_logits,
     denoiser_logits,
     diffusion_spec,
 )
-from fair_calib_llmc.models.llada import LLADA_MASK_TOKEN_ID, LM_HEAD, LLaDAConfig, LLaDAModelLM
 
 __all__ = [
     "LLaDAConfig",
@@ -29,16 +39,24 @@ __all__ = [
     "LM_HEAD",
     "LLADA_MASK_TOKEN_ID",
     "DREAM_MASK_TOKEN_ID",
-    "register_auto_classes",
+    "CONFIGS",
+    "model_classes",
 ]
 
-
-def register_auto_classes() -> None:
-    """Register both families with the Auto classes (idempotent)."""
-    for config_cls, model_cls in ((LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel)):
-        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        for auto in (AutoModel, AutoModelForCausalLM):
-            auto.register(config_cls, model_cls, exist_ok=True)
+#: every family's configuration class
+CONFIGS = (LLaDAConfig, DreamConfig)
+#: public model class -> its module (imported on first use)
+_MODELS = {"LLaDAModelLM": "llada", "DreamModel": "dream"}
 
 
-register_auto_classes()
+def model_classes() -> dict[type, type]:
+    """Configuration class -> model class (imports the model code)."""
+    return {LLaDAConfig: __getattr__("LLaDAModelLM"), DreamConfig: __getattr__("DreamModel")}
+
+
+def __getattr__(name: str):
+    if name not in _MODELS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODELS[name]}"), name)
+    globals()[name] = value
+    return value

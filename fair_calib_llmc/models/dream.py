@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2DecoderLayer,
     Qwen2PreTrainedModel,
@@ -25,23 +24,10 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 from fair_calib_llmc.models.backbone import BidirectionalStackMixin, DiffusionLMMixin
+from fair_calib_llmc.models.configs import DREAM_MASK_TOKEN_ID, DreamConfig
 from fair_calib_llmc.models.masking import BidirectionalMask
 
 __all__ = ["DreamConfig", "DreamModel", "DreamDecoderLayer", "DREAM_MASK_TOKEN_ID"]
-
-#: Mask token of the public Dream-v0 tokenizer.
-DREAM_MASK_TOKEN_ID = 151666
-
-
-class DreamConfig(Qwen2Config):
-    """Qwen2 configuration plus Dream's ``mask_token_id`` (``model_type`` is ``"Dream"``).
-
-    ``mask_token_id`` has no default (Dream-v0's config sets :data:`DREAM_MASK_TOKEN_ID`); see
-    :class:`~fair_calib_llmc.models.LLaDAConfig`.
-    """
-
-    model_type = "Dream"
-    mask_token_id: int | None = None
 
 
 class DreamDecoderLayer(Qwen2DecoderLayer):

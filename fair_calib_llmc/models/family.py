@@ -15,8 +15,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-from fair_calib_llmc.models.dream import DreamConfig
-from fair_calib_llmc.models.llada import LLaDAConfig
+from fair_calib_llmc.models.configs import DreamConfig, LLaDAConfig
 
 __all__ = ["DiffusionLMSpec", "diffusion_spec", "align_logits", "denoiser_logits"]
 
