@@ -1,20 +1,22 @@
 """What ``import fair_calib_llmc`` registers with other libraries, and when.
 
-Loading a checkpoint needs only the model classes (:mod:`fair_calib_llmc.models`), the
-compressed-tensors schemes and the transformers backport for online transforms
-(:mod:`fair_calib_llmc.transform_loading`): those are registered on import. Everything that
-needs llm-compressor (the modifiers with ``ModifierFactory``, the SpinQuant mappings)
-is registered the moment llm-compressor finishes importing, whoever imports it and whenever:
-importing llm-compressor costs seconds and prints device warnings, which a consumer who only
-loads a checkpoint should not pay for. lm-evaluation-harness gets its ``dllm`` model on import,
-as a "module:Class" placeholder that imports no model code (:mod:`fair_calib_llmc.evaluation`).
+Every registration runs the moment its library is imported, by whoever imports it and in
+whatever order: the LLaDA / Dream configurations with ``AutoConfig``, the model classes with
+``AutoModel`` (or transformers' modeling code), the online-transform backport with
+transformers' compressed-tensors quantizer, the W4A4 schemes with compressed-tensors, ``dllm``
+with lm-evaluation-harness (a "module:Class" placeholder), and the modifiers and SpinQuant
+mappings with llm-compressor. So ``import fair_calib_llmc`` itself imports none of them: a
+consumer who only loads a checkpoint never pays for llm-compressor (seconds, and device
+warnings), and nobody pays at import for transformers' modeling code.
 
 The hook is a ``sys.meta_path`` finder that wraps the loader of a few named modules and runs a
-function after the module has executed (:class:`AfterImport`). While llm-compressor imports,
-it also drops its "No accelerator available!" warning: three of its modules ask for the main
-device at import time (a dtype default), which says "Compressing model on CPU" on every CPU
-import although nothing is being compressed; the warning still appears when llm-compressor
-really picks a device.
+function after the module has executed (:class:`AfterImport`); those functions wait until the
+hooked imports around them are done (:class:`_Pending`), because transformers' modeling code,
+Auto classes and quantizers, compressed-tensors and our model modules import each other. While
+llm-compressor imports, its "No accelerator available!" warning is dropped: three of its
+modules ask for the main device at import time (a dtype default), which says "Compressing
+model on CPU" on every CPU import although nothing is being compressed; the warning still
+appears when llm-compressor really picks a device.
 """
 
 from __future__ import annotations
@@ -165,9 +167,9 @@ def _register_configs(_module) -> None:
     configuration_auto = sys.modules.get("transformers.models.auto.configuration_auto")
     if configuration_auto is None:
         return
-    from fair_calib_llmc.models.configs import DreamConfig, LLaDAConfig
+    from fair_calib_llmc.models.configs import CONFIGS
 
-    for config in (LLaDAConfig, DreamConfig):
+    for config in CONFIGS:
         configuration_auto.AutoConfig.register(config.model_type, config, exist_ok=True)
 
 

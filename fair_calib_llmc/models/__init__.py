@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 
 from fair_calib_llmc.models.configs import (
+    CONFIGS,
     DREAM_MASK_TOKEN_ID,
     LLADA_MASK_TOKEN_ID,
     LM_HEAD,
@@ -43,8 +44,6 @@ __all__ = [
     "model_classes",
 ]
 
-#: every family's configuration class
-CONFIGS = (LLaDAConfig, DreamConfig)
 #: public model class -> its module (imported on first use)
 _MODELS = {"LLaDAModelLM": "llada", "DreamModel": "dream"}
 

@@ -12,7 +12,14 @@ from __future__ import annotations
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 
-__all__ = ["LLaDAConfig", "DreamConfig", "LLADA_MASK_TOKEN_ID", "DREAM_MASK_TOKEN_ID", "LM_HEAD"]
+__all__ = [
+    "CONFIGS",
+    "LLaDAConfig",
+    "DreamConfig",
+    "LLADA_MASK_TOKEN_ID",
+    "DREAM_MASK_TOKEN_ID",
+    "LM_HEAD",
+]
 
 #: Mask token of the public LLaDA-8B tokenizer.
 LLADA_MASK_TOKEN_ID = 126336
@@ -141,3 +148,7 @@ class DreamConfig(Qwen2Config):
 
     model_type = "Dream"
     mask_token_id: int | None = None
+
+
+#: every family's configuration class
+CONFIGS = (LLaDAConfig, DreamConfig)
