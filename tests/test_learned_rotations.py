@@ -15,6 +15,7 @@ from transformers import AutoModel
 
 from fair_calib_llmc.learned_rotations import ExactSpinQuantModifier, LearnedSpinQuantModifier
 from fair_calib_llmc.learned_rotations.cayley import CayleyAdam, cayley, orthogonality_error
+from fair_calib_llmc.learned_rotations.objectives import masked_log_probs, output_kl
 from fair_calib_llmc.learned_rotations.rotated_linear import (
     RotationSites,
     fuse_rotation,
@@ -22,6 +23,7 @@ from fair_calib_llmc.learned_rotations.rotated_linear import (
     rotated_forward,
 )
 from fair_calib_llmc.learned_rotations.ste import ste_quantize
+from fair_calib_llmc.models import DiffusionLMSpec
 from fair_calib_llmc.pipeline import quantize
 from fair_calib_llmc.recipe import load_recipe
 
@@ -103,6 +105,29 @@ def test_cayley_adam_stays_orthogonal_and_solves_a_procrustes_problem():
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("shift", [False, True])
+def test_output_kl_is_the_weighted_kl_at_the_masked_positions(shift):
+    """Column by column: position i's prediction is column i (LLaDA) or i - 1 (Dream), and so
+    is its loss_mask weight; the mask token is never a prediction."""
+    spec = DiffusionLMSpec(
+        family="dream" if shift else "llada", mask_token_id=0, shift_logits=shift
+    )
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 6, 0, 0, 7, 0]])
+    teacher, student = torch.randn(2, 1, 6, 9).unbind(0)
+    weights = torch.rand(1, 6)
+    expected, total = 0.0, 0.0
+    for i in (2, 3, 5):
+        column = i - 1 if shift else i
+        p = teacher[0, column, 1:].log_softmax(-1)  # mask token (id 0) excluded
+        q = student[0, column, 1:].log_softmax(-1)
+        expected += weights[0, column] * (p.exp() * (p - q)).sum()
+        total += weights[0, column]
+    kl = output_kl(student, masked_log_probs(teacher, ids, spec), ids, weights, spec)
+    assert torch.allclose(kl, expected / total, atol=1e-5)
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("weights_in_loop", [False, True])
 def test_rotated_forward_is_the_fused_layer(weights_in_loop):
     """The training forward (weights untouched) equals the fused, fake-quantized layer with
@@ -119,10 +144,7 @@ def test_rotated_forward_is_the_fused_layer(weights_in_loop):
     weight = ste_quantize(fused, fused.weight, weight_args) if weights_in_loop else fused.weight
     inputs = ste_quantize(fused, rotate(x, sites.q_in), INT4_TOKEN)
     expected = rotate(F.linear(inputs, weight, fused.bias), sites.q_out.T)
-    if not weights_in_loop:  # W16: fusion is exact, so the layer equals the rotated one
-        assert torch.allclose(trained, expected, atol=1e-10)
-    else:  # the fused weight is quantized, the same as in the loop
-        assert torch.allclose(trained, expected, atol=1e-10)
+    assert torch.allclose(trained, expected, atol=1e-10)
 
 
 # --- exact rotations ----------------------------------------------------------------------------

@@ -49,10 +49,9 @@ from fair_calib_llmc.distributed import (
 )
 from fair_calib_llmc.learned_rotations.cayley import CayleyAdam, cayley, distance_from_identity
 from fair_calib_llmc.learned_rotations.objectives import (
-    decision_columns,
     layer_mse,
+    masked_log_probs,
     output_kl,
-    teacher_log_probs,
 )
 from fair_calib_llmc.learned_rotations.rotated_linear import (
     RotationSites,
@@ -336,7 +335,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         out = model(input_ids=batch["input_ids"], output_hidden_states=True)
         if self.objective == "layer_mse":
             return [h.detach() for h in out.hidden_states[1:]]
-        return teacher_log_probs(out.logits, decision_columns(batch["input_ids"], spec), spec)
+        return masked_log_probs(out.logits, batch["input_ids"], spec)
 
     def _objective(
         self, model: nn.Module, batch: dict, target, spec, token_weights: str | None = None
@@ -346,8 +345,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             out = model(input_ids=batch["input_ids"], output_hidden_states=True)
             return layer_mse(out.hidden_states[1:], target, weights)
         out = model(input_ids=batch["input_ids"])
-        columns = decision_columns(batch["input_ids"], spec)
-        return output_kl(out.logits, target, columns, weights, spec)
+        return output_kl(out.logits, target, batch["input_ids"], weights, spec)
 
     @torch.no_grad()
     def _objectives_by_weighting(self, model, batches, targets, spec) -> dict[str, float]:

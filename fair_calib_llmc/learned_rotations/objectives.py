@@ -16,30 +16,21 @@ from collections.abc import Sequence
 
 import torch
 
-from fair_calib_llmc.models.family import DiffusionLMSpec
+from fair_calib_llmc.models.family import DiffusionLMSpec, align_logits
 
-__all__ = ["OBJECTIVES", "decision_columns", "teacher_log_probs", "layer_mse", "output_kl"]
-
-OBJECTIVES = ("layer_mse", "output_kl")
+__all__ = ["masked_log_probs", "layer_mse", "output_kl"]
 
 #: the mask token's logit: never an answer; a finite stand-in for -inf keeps 0 * log 0 at 0
 _NEVER = -1e4
 
 
-def decision_columns(input_ids: torch.Tensor, spec: DiffusionLMSpec) -> torch.Tensor:
-    """``(B, L)`` bool: the logit columns that predict a masked position (Dream's column
-    ``i - 1`` predicts position ``i``)."""
-    masked = input_ids == spec.mask_token_id
-    if spec.shift_logits:
-        masked = torch.cat([masked[:, 1:], torch.zeros_like(masked[:, :1])], dim=1)
-    return masked
-
-
-def teacher_log_probs(
-    logits: torch.Tensor, columns: torch.Tensor, spec: DiffusionLMSpec
+def masked_log_probs(
+    logits: torch.Tensor, input_ids: torch.Tensor, spec: DiffusionLMSpec
 ) -> torch.Tensor:
-    """``(n, V)`` float32 log-probabilities at the selected columns, mask token excluded."""
-    picked = logits[columns].float()
+    """``(n, V)`` float32 log-probabilities of the masked positions (logits aligned to the
+    positions they predict, :func:`~fair_calib_llmc.models.family.align_logits`), mask token
+    excluded."""
+    picked = align_logits(logits.float(), spec)[input_ids == spec.mask_token_id]
     picked[..., spec.mask_token_id] = _NEVER
     return picked.log_softmax(-1)
 
@@ -47,15 +38,16 @@ def teacher_log_probs(
 def output_kl(
     student_logits: torch.Tensor,
     teacher_logp: torch.Tensor,
-    columns: torch.Tensor,
+    input_ids: torch.Tensor,
     weights: torch.Tensor,
     spec: DiffusionLMSpec,
 ) -> torch.Tensor:
-    """Weighted mean over ``columns`` of ``KL(teacher || student)``."""
-    student_logp = teacher_log_probs(student_logits, columns, spec)
-    per_column = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    w = weights[columns].float()
-    return (w * per_column).sum() / w.sum().clamp(min=1e-12)
+    """Weighted mean over the masked positions of ``KL(teacher || student)``. ``weights``
+    sit on the deciding logit columns (``loss_mask``) and are aligned like the logits."""
+    student_logp = masked_log_probs(student_logits, input_ids, spec)
+    per_position = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    w = align_logits(weights.float(), spec)[input_ids == spec.mask_token_id]
+    return (w * per_position).sum() / w.sum().clamp(min=1e-12)
 
 
 def layer_mse(
