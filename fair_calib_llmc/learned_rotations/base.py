@@ -8,7 +8,8 @@ state (the built-in model's fp32 logits moved by up to 1.3). Here the embeddings
 only when a fused norm is a LayerNorm.
 
 ``LearnedSpinQuantModifier`` learns R1 (the residual stream) and a per-layer R2 (each head's
-values) on top of the Hadamard start, the SpinQuant class of method, with the Stage I
+values) on top of the Hadamard start, the SpinQuant class of method, and optionally a per-layer
+R4 (the down-projection input, where fusion cannot reach: the FlatQuant class), with the Stage I
 calibration states and their frontier weights: llm-compressor 0.14 rejects
 ``SpinQuantModifier(learnable=True)``. Learning runs at ``on_calibration_start``, after the
 Hadamards are fused and before the quantization modifier after it calibrates:
@@ -20,10 +21,13 @@ Hadamards are fused and before the quantization modifier after it calibrates:
    the next modifier will deploy (:mod:`~fair_calib_llmc.learned_rotations.rotated_linear`),
    and :class:`~fair_calib_llmc.learned_rotations.cayley.CayleyAdam` moves the rotations on the
    orthogonal group, ``steps`` times;
-3. the rotations are fused into the weights (embedding, every reader and writer, the LM head).
+3. the rotations are fused into the weights (embedding, every reader and writer, the LM head);
+   a learned R4 becomes each layer's own online transform
+   (:mod:`~fair_calib_llmc.learned_rotations.online`).
 
-The checkpoint holds ordinary weights plus the same online R4 as a plain rotated recipe: no new
-inference op, nothing of this package needed to load it.
+The checkpoint holds ordinary weights plus online R4 transforms, as a plain rotated recipe's:
+no new inference op, nothing of this package needed to load it. A learned R4 costs one dense
+``b x b`` block product per token and layer instead of the fixed Hadamard's transform.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from collections import defaultdict
 from typing import Literal
 
 import torch
-from compressed_tensors import match_named_modules
+from compressed_tensors import TRANSFORM_CONFIG_NAME, match_named_modules
 from compressed_tensors.utils import get_head_dim
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.factory import ModifierFactory
@@ -53,6 +57,7 @@ from fair_calib_llmc.learned_rotations.objectives import (
     masked_log_probs,
     output_kl,
 )
+from fair_calib_llmc.learned_rotations.online import attach_online_rotation, hadamard_start
 from fair_calib_llmc.learned_rotations.rotated_linear import (
     RotationSites,
     fuse_rotation,
@@ -60,10 +65,11 @@ from fair_calib_llmc.learned_rotations.rotated_linear import (
 )
 from fair_calib_llmc.learned_rotations.ste import LEARNABLE_STRATEGIES
 from fair_calib_llmc.models.family import diffusion_spec
+from fair_calib_llmc.sensitivity import decoder_layers
 
 __all__ = ["ExactSpinQuantModifier", "LearnedSpinQuantModifier", "rotation_sites"]
 
-LEARNABLE_ROTATIONS = ("R1", "R2")
+LEARNABLE_ROTATIONS = ("R1", "R2", "R4")
 
 
 def rotation_sites(
@@ -151,7 +157,8 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
               objective: layer_mse
               token_weights: frontier
 
-    :param learn: the rotations to learn (fused ones only: R1, R2)
+    :param learn: the rotations to learn: R1, R2 (fused into the weights) and R4 (one online
+        block per layer on the down-projection input, in place of the fixed Hadamard)
     :param objective: ``layer_mse`` (weighted layer-output MSE, summed over layers) or
         ``output_kl`` (weighted KL of the masked positions' output distribution)
     :param token_weights: ``frontier`` (Stage I ``loss_mask``) or ``uniform`` (the ablation)
@@ -160,14 +167,20 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
     :param weights_in_loop: also fake-quantize the weights (W4A4 RTN in the loop); off, the
         weights stay in full precision while learning (W16A4), as SpinQuant learns when GPTQ
         quantizes the weights afterwards
+    :param r4_block_size: block of a learned R4 (must divide the down-projection input width;
+        the inference cost is one ``b x b`` product per ``b`` inputs)
+    :param gradient_checkpointing: recompute each decoder layer in the backward pass instead
+        of storing its activations (memory of one layer instead of all, one more forward)
     """
 
-    learn: list[Literal["R1", "R2"]] = Field(default_factory=lambda: ["R1", "R2"])
+    learn: list[Literal["R1", "R2", "R4"]] = Field(default_factory=lambda: ["R1", "R2"])
     objective: Literal["layer_mse", "output_kl"] = "layer_mse"
     token_weights: Literal["frontier", "uniform"] = "frontier"
     steps: int = Field(100, gt=0)
     lr: float = Field(2e-3, gt=0)
     weights_in_loop: bool = False
+    r4_block_size: int = Field(128, gt=0)
+    gradient_checkpointing: bool = True
 
     _learned: dict = PrivateAttr(default_factory=dict)
     _report: dict = PrivateAttr(default_factory=dict)
@@ -182,8 +195,8 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         fixed = [r for r in learn if r not in LEARNABLE_ROTATIONS]
         if fixed:
             raise ValueError(
-                f"learn: {fixed} cannot be learned: R3 and R4 are online Hadamards kept as "
-                "they are; learn R1 and/or R2"
+                f"learn: {fixed} cannot be learned: R3 rotates queries and keys inside "
+                "attention and stays the online Hadamard; learn R1, R2 and/or R4"
             )
         missing = [r for r in learn if r not in rotations]
         if missing:
@@ -219,7 +232,21 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
                 "(no loss_mask column); build the states with "
                 "fair_calib_llmc.build_calibration_dataset, or set token_weights: uniform"
             )
-        return super().on_initialize(state, **kwargs)
+        initialized = super().on_initialize(state, **kwargs)
+        if "R4" in self.learn:
+            for name, module in self._down_projections(state.model):
+                if module.in_features % self.r4_block_size:
+                    raise ValueError(
+                        f"r4_block_size {self.r4_block_size} does not divide {name}'s input "
+                        f"width {module.in_features}; use a divisor of it (e.g. 128)"
+                    )
+            # the learned R4 replaces the fixed one, attached after learning
+            groups = dict(self.transform_config.config_groups)
+            groups.pop("R4", None)
+            self.transform_config = self.transform_config.model_copy(
+                update={"config_groups": groups}
+            )
+        return initialized
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         super().on_calibration_start(state, event, **kwargs)  # Hadamards fused, R4 attached
@@ -236,16 +263,23 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             blocks = list(match_named_modules(model, [self.mappings.attn]))
             r2 = [self._identity(get_head_dim(model.config), device) for _ in blocks]
         sites = rotation_sites(model, self.mappings, r1, r2)
-        params = [q for q in [r1, *(r2 or [])] if q is not None]
+        r4 = {}
+        if "R4" in self.learn:
+            start = hadamard_start(self.r4_block_size, self.transform_type)
+            for name, module in self._down_projections(model):
+                r4[name] = start.float().to(device).requires_grad_(True)
+                sites.setdefault(module, RotationSites()).q_in = r4[name]
+        params = [q for q in [r1, *(r2 or []), *r4.values()] if q is not None]
 
         batches = [self._batch(b, device) for b in dataloader]
         with torch.no_grad():
             targets = [self._teacher(model, b, spec) for b in batches]
-        with _training_forwards(quantized, sites), _frozen(model):
+        layers = decoder_layers(model) if self.gradient_checkpointing else []
+        with _training_forwards(quantized, sites), _frozen(model), _checkpointed(layers):
             before = self._objectives_by_weighting(model, batches, targets, spec)
             self._optimise(model, params, batches, targets, spec)
             after = self._objectives_by_weighting(model, batches, targets, spec)
-        self._learned = {"R1": r1, "R2": r2}
+        self._learned = {"R1": r1, "R2": r2, "R4": r4}
         self._report = {
             "objective": self.objective,
             "token_weights": self.token_weights,
@@ -254,7 +288,11 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             # RMS entry of Q - I: how far learning moved each rotation from the Hadamard start
             "rotation_moved": {
                 name: sum(map(distance_from_identity, qs)) / len(qs)
-                for name, qs in (("R1", [r1] if r1 is not None else []), ("R2", r2 or []))
+                for name, qs in (
+                    ("R1", [r1] if r1 is not None else []),
+                    ("R2", r2 or []),
+                    ("R4", list(r4.values())),
+                )
                 if qs
             },
         }
@@ -264,9 +302,29 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             f"-> {after['frontier']:.5g}, under uniform weights {before['uniform']:.5g} -> "
             f"{after['uniform']:.5g}"
         )
+        online = {model.get_submodule(name) for name in r4}
         with torch.no_grad(), shared_weights_written_once():  # every rank learned the same
             for module, where in sites.items():
-                fuse_rotation(module, where)
+                fused = RotationSites(None if module in online else where.q_in, where.q_out)
+                fuse_rotation(module, fused)
+            self._attach_r4(model, r4)
+
+    def _attach_r4(self, model: nn.Module, r4: dict[str, torch.Tensor]) -> None:
+        """Each layer's learned R4 as its own online transform group, recorded in the
+        model's ``transform_config`` (what the checkpoint's ``quantization_config`` holds)."""
+        if not r4:
+            return
+        groups = {
+            f"R4_{i}": attach_online_rotation(model, name, q, f"R4_{i}", self.precision)
+            for i, (name, q) in enumerate(r4.items())
+        }
+        config = getattr(model, TRANSFORM_CONFIG_NAME)  # apply_transform_config put it there
+        groups = {**config.config_groups, **groups}
+        setattr(model, TRANSFORM_CONFIG_NAME, config.model_copy(update={"config_groups": groups}))
+
+    def _down_projections(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
+        """The layers a (learned) R4 rotates the input of: SpinQuant's ``mlp_out``."""
+        return list(match_named_modules(model, self.mappings.mlp_out))
 
     def _optimise(self, model, params: list[torch.Tensor], batches, targets, spec) -> None:
         """``steps`` Cayley-Adam steps, one calibration batch each (cycling), with a progress
@@ -391,6 +449,39 @@ class _training_forwards:
                 del module.forward
             else:
                 module.forward = forward
+        return False
+
+
+class _checkpointed:
+    """Gradient checkpointing of ``layers`` while learning: each layer's forward runs under
+    ``torch.utils.checkpoint`` (recomputed in the backward pass, activations not kept), so
+    the memory of the backward pass is one layer's instead of the whole model's."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers = layers
+        self.saved: dict[nn.Module, object] = {}
+
+    def __enter__(self):
+        for layer in self.layers:
+            self.saved[layer] = layer.__dict__.get("forward")
+            forward = layer.forward
+
+            def checkpointed(*args, _forward=forward, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _forward(*args, **kwargs)
+                return torch.utils.checkpoint.checkpoint(
+                    _forward, *args, use_reentrant=False, **kwargs
+                )
+
+            layer.forward = checkpointed
+        return self
+
+    def __exit__(self, *exc):
+        for layer, forward in self.saved.items():
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
         return False
 
 

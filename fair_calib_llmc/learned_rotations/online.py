@@ -1,0 +1,74 @@
+"""A learned rotation that cannot be fused, saved as an ordinary compressed-tensors transform.
+
+R4 acts on the down-projection input, behind the elementwise ``act(gate) * up``, so no weight
+before it can absorb a rotation: it runs online, ``x -> x Q``, with ``W <- W Q`` fused. A learned
+R4 is one block ``Q`` (``b x b``, block-diagonal over the width, compressed-tensors'
+``head_dim``) per layer, each in a transform group of its own: compressed-tensors' factories
+share one weight between all modules of equal size, so one group would hold one matrix.
+
+The saved type is ``random-hadamard`` with the stored weight ``sqrt(b) Q``, because that is
+the one type that means "this stored matrix, over sqrt(b)" everywhere it loads:
+
+* compressed-tensors (``HadamardTransform.forward``) divides the stored weight by
+  ``sqrt(size)`` for ``hadamard`` and ``random-hadamard``, and loads it from the checkpoint;
+* vLLM (``compressed_tensors/transform/module.py``, ``HadamardTransform``) divides every
+  stored transform by ``sqrt(size)`` after loading, then runs ``hadacore_transform`` for type
+  ``hadamard`` (which recomputes a Sylvester matrix and ignores the stored values) and a dense
+  GEMM for every other type;
+* so ``hadamard`` would lose the learned values in vLLM, and ``random-matrix`` (not divided in
+  compressed-tensors, divided in vLLM) would mean two different functions.
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.transform import TransformArgs, TransformFactory, TransformScheme
+from compressed_tensors.transform.utils.hadamard import (
+    deterministic_hadamard_matrix,
+    random_hadamard_matrix,
+)
+from torch import nn
+
+__all__ = ["SAVED_TYPE", "hadamard_start", "attach_online_rotation"]
+
+#: the transform type a learned online rotation is saved as (see the module docstring)
+SAVED_TYPE = "random-hadamard"
+
+
+def hadamard_start(size: int, transform_type: str, seed: int = 0) -> torch.Tensor:
+    """An orthonormal ``size x size`` Hadamard in float64, of the recipe's ``transform_type``
+    (``hadamard``: Sylvester, a power of two; ``random-hadamard``: seeded, known sizes)."""
+    if transform_type == "hadamard":
+        matrix = deterministic_hadamard_matrix(size, torch.float64)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        matrix = random_hadamard_matrix(size, torch.float64, gen=generator)
+    return matrix / size**0.5
+
+
+@torch.no_grad()
+def attach_online_rotation(
+    model: nn.Module, name: str, q: torch.Tensor, group: str, precision: torch.dtype
+) -> TransformScheme:
+    """Attach ``x -> x blockdiag(q)`` to the input of the linear layer ``name`` and fuse its
+    inverse into the layer's weight (in float64), through compressed-tensors' own factory, as
+    the transform group ``group``; returns the scheme to record in the model's
+    ``transform_config`` (a reload rebuilds the transform from it and loads ``q``)."""
+    module = model.get_submodule(name)
+    size = q.shape[0]
+    scheme = TransformScheme(
+        type=SAVED_TYPE,
+        precision=precision,
+        head_dim=size if size != module.in_features else None,
+        apply=[
+            TransformArgs(targets=[name], location="input"),
+            TransformArgs(targets=[name], location="weight_input", inverse=True),
+        ],
+    )
+    factory = TransformFactory.from_scheme(scheme, name=group)
+    stored = q.detach().to(module.weight.device, torch.float64) * size**0.5
+    factory.weights[(size,)] = nn.Parameter(stored, requires_grad=False)
+    factory.apply_to_model(model, use_tqdm=False)  # the weight side fuses in float64
+    transform = getattr(module, f"{group}_input")
+    transform.weight = nn.Parameter(stored.to(precision), requires_grad=False)
+    return scheme
