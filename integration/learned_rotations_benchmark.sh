@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stage II v3 on the reference models: QuaRot + GPTQ, its tie-noise control, learned rotations
-# (the SpinQuant-class baseline and FAIR-Calib) and the ablations that isolate each choice, all
-# in one run per model (integration/reference_benchmark.sh: one process per seed on one GPU).
+# (the SpinQuant-class baseline and FAIR-Calib, with and without a learned R4) and the
+# ablations that isolate each choice, all in one run per model
+# (integration/reference_benchmark.sh: one process per seed on one GPU).
 #   integration/learned_rotations_benchmark.sh OUT_DIR [integration/benchmark.py arguments...]
 # Ablation recipes are written from the shipped ones by integration/recipe_variant.py, so each
 # differs from its parent in the named fields only.
@@ -24,10 +25,19 @@ variant fair-calib-learned-uniform fair_calib_learned_w4a4 $L.token_weights=unif
 variant fair-calib-learned-r1 fair_calib_learned_w4a4 "$L.learn=[R1]"
 variant fair-calib-learned-kl fair_calib_learned_w4a4 $L.objective=output_kl
 variant fair-calib-learned-w4a4-loop fair_calib_learned_w4a4 $L.weights_in_loop=true
-# in order of what the comparison needs first (a DEADLINE cut keeps the rows already done)
+# the learned down-projection transform (R4) in place of the fixed Hadamard, two block sizes
+variant fair-calib-learned-r4 fair_calib_learned_w4a4 "$L.learn=[R1, R2, R4]"
+variant fair-calib-learned-r4-uniform fair_calib_learned_w4a4 "$L.learn=[R1, R2, R4]" \
+  $L.token_weights=uniform FAIRCalibModifier.use_token_weights=false
+variant fair-calib-learned-r4-512 fair_calib_learned_w4a4 "$L.learn=[R1, R2, R4]" \
+  $L.r4_block_size=512
+# in order of what the comparison needs first (a DEADLINE cut keeps the rows already done);
+# METHODS (space-separated) runs a subset
 methods=(quarot+gptq fair-calib-learned fair-calib-learned-uniform spinquant-learned+gptq
-  quarot+gptq-equivalent learned-mse-frontier+gptq learned-mse-uniform+gptq
+  quarot+gptq-equivalent fair-calib-learned-r4 fair-calib-learned-r4-uniform
+  fair-calib-learned-r4-512 learned-mse-frontier+gptq learned-mse-uniform+gptq
   learned-kl-frontier+gptq fair-calib-learned-kl fair-calib-learned-r1
   fair-calib-learned-w4a4-loop)
+if [ -n "${METHODS:-}" ]; then read -r -a methods <<< "$METHODS"; fi
 out=$1; shift
 exec integration/reference_benchmark.sh "$out" --methods "${methods[@]}" "${extra[@]}" "$@"

@@ -6,7 +6,9 @@ The model has LLaDA-8B-Instruct's shapes (d_model 4096, 32 heads, 32 layers, MLP
 vocabulary 126464) in bf16 on one GPU, initialised randomly: no 8B checkpoint can be
 downloaded here, and cost does not depend on what the weights say. Every recipe runs the
 whole product path, ``fair_calib_llmc.quantize`` (Stage I rollouts with the real sampler, then
-``oneshot``), on the same 64 calibration prompts. Results go to ``results.json`` / ``.md``.
+``oneshot``) and the compressed save, on the same 64 calibration prompts. Results go to
+``results.json`` / ``.md``. ``--recipe NAME=PATH`` adds a method from a recipe file (as in
+``integration/benchmark.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -59,7 +62,9 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--calibration-prompts", type=int, default=64)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=PATH")
     args = parser.parse_args(argv)
+    recipes = {**METHOD_RECIPES, **dict(item.split("=", 1) for item in args.recipe)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -74,24 +79,36 @@ def main(argv=None) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.monotonic()
+        checkpoint = out / "checkpoint"
         result = quantize(
             model,
             tokenizer,
-            METHOD_RECIPES[method],
+            recipes[method],
             texts,
             max_prompts=args.calibration_prompts,
+            output_dir=checkpoint,
         )
         torch.cuda.synchronize()
+        seconds = time.monotonic() - start
+        shutil.rmtree(checkpoint)  # the next method saves its own
         rows.append(
             {
                 "method": method,
-                "seconds": time.monotonic() - start,
+                "seconds": seconds,
                 "stage1_seconds": result.stage1_seconds,
                 "stage2_seconds": result.stage2_seconds,
                 "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
                 "model_gib": model_gib,
                 "resident_gib_before": resident,
                 "states": len(result.calibration),
+                "learning_seconds": next(
+                    (
+                        m.learning_report.get("seconds")
+                        for m in result.modifiers
+                        if hasattr(m, "learning_report")
+                    ),
+                    None,
+                ),
             }
         )
         logger.info(f"{rows[-1]}")
@@ -101,7 +118,8 @@ def main(argv=None) -> None:
         (out / "results.json").write_text(json.dumps(rows, indent=1))
 
     lines = [
-        "| method | seconds | Stage I s | Stage II s | model GiB | peak GPU GiB | GiB before |",
+        "| method | seconds (with save) | Stage I s | Stage II s | model GiB | peak GPU GiB "
+        "| GiB before |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:

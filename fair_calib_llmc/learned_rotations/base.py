@@ -32,6 +32,7 @@ no new inference op, nothing of this package needed to load it. A learned R4 cos
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from typing import Literal
 
@@ -271,9 +272,10 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
                 sites.setdefault(module, RotationSites()).q_in = r4[name]
         params = [q for q in [r1, *(r2 or []), *r4.values()] if q is not None]
 
+        start = time.monotonic()
         batches = [self._batch(b, device) for b in dataloader]
-        with torch.no_grad():
-            targets = [self._teacher(model, b, spec) for b in batches]
+        with torch.no_grad():  # kept in host memory: every layer of every batch (GBs at 8B)
+            targets = [_moved(self._teacher(model, b, spec), "cpu") for b in batches]
         layers = decoder_layers(model) if self.gradient_checkpointing else []
         with _training_forwards(quantized, sites), _frozen(model), _checkpointed(layers):
             before = self._objectives_by_weighting(model, batches, targets, spec)
@@ -295,6 +297,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
                 )
                 if qs
             },
+            "seconds": time.monotonic() - start,  # teacher targets, learning, both reports
         }
         logger.info(
             f"learned {'+'.join(self.learn)} ({self.objective}, {self.token_weights} weights, "
@@ -399,6 +402,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         self, model: nn.Module, batch: dict, target, spec, token_weights: str | None = None
     ) -> torch.Tensor:
         weights = self._weights(batch, token_weights)
+        target = _moved(target, batch["input_ids"].device)
         if self.objective == "layer_mse":
             out = model(input_ids=batch["input_ids"], output_hidden_states=True)
             return layer_mse(out.hidden_states[1:], target, weights)
@@ -426,6 +430,13 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         """What learning did: both weightings' objective before and after, and how far the
         rotations moved from the Hadamard start (empty before learning)."""
         return dict(self._report)
+
+
+def _moved(target, device):
+    """A teacher target (one tensor, or one per layer) on ``device``."""
+    if isinstance(target, list):
+        return [t.to(device, non_blocking=True) for t in target]
+    return target.to(device, non_blocking=True)
 
 
 class _training_forwards:
