@@ -31,11 +31,14 @@ variant fair-calib-learned-r4-uniform fair_calib_learned_w4a4 "$L.learn=[R1, R2,
   $L.token_weights=uniform FAIRCalibModifier.use_token_weights=false
 variant fair-calib-learned-r4-512 fair_calib_learned_w4a4 "$L.learn=[R1, R2, R4]" \
   $L.r4_block_size=512
+# the LLaDA reference's whole MLP width (Dream's 1536 is not a multiple: that row fails there)
+variant fair-calib-learned-r4-1024 fair_calib_learned_w4a4 "$L.learn=[R1, R2, R4]" \
+  $L.r4_block_size=1024
 # in order of what the comparison needs first (a DEADLINE cut keeps the rows already done);
 # METHODS (space-separated) runs a subset
 methods=(quarot+gptq fair-calib-learned fair-calib-learned-uniform spinquant-learned+gptq
   quarot+gptq-equivalent fair-calib-learned-r4 fair-calib-learned-r4-uniform
-  fair-calib-learned-r4-512 learned-mse-frontier+gptq learned-mse-uniform+gptq
+  fair-calib-learned-r4-512 fair-calib-learned-r4-1024 learned-mse-frontier+gptq learned-mse-uniform+gptq
   learned-kl-frontier+gptq fair-calib-learned-kl fair-calib-learned-r1
   fair-calib-learned-w4a4-loop)
 if [ -n "${METHODS:-}" ]; then read -r -a methods <<< "$METHODS"; fi

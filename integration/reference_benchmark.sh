@@ -24,11 +24,14 @@ for family in $families; do  # one at a time: two trainings side by side were sl
       --out "$work/model-$family" ${TRAIN_ARGS:-} > "$work/train-$family.log" 2>&1
   fi
 done
-cap=0
-if [ -n "${DEADLINE:-}" ]; then cap=$(( DEADLINE - (SECONDS - start) - 30 )); fi
+cap=0  # timeout 0: no limit
+if [ -n "${DEADLINE:-}" ]; then  # at least 1 s: a cap of 0 or less would mean no limit
+  cap=$(( DEADLINE - (SECONDS - start) - 30 )); cap=$(( cap < 1 ? 1 : cap ))
+fi
 for family in $families; do
   for seed in $seeds; do
-    timeout "$cap" python integration/benchmark.py --model "$work/model-$family" \
+    # -k: a process busy in a CUDA call can outlive SIGTERM; KILL it 15 s later
+    timeout -k 15 "$cap" python integration/benchmark.py --model "$work/model-$family" \
       --corpus stdlib --seeds "$seed" --out "$work/bench-$family/seed$seed" "$@" \
       > "$work/bench-$family-seed$seed.log" 2>&1 &
   done

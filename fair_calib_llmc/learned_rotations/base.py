@@ -52,7 +52,7 @@ from fair_calib_llmc.distributed import (
     rank_and_world,
     shared_weights_written_once,
 )
-from fair_calib_llmc.learned_rotations.cayley import CayleyAdam, cayley, distance_from_identity
+from fair_calib_llmc.learned_rotations.cayley import CayleyAdam, cayley, distance_moved
 from fair_calib_llmc.learned_rotations.objectives import (
     layer_mse,
     masked_log_probs,
@@ -250,7 +250,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         return initialized
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
-        super().on_calibration_start(state, event, **kwargs)  # Hadamards fused, R4 attached
+        super().on_calibration_start(state, event, **kwargs)  # Hadamards fused, fixed R4 on
         self._learn(state.model, state.data.calib)
 
     # --- learning ---------------------------------------------------------------------------
@@ -266,13 +266,13 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         sites = rotation_sites(model, self.mappings, r1, r2)
         r4 = {}
         if "R4" in self.learn:
-            start = hadamard_start(self.r4_block_size, self.transform_type)
+            r4_start = hadamard_start(self.r4_block_size, self.transform_type).float()
             for name, module in self._down_projections(model):
-                r4[name] = start.float().to(device).requires_grad_(True)
+                r4[name] = r4_start.to(device).requires_grad_(True)
                 sites.setdefault(module, RotationSites()).q_in = r4[name]
         params = [q for q in [r1, *(r2 or []), *r4.values()] if q is not None]
 
-        start = time.monotonic()
+        began = time.monotonic()
         batches = [self._batch(b, device) for b in dataloader]
         with torch.no_grad():  # kept in host memory: every layer of every batch (GBs at 8B)
             targets = [_moved(self._teacher(model, b, spec), "cpu") for b in batches]
@@ -287,17 +287,18 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             "token_weights": self.token_weights,
             "before": before,
             "after": after,
-            # RMS entry of Q - I: how far learning moved each rotation from the Hadamard start
+            # RMS entry of what learning added: R1 / R2 start at I on top of the fused
+            # Hadamards, R4 starts at the Hadamard itself
             "rotation_moved": {
-                name: sum(map(distance_from_identity, qs)) / len(qs)
-                for name, qs in (
-                    ("R1", [r1] if r1 is not None else []),
-                    ("R2", r2 or []),
-                    ("R4", list(r4.values())),
+                name: sum(distance_moved(q, start) for q in qs) / len(qs)
+                for name, qs, start in (
+                    ("R1", [r1] if r1 is not None else [], None),
+                    ("R2", r2 or [], None),
+                    ("R4", list(r4.values()), r4_start.to(device) if r4 else None),
                 )
                 if qs
             },
-            "seconds": time.monotonic() - start,  # teacher targets, learning, both reports
+            "seconds": time.monotonic() - began,  # teacher targets, learning, both reports
         }
         logger.info(
             f"learned {'+'.join(self.learn)} ({self.objective}, {self.token_weights} weights, "
@@ -435,8 +436,8 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
 def _moved(target, device):
     """A teacher target (one tensor, or one per layer) on ``device``."""
     if isinstance(target, list):
-        return [t.to(device, non_blocking=True) for t in target]
-    return target.to(device, non_blocking=True)
+        return [t.to(device) for t in target]
+    return target.to(device)
 
 
 class _training_forwards:

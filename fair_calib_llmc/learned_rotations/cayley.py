@@ -18,7 +18,7 @@ import math
 
 import torch
 
-__all__ = ["CayleyAdam", "cayley", "distance_from_identity", "orthogonality_error"]
+__all__ = ["CayleyAdam", "cayley", "distance_moved", "orthogonality_error"]
 
 
 def cayley(skew: torch.Tensor) -> torch.Tensor:
@@ -33,10 +33,11 @@ def orthogonality_error(q: torch.Tensor) -> float:
     return float((q.T @ q - eye).abs().max())
 
 
-def distance_from_identity(q: torch.Tensor) -> float:
-    """RMS entry of ``Q - I``: how far a rotation learned from the identity start moved."""
-    eye = torch.eye(q.shape[0], dtype=q.dtype, device=q.device)
-    return float((q.detach() - eye).pow(2).mean().sqrt())
+def distance_moved(q: torch.Tensor, start: torch.Tensor | None = None) -> float:
+    """RMS entry of ``Q - start`` (default ``I``): how far a learned rotation moved."""
+    if start is None:
+        start = torch.eye(q.shape[0], dtype=q.dtype, device=q.device)
+    return float((q.detach() - start).pow(2).mean().sqrt())
 
 
 class CayleyAdam:
