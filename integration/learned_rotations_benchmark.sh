@@ -22,6 +22,10 @@ variant learned-mse-frontier+gptq spinquant_learned_gptq_w4a4 $L.objective=layer
   $L.token_weights=frontier
 variant fair-calib-learned-uniform fair_calib_learned_w4a4 $L.token_weights=uniform \
   FAIRCalibModifier.use_token_weights=false
+# only Stage II's weights uniform (the rotations still learn on frontier weights): isolates
+# where the uniform ablation's gap comes from
+variant fair-calib-learned-stage2-uniform fair_calib_learned_w4a4 \
+  FAIRCalibModifier.use_token_weights=false
 variant fair-calib-learned-r1 fair_calib_learned_w4a4 "$L.learn=[R1]"
 variant fair-calib-learned-kl fair_calib_learned_w4a4 $L.objective=output_kl
 variant fair-calib-learned-w4a4-loop fair_calib_learned_w4a4 $L.weights_in_loop=true
@@ -37,7 +41,7 @@ variant fair-calib-learned-r4-1024 fair_calib_learned_w4a4 "$L.learn=[R1, R2, R4
 # in order of what the comparison needs first (a DEADLINE cut keeps the rows already done);
 # METHODS (space-separated) runs a subset
 methods=(quarot+gptq fair-calib-learned fair-calib-learned-uniform spinquant-learned+gptq
-  quarot+gptq-equivalent fair-calib-learned-r4 fair-calib-learned-r4-uniform
+  quarot+gptq-equivalent fair-calib-learned-stage2-uniform fair-calib-learned-r4 fair-calib-learned-r4-uniform
   fair-calib-learned-r4-512 fair-calib-learned-r4-1024 learned-mse-frontier+gptq learned-mse-uniform+gptq
   learned-kl-frontier+gptq fair-calib-learned-kl fair-calib-learned-r1
   fair-calib-learned-w4a4-loop)
