@@ -239,6 +239,7 @@ def test_learned_r4_checkpoint_reloads_exactly(dllm, tokenizer, calibration_text
     learner = recipe.modifiers[0]
     r4 = learner._learned["R4"]
     assert len(r4) == model.config.num_hidden_layers
+    assert len({id(q) for q in r4.values()}) == len(r4)  # each layer learns its own
     for q in r4.values():
         assert q.shape == (32, 32) and orthogonality_error(q.detach()) < 1e-5
     assert learner.learning_report["rotation_moved"]["R4"] > 1e-4

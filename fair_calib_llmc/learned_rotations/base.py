@@ -268,7 +268,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         if "R4" in self.learn:
             r4_start = hadamard_start(self.r4_block_size, self.transform_type).float()
             for name, module in self._down_projections(model):
-                r4[name] = r4_start.to(device).requires_grad_(True)
+                r4[name] = r4_start.to(device, copy=True).requires_grad_(True)  # one per layer
                 sites.setdefault(module, RotationSites()).q_in = r4[name]
         params = [q for q in [r1, *(r2 or []), *r4.values()] if q is not None]
 
