@@ -107,9 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument(
         "--recipe",
         required=True,
-        help="a shipped recipe name (fair_calib_w4a4, fair_calib_uniform_w4a4, "
+        help="a shipped recipe name (int W4A4: fair_calib_w4a4, fair_calib_uniform_w4a4, "
         "fair_calib_learned_w4a4, quarot_gptq_w4a4, quarot_autoround_w4a4, "
-        "spinquant_gptq_w4a4, spinquant_learned_gptq_w4a4, gptq_w4a4, rtn_w4a4) or a .yaml path",
+        "spinquant_gptq_w4a4, spinquant_learned_gptq_w4a4, gptq_w4a4, rtn_w4a4; NVFP4: "
+        "fair_calib_nvfp4, hadamard16_gptq_nvfp4; MXFP4: fair_calib_mxfp4, "
+        "hadamard32_gptq_mxfp4) or a .yaml path",
+    )
+    quant.add_argument(
+        "--scheme",
+        help="replace the recipe's quantization scheme: a compressed-tensors preset such as "
+        "NVFP4, MXFP4, W4A4_G128_PACKED (int4 per-token activations), W4A4_G128_AG128_PACKED "
+        "or W4A4_G128_AG32_PACKED (int4 per-group activations)",
     )
     quant.add_argument(
         "--dataset",

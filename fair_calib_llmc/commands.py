@@ -78,7 +78,7 @@ def run_demo(args: Namespace) -> None:
 
 
 def run_quantize(args: Namespace) -> None:
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, scheme=args.scheme)  # a bad recipe or scheme fails first
     texts = (
         load_texts(args.dataset, args.text_column) if args.dataset else shipped_texts("calibration")
     )
@@ -92,7 +92,8 @@ def run_quantize(args: Namespace) -> None:
         overwrite=args.overwrite,
     )
     with output_lock(target):
-        logger.info(f"quantizing {model_path} with {args.recipe} on {device}")
+        scheme = f" as {args.scheme}" if args.scheme else ""
+        logger.info(f"quantizing {model_path} with {args.recipe}{scheme} on {device}")
         model, tokenizer = load_model(model_path, dtype=dtype, device=device)
         result = quantize(
             model,

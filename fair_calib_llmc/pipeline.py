@@ -50,6 +50,7 @@ from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.modifier import FAIRCalibModifier, check_finite_weights
 from fair_calib_llmc.prior import PositionPrior
 from fair_calib_llmc.recipe import load_recipe
+from fair_calib_llmc.reload import restore_decompressed
 
 __all__ = [
     "quantize",
@@ -230,6 +231,7 @@ def quantize(
     seed: int = 0,
     batch_size: int = 16,
     prompt_length: int | None = None,
+    scheme: str | None = None,
 ) -> QuantizeResult:
     """Stage I + ``oneshot`` + atomic compressed save. See the module docstring.
 
@@ -243,9 +245,12 @@ def quantize(
         new checkpoint is in place); the model's own directory is never replaced
     :param batch_size: masked-stage states that go through each layer at once; they all have
         the same length (prompt + answer), so batching costs no padding and no truncation
+    :param scheme: replace the quantization scheme of the recipe's quantizing modifiers (a
+        compressed-tensors preset name such as ``NVFP4``, ``MXFP4`` or
+        ``W4A4_G128_AG128_PACKED``; see :func:`fair_calib_llmc.recipe.with_scheme`)
     """
     check_prompt_count(max_prompts)
-    recipe = load_recipe(recipe)
+    recipe = load_recipe(recipe, scheme=scheme)
     if isinstance(model, (str, os.PathLike)):
         if output_dir is not None:  # before loading, which takes minutes at 8B size
             check_output_dir(output_dir, model_dir=Path(model).expanduser(), overwrite=overwrite)
@@ -305,6 +310,9 @@ def quantize(
                 saved = save_atomically(
                     model, tokenizer, output_dir, overwrite=overwrite, model_dir=model_dir
                 )
+                # the compressed save leaves the model compressed, to decompress at its next
+                # forward: FP4 weights would come back in bf16 whatever the model's dtype
+                restore_decompressed(model)
         return QuantizeResult(
             model,
             calibration,

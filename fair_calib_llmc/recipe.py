@@ -22,7 +22,14 @@ from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from llmcompressor.recipe import Recipe
 from pydantic import ValidationError
 
-__all__ = ["RecipeError", "check_recipe_shape", "load_recipe", "read_recipe", "shipped_recipes"]
+__all__ = [
+    "RecipeError",
+    "check_recipe_shape",
+    "load_recipe",
+    "read_recipe",
+    "shipped_recipes",
+    "with_scheme",
+]
 
 _SHAPE = "<name>_stage: {<group>_modifiers: {<ModifierClass>: {fields}}}"
 
@@ -114,10 +121,42 @@ def check_recipe_shape(recipe: dict, source: str = "the recipe") -> None:
         raise RecipeError(f"{source}: the recipe declares no modifier; use the shape {_SHAPE}")
 
 
-def load_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:
+def with_scheme(data: dict, scheme: str, source: str = "the recipe") -> dict:
+    """``data`` (a parsed recipe) with every quantizing modifier's ``scheme`` set to
+    ``scheme``, a compressed-tensors preset name (ours included): one recipe serves every
+    format. A modifier that spells out ``config_groups`` cannot be re-schemed, and a recipe
+    without any ``scheme`` field has nothing to change; both fail here, before any work."""
+    import fair_calib_llmc.schemes  # noqa: F401 - registers our presets
+
+    name = scheme.upper()
+    if name not in PRESET_SCHEMES:
+        raise RecipeError(f"unknown scheme {scheme!r}; use one of {', '.join(PRESET_SCHEMES)}")
+    changed = []
+    for stage_key, stage in data.items():
+        if stage_key == "args":
+            continue
+        for group in stage.values():
+            for modifier, fields in group.items():
+                if "config_groups" in fields:
+                    raise RecipeError(
+                        f"{source}: {modifier} spells out config_groups, so --scheme cannot "
+                        "replace its scheme; edit the recipe or use one with a scheme: field"
+                    )
+                if "scheme" in fields:
+                    fields["scheme"] = name
+                    changed.append(modifier)
+    if not changed:
+        raise RecipeError(f"{source}: no modifier has a scheme: field for --scheme {name} to set")
+    return data
+
+
+def load_recipe(recipe: str | os.PathLike | Recipe, scheme: str | None = None) -> Recipe:
     """Parse a shipped name, a file or YAML text into an llmcompressor ``Recipe``, after
-    :func:`check_recipe_shape`; every error names the source."""
+    :func:`check_recipe_shape`; every error names the source. ``scheme`` replaces the
+    quantization scheme of every quantizing modifier (:func:`with_scheme`)."""
     if isinstance(recipe, Recipe):
+        if scheme is not None:
+            raise RecipeError("scheme= needs a recipe name, path or text, not a Recipe object")
         return recipe
     text, source = read_recipe(recipe)
     try:
@@ -128,6 +167,8 @@ def load_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise RecipeError(f"{source}{where}: invalid YAML: {problem}") from None
     check_recipe_shape(data, source)
+    if scheme is not None:
+        text = yaml.safe_dump(with_scheme(data, scheme, source), sort_keys=False)
     try:
         return Recipe.create_instance(text)
     except ValidationError as err:

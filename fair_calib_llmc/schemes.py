@@ -4,8 +4,8 @@ Each scheme is declarative compressed-tensors data (``QuantizationArgs`` fields)
 llm-compressor modifier (``QuantizationModifier``, ``GPTQModifier``, ``FAIRCalibModifier``)
 can name it in a recipe (``scheme: W4A4_G128_PACKED``) once ``fair_calib_llmc`` is imported.
 The int4 schemes save as ``pack-quantized`` (int32-packed ``weight_packed``), which the
-compressed-tensors loaders in transformers and vLLM read directly. NVFP4 is compressed-tensors'
-own preset (``nvfp4-pack-quantized`` on save).
+compressed-tensors loaders in transformers and vLLM read directly. NVFP4 and MXFP4 are
+compressed-tensors' own presets (``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` on save).
 """
 
 from __future__ import annotations
@@ -17,6 +17,19 @@ __all__ = ["W4A4_SCHEMES", "SUPPORTED_SCHEMES", "register_schemes", "check_schem
 _INT4_TOKEN_ACTIVATIONS = dict(
     num_bits=4, type="int", symmetric=True, strategy="token", dynamic=True
 )
+_INT4_G128_WEIGHTS = dict(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128)
+
+
+def _int4_group_activations(group_size: int) -> dict:
+    return dict(
+        num_bits=4,
+        type="int",
+        symmetric=True,
+        strategy="group",
+        group_size=group_size,
+        dynamic=True,
+    )
+
 
 W4A4_SCHEMES: dict[str, dict] = {
     # int4 per-output-channel weights, int4 dynamic per-token activations
@@ -27,14 +40,26 @@ W4A4_SCHEMES: dict[str, dict] = {
     ),
     # int4 group-128 weights (compressed-tensors' W4A4 preset), saved packed
     "W4A4_G128_PACKED": dict(
-        weights=dict(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128),
+        weights=_INT4_G128_WEIGHTS,
         input_activations=_INT4_TOKEN_ACTIVATIONS,
+        format="pack-quantized",
+    ),
+    # int4 group-128 weights, int4 dynamic activations with one scale per 128 inputs
+    "W4A4_G128_AG128_PACKED": dict(
+        weights=_INT4_G128_WEIGHTS,
+        input_activations=_int4_group_activations(128),
+        format="pack-quantized",
+    ),
+    # the same with one activation scale per 32 inputs
+    "W4A4_G128_AG32_PACKED": dict(
+        weights=_INT4_G128_WEIGHTS,
+        input_activations=_int4_group_activations(32),
         format="pack-quantized",
     ),
 }
 
 #: Scheme names FAIR-Calib accepts (ours plus the compressed-tensors presets it was tested on).
-SUPPORTED_SCHEMES = (*W4A4_SCHEMES, "W4A4", "NVFP4")
+SUPPORTED_SCHEMES = (*W4A4_SCHEMES, "W4A4", "NVFP4", "MXFP4")
 
 
 def register_schemes() -> None:

@@ -13,6 +13,7 @@ from llmcompressor.modifiers.quantization import QuantizationModifier
 
 import fair_calib_llmc_cli as cli
 from fair_calib_llmc.checkpoint import OutputDirError
+from fair_calib_llmc.corpus import shipped_texts
 from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR, load_default_model
 from fair_calib_llmc.evaluation import compare, diagnose
 from fair_calib_llmc.evaluation.decisions import METRICS, write_results
@@ -194,8 +195,29 @@ def test_variant_schemes_split_weights_and_activations():
     act = schemes["W16A4"].input_activations
     assert (act.num_bits, act.type, act.strategy, act.dynamic) == (4, "int", "token", True)
     assert schemes["W4A4"].weights == schemes["W4A16"].weights
-    with pytest.raises(ValueError, match="calibration data"):
-        diagnose.variant_schemes("NVFP4")
+    assert not diagnose.needs_calibration(schemes["W16A4"])
+    nvfp4 = diagnose.variant_schemes("NVFP4")  # a global activation scale: calibrated on data
+    assert diagnose.needs_calibration(nvfp4["W4A4"])
+    assert not diagnose.needs_calibration(nvfp4["W4A16"])
+
+
+def test_diagnose_nvfp4_calibrates_its_activation_global_scales(tmp_path):
+    result = _cli(
+        ["diagnose", "--model", str(DEFAULT_MODEL_DIR), "--scheme", "NVFP4", "--no-layer-scan"]
+        + ["--no-rotations", "--out", str(tmp_path)]
+        + SMALL
+    )
+    assert list(dict.fromkeys(r["name"] for r in result["rows"])) == ["W4A16", "W16A4", "W4A4"]
+    assert "activation scales calibrated on 16 texts; NVFP4" in result["markdown"]
+    rates = [r["frontier_flip_rate"] for r in result["rows"] if r["name"] == "W16A4"]
+    assert all(0 <= rate < 1 for rate in rates)
+    scheme = diagnose.variant_schemes("NVFP4")["W16A4"]
+    calibration = shipped_texts("calibration")
+    student = diagnose._quantized(
+        DEFAULT_MODEL_DIR, torch.float32, "cpu", scheme, False, calibration
+    )
+    global_scale = student.model.transformer.blocks[0].q_proj.input_global_scale
+    assert torch.isfinite(global_scale).all() and (global_scale != 1).all()  # set from the data
 
 
 def test_diagnose_variants_layers_and_plots(rtn_w4a4, tmp_path):

@@ -2,11 +2,13 @@
 a method is picked.
 
 Round-to-nearest, data-free variants of the full-precision model (in memory, nothing saved):
-weights only (W4A16), input activations only (W16A4: int4 dynamic per-token), both (W4A4),
+weights only (W4A16), input activations only (W16A4: e.g. int4 dynamic per-token), both (W4A4),
 each without and with rotations (SpinQuant R1 + R2 fused, R4 online, random Hadamard), plus a
 per-layer scan that quantizes one decoder layer at a time W4A4. Each variant replays the FP
 teacher's rollouts (frontier flip rate, mismatch, KL) over several seeds. RTN with no
-calibration data measures the format's sensitivity, not a calibration method's.
+calibration data measures the format's sensitivity, not a calibration method's; a scheme whose
+activations have a scale only data can set (NVFP4's global scale) gets it from 16 calibration
+texts (the shipped calibration split, or the user's ``--dataset``).
 
 Written to ``--out`` (default ``outputs/diagnose-<model dir name>``): ``results.json``,
 ``results.md`` (variants table + per-layer table), ``flips_per_step.png`` and
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from loguru import logger
@@ -65,17 +68,15 @@ LM_HEADS = ["lm_head", r"re:^model\.transformer\.ff_out$"]
 ROTATIONS = dict(rotations=["R1", "R2", "R4"], transform_type="random-hadamard")
 
 
+#: texts that calibrate static activation scales (NVFP4's global scale), one state each
+CALIBRATION_TEXTS = 16
+
+
 def variant_schemes(scheme: str = "W4A4_G128_PACKED") -> dict[str, QuantizationScheme]:
     """W4A16 / W16A4 / W4A4 from one W4A4 preset: its weights, its input activations, both."""
     preset = PRESET_SCHEMES[check_scheme_name(scheme)]
     weights = QuantizationArgs.model_validate(preset["weights"])
     activations = QuantizationArgs.model_validate(preset["input_activations"])
-    if activations.dynamic is not True:
-        raise ValueError(
-            f"diagnose quantizes without calibration data, but {scheme}'s activations need "
-            "calibrated (static or global) scales; pick a dynamic-activation scheme such as "
-            "W4A4_G128_PACKED or W4A4_CHANNEL_PACKED"
-        )
     linear = ["Linear"]
     return {
         "W4A16": QuantizationScheme(targets=linear, weights=weights),
@@ -102,12 +103,32 @@ def decoder_layers(model: nn.Module) -> list[tuple[str, list[str]]]:
     raise ValueError(f"{type(model).__name__} has no ModuleList of decoder layers with Linears")
 
 
-def _quantized(model_dir, dtype, device, scheme: QuantizationScheme, rotate: bool) -> nn.Module:
-    """A fresh copy of the FP model, RTN-quantized in memory (data-free ``oneshot``)."""
-    model, _ = load_checkpoint(model_dir, dtype=dtype, device=device)
+def needs_calibration(scheme: QuantizationScheme) -> bool:
+    """Whether ``scheme``'s activations have a scale that data must set (static scales, or
+    NVFP4's global scale over dynamic block scales): RTN alone would leave it at its start."""
+    activations = scheme.input_activations
+    return activations is not None and activations.dynamic is not True
+
+
+def _quantized(
+    model_dir, dtype, device, scheme: QuantizationScheme, rotate: bool, calibration=None
+) -> nn.Module:
+    """A fresh copy of the FP model, RTN-quantized in memory: data-free ``oneshot``, or with
+    ``calibration`` texts where the activations need calibrated scales."""
+    model, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
     recipe = [ExactSpinQuantModifier(**ROTATIONS)] if rotate else []
     recipe.append(QuantizationModifier(config_groups={"group_0": scheme}, ignore=LM_HEADS))
-    return oneshot(model=model, recipe=recipe)
+    if not needs_calibration(scheme):
+        return oneshot(model=model, recipe=recipe)
+    dataset = Dataset.from_dict({"text": list(calibration)[:CALIBRATION_TEXTS]})
+    return oneshot(
+        model=model,
+        processor=tokenizer,
+        recipe=recipe,
+        dataset=dataset,
+        num_calibration_samples=len(dataset),
+        max_seq_length=128,
+    )
 
 
 def variant_styles(names) -> dict[str, dict]:
@@ -157,6 +178,9 @@ def diagnose_model(
     )
     schemes = variant_schemes(scheme)  # an unknown scheme fails here, before any work
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # static activation scales (NVFP4's global scale) come from the shipped calibration text,
+    # or from the user's own texts when given
+    calibration = shipped_texts("calibration") if texts is None else texts
     texts = texts if texts is not None else shipped_texts("heldout")
     with output_lock(out_dir):  # a second run into out_dir fails now, not at the end
         start = time.monotonic()
@@ -169,7 +193,7 @@ def diagnose_model(
         plan += [(name, True) for name in schemes] if rotations else []
         for name, rotate in progress(plan, desc="diagnose variants"):
             label = f"{name} + rotations" if rotate else name
-            student = _quantized(model_dir, dtype, device, schemes[name], rotate)
+            student = _quantized(model_dir, dtype, device, schemes[name], rotate, calibration)
             rows += student_rows(
                 label, teacher, student, rollouts, settings, precision=name, rotations=rotate
             )
@@ -179,18 +203,23 @@ def diagnose_model(
         if layer_scan:
             for layer, linears in progress(decoder_layers(teacher), desc="per-layer W4A4 scan"):
                 student = _quantized(
-                    model_dir, dtype, device, _only(linears, schemes["W4A4"]), False
+                    model_dir, dtype, device, _only(linears, schemes["W4A4"]), False, calibration
                 )
                 layer_rows += student_rows(layer, teacher, student, rollouts, settings, elbo=False)
                 del student
 
+        calibrated = (
+            f"activation scales calibrated on {min(len(calibration), CALIBRATION_TEXTS)} texts"
+            if needs_calibration(schemes["W16A4"])
+            else "data-free"
+        )
         variants = summarise(rows)
         layers = summarise(layer_rows)
         table = markdown_table(variants, key="name")
         layer_metrics = ("frontier_flip_rate", "post_commit_mismatch", "kl_frontier")
         layer_table = markdown_table(layers, key="name", metrics=layer_metrics) if layers else ""
         markdown = (
-            f"## Variants (RTN, data-free; {scheme})\n\n{table}\n\n"
+            f"## Variants (RTN, {calibrated}; {scheme})\n\n{table}\n\n"
             + (f"## One decoder layer W4A4 at a time\n\n{layer_table}\n\n" if layer_table else "")
             + f"model `{model_dir}`; seeds {list(settings.seeds)}, "
             f"{len(rollouts[0].prompts)} prompts x {settings.gen_length} tokens per seed; "

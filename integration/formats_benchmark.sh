@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One W4A4 format's table on the reference models: RTN, GPTQ, the format's rotation variant +
+# GPTQ, FAIR-Calib with uniform weights and FAIR-Calib, one process per seed on one GPU
+# (integration/reference_benchmark.sh: FAMILIES, SEEDS, WORK_DIR, DEADLINE apply).
+#   FORMAT=nvfp4|mxfp4|ag128|ag32|token integration/formats_benchmark.sh OUT_DIR [benchmark args]
+# FP4 formats use no global rotation (their own recipes, fair_calib_nvfp4 / fair_calib_mxfp4)
+# and, as the rotation variant, block Hadamards matched to the group (hadamard16 / hadamard32);
+# int per-group activations (W4A4_G128_AG128/AG32_PACKED) keep QuaRot's rotations. Every
+# variant is a one-field change of a shipped recipe (integration/recipe_variant.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+variants=$(mktemp -d)
+extra=()
+variant() {  # NAME PARENT FIELD=VALUE...
+  python integration/recipe_variant.py "recipes/$2.yaml" "$variants/$1.yaml" "${@:3}"
+  extra+=(--recipe "$1=$variants/$1.yaml")
+}
+format=${FORMAT:?set FORMAT to nvfp4, mxfp4, ag128, ag32 or token}
+case $format in
+  nvfp4 | mxfp4)
+    scheme=${format^^}
+    fair=fair_calib_$format
+    rotated=$([ "$format" = nvfp4 ] && echo hadamard16_gptq_nvfp4 || echo hadamard32_gptq_mxfp4)
+    ;;
+  ag128 | ag32)
+    scheme=W4A4_G128_${format^^}_PACKED
+    fair=fair-calib-$format
+    rotated=quarot+gptq-$format
+    variant "$fair" fair_calib_w4a4 FAIRCalibModifier.scheme=$scheme
+    variant "$rotated" quarot_gptq_w4a4 GPTQModifier.scheme=$scheme
+    ;;
+  token)
+    scheme=W4A4_G128_PACKED fair=fair-calib rotated=quarot+gptq
+    ;;
+  *) echo "unknown FORMAT $format (nvfp4, mxfp4, ag128, ag32, token)" >&2; exit 2 ;;
+esac
+variant "rtn-$format" rtn_w4a4 QuantizationModifier.scheme=$scheme
+variant "gptq-$format" gptq_w4a4 GPTQModifier.scheme=$scheme
+if [ -f "recipes/$fair.yaml" ]; then  # a shipped per-format recipe: its name is the method
+  extra+=(--recipe "$fair=recipes/$fair.yaml")
+  parent=$fair
+else
+  parent=fair_calib_w4a4
+fi
+if [ -f "recipes/$rotated.yaml" ]; then extra+=(--recipe "$rotated=recipes/$rotated.yaml"); fi
+uniform=(FAIRCalibModifier.use_token_weights=false)
+[ "$parent" = fair_calib_w4a4 ] && [ "$format" != token ] && uniform+=(FAIRCalibModifier.scheme=$scheme)
+variant "$fair-uniform" "$parent" "${uniform[@]}"
+methods=("$rotated" "$fair" "$fair-uniform" "gptq-$format" "rtn-$format")
+out=$1; shift
+exec integration/reference_benchmark.sh "$out" --methods "${methods[@]}" "${extra[@]}" "$@"

@@ -1,0 +1,119 @@
+"""Every W4A4 format an engine serves: the per-format recipes and --scheme round-trip exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from fair_calib_llmc.loading import load_model
+from fair_calib_llmc.pipeline import quantize
+from fair_calib_llmc.recipe import RecipeError, load_recipe
+from fair_calib_llmc.reload import load_quantized
+
+from .helpers import saved
+
+#: (recipe, --scheme): the FP4 recipes as shipped, int per-group activations through --scheme
+FORMAT_RUNS = [
+    ("fair_calib_nvfp4", None),
+    ("hadamard16_gptq_nvfp4", None),
+    ("fair_calib_mxfp4", None),
+    ("hadamard32_gptq_mxfp4", None),
+    ("fair_calib_w4a4", "W4A4_G128_AG128_PACKED"),
+    ("quarot_gptq_w4a4", "W4A4_G128_AG32_PACKED"),
+]
+
+
+def _probe(model) -> torch.Tensor:
+    x = torch.arange(3, 40)[None] % model.config.vocab_size
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("recipe, scheme", FORMAT_RUNS)
+def test_every_format_reloads_with_identical_logits(
+    recipe, scheme, dtype, llada, tokenizer, calibration_texts, tmp_path
+):
+    saved(llada, tokenizer, tmp_path / "fp")
+    model, _ = load_model(tmp_path / "fp", dtype=dtype, device="cpu")
+    result = quantize(
+        model,
+        tokenizer,
+        recipe,
+        calibration_texts,
+        max_prompts=2,
+        scheme=scheme,
+        output_dir=tmp_path / "q",
+    )
+    quantized = [m for m in result.model.modules() if hasattr(m, "quantization_scheme")]
+    suffix = recipe.rsplit("_", 1)[1]
+    wanted = scheme or {"nvfp4": "NVFP4", "mxfp4": "MXFP4"}[suffix]
+    acts = quantized[0].quantization_scheme.input_activations
+    assert acts is not None and acts.num_bits == 4
+    assert load_recipe(recipe, scheme=scheme).modifiers[-1].scheme == wanted
+    expected = _probe(result.model)
+    assert torch.equal(_probe(load_quantized(tmp_path / "q", dtype=dtype)), expected)
+    if dtype == torch.bfloat16:  # plain transformers too (FP4 unpacks to bf16 whatever dtype)
+        plain = AutoModel.from_pretrained(tmp_path / "q", dtype=dtype).eval()
+        assert torch.equal(_probe(plain), expected)
+
+
+@pytest.mark.integration
+def test_a_block_hadamard_r4_checkpoint_reloads_exactly(
+    llada, tokenizer, calibration_texts, tmp_path
+):
+    """type hadamard with head_dim: the block transform vLLM runs with its fused kernel."""
+    model = saved(llada, tokenizer, tmp_path / "fp")
+    recipe = """
+rotate_stage:
+  rotate_modifiers:
+    ExactSpinQuantModifier:
+      rotations: [R1, R2, R4]
+      transform_type: hadamard
+      transform_block_size: 32
+gptq_stage:
+  gptq_modifiers:
+    GPTQModifier:
+      scheme: W4A4_G128_PACKED
+      targets: [Linear]
+      ignore: ["lm_head", "re:^model\\\\.transformer\\\\.ff_out$"]
+"""
+    result = quantize(
+        model, tokenizer, recipe, calibration_texts, max_prompts=2, output_dir=tmp_path / "q"
+    )
+    r4 = result.model.transform_config.config_groups["R4"]
+    assert (r4.type, r4.head_dim) == ("hadamard", 32)
+    expected = _probe(result.model)
+    reloaded = AutoModel.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    assert torch.equal(_probe(reloaded), expected)
+
+
+@pytest.mark.unit
+def test_scheme_replaces_every_quantizing_modifiers_scheme():
+    recipe = load_recipe("fair_calib_w4a4", scheme="nvfp4")
+    assert [getattr(m, "scheme", None) for m in recipe.modifiers] == [None, "NVFP4"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "recipe, scheme, message",
+    [
+        ("gptq_w4a4", "W4A5", "unknown scheme 'W4A5'; use one of .*NVFP4"),
+        (
+            "r_stage:\n  r_modifiers:\n    ExactSpinQuantModifier:\n      rotations: [R1]\n",
+            "NVFP4",
+            "no modifier has a scheme: field",
+        ),
+        (
+            "q_stage:\n  q_modifiers:\n    QuantizationModifier:\n      config_groups: {}\n",
+            "NVFP4",
+            "spells out config_groups",
+        ),
+    ],
+)
+def test_a_scheme_that_cannot_apply_fails_in_one_line(recipe, scheme, message):
+    with pytest.raises(RecipeError, match=message) as error:
+        load_recipe(recipe, scheme=scheme)
+    assert "\n" not in str(error.value)
