@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from fair_calib_llmc.benchmark import METHOD_RECIPES, BenchmarkSettings, run_benchmark
-from fair_calib_llmc.corpus import chunk_text, shipped_texts, stdlib_split
-from fair_calib_llmc.data import load_texts
-from fair_calib_llmc.loading import load_model
-from fair_calib_llmc.report import REFERENCE_METHOD
+from fair_calib_llmc.evaluation.demo import METHOD_RECIPES, BenchmarkSettings, run_benchmark
+from fair_calib_llmc.evaluation.report import REFERENCE_METHOD
+from fair_calib_llmc.io.corpus import chunk_text, shipped_texts, stdlib_split
+from fair_calib_llmc.io.data import load_texts
+from fair_calib_llmc.io.loading import load_model
 
 
 def main(argv=None) -> None:

@@ -8,7 +8,7 @@ perplexity on held-out texts. Written to ``STUDENT/evaluation/`` unless ``--out`
 ``results.json`` (every seed's row with per-step and per-position flip rates), ``results.md``
 (mean ± half-range over seeds) and ``flips_per_step.png`` / ``flips_per_position.png``
 (averaged over seeds). The output directory is checked before any work, with ``quantize``'s
-rules (:func:`~fair_calib_llmc.checkpoint.check_results_dir`): a non-empty one (a rerun's
+rules (:func:`~fair_calib_llmc.io.checkpoint.check_results_dir`): a non-empty one (a rerun's
 ``STUDENT/evaluation/`` too) needs ``--overwrite``, and no other directory inside a model
 directory is accepted.
 
@@ -26,9 +26,6 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from fair_calib_llmc.checkpoint import check_results_dir, output_lock
-from fair_calib_llmc.corpus import shipped_texts
-from fair_calib_llmc.data import load_texts
 from fair_calib_llmc.evaluation.decisions import (
     DecisionSettings,
     check_pair,
@@ -39,6 +36,9 @@ from fair_calib_llmc.evaluation.decisions import (
     teacher_rollouts,
     write_results,
 )
+from fair_calib_llmc.io.checkpoint import check_results_dir, output_lock
+from fair_calib_llmc.io.corpus import shipped_texts
+from fair_calib_llmc.io.data import load_texts
 
 __all__ = ["evaluate_checkpoints", "run"]
 

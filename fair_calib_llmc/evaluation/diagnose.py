@@ -37,9 +37,6 @@ from llmcompressor.modifiers.quantization import QuantizationModifier
 from loguru import logger
 from torch import nn
 
-from fair_calib_llmc.checkpoint import check_results_dir, output_lock
-from fair_calib_llmc.corpus import shipped_texts
-from fair_calib_llmc.data import load_texts
 from fair_calib_llmc.evaluation.compare import (
     dtype_from_args,
     settings_from_args,
@@ -53,10 +50,13 @@ from fair_calib_llmc.evaluation.decisions import (
     teacher_rollouts,
     write_results,
 )
-from fair_calib_llmc.learned_rotations import ExactSpinQuantModifier
-from fair_calib_llmc.plots import plot_seed_bars
-from fair_calib_llmc.sampling import progress
-from fair_calib_llmc.schemes import check_scheme_name
+from fair_calib_llmc.evaluation.plots import plot_seed_bars
+from fair_calib_llmc.formats.schemes import check_scheme_name
+from fair_calib_llmc.io.checkpoint import check_results_dir, output_lock
+from fair_calib_llmc.io.corpus import shipped_texts
+from fair_calib_llmc.io.data import load_texts
+from fair_calib_llmc.sampling.samplers import progress
+from fair_calib_llmc.stage2.learned_rotations import ExactSpinQuantModifier
 
 __all__ = ["diagnose_model", "variant_schemes", "decoder_layers", "refuse_quantized", "run"]
 

@@ -13,7 +13,7 @@ or ``lm-eval-dllm ...`` (the same, installed as a script), or from Python after
 
 The three request types, as the LLaDA / Dream authors evaluate:
 
-* ``generate_until``: the family's own sampler (:mod:`fair_calib_llmc.sampling`; LLaDA:
+* ``generate_until``: the family's own sampler (:mod:`fair_calib_llmc.sampling.samplers`; LLaDA:
   ``steps``, ``block_length``, ``remasking``; Dream: ``steps``, ``alg``, ``alg_temp``,
   ``top_p``, ``top_k``; both: ``temperature``) writes ``gen_length`` tokens (default: the
   task's ``max_gen_toks``); the answer is cut at the first end-of-text token and then at the
@@ -31,7 +31,7 @@ The three request types, as the LLaDA / Dream authors evaluate:
   ``max_length`` tokens, summed.
 
 ``pretrained`` is a checkpoint directory (full precision or compressed-tensors, loaded with
-:func:`fair_calib_llmc.reload.load_quantized`, which reproduces the saved model exactly in fp32
+:func:`fair_calib_llmc.io.reload.load_quantized`, which reproduces the saved model exactly in fp32
 and bf16) or an in-memory model (then pass ``tokenizer``).
 """
 
@@ -56,9 +56,9 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from fair_calib_llmc.evaluation import LM_EVAL_MODEL_NAME, LM_EVAL_TASKS
+from fair_calib_llmc.io.reload import load_quantized, restore_decompressed
 from fair_calib_llmc.models.family import denoiser_logits, diffusion_spec
-from fair_calib_llmc.reload import load_quantized, restore_decompressed
-from fair_calib_llmc.sampling import LLaDASampler, sampler_for
+from fair_calib_llmc.sampling.samplers import LLaDASampler, sampler_for
 
 __all__ = ["DiffusionHarnessLM", "ModelArgumentError", "masked_diffusion_loglikelihood", "main"]
 

@@ -6,7 +6,7 @@ commit (unmask) a few; a commit is never revisited. Every run returns a
 committed (the write frontier), the model's top-1 prediction and its top-1/top-2 probability
 margin at every masked position. Given ``force=trace``, a sampler replays another run's commits
 (same positions, same tokens, same order), so two models can be compared decision by decision
-on identical states: that is how :mod:`fair_calib_llmc.metrics` measures frontier flips.
+on identical states: that is how :mod:`fair_calib_llmc.evaluation.metrics` measures frontier flips.
 
 The update rules follow the public reference code: LLaDA's ``generate`` (low-confidence or
 random remasking inside semi-autoregressive blocks, Gumbel-max sampling) and Dream's

@@ -1,6 +1,6 @@
 """Results people compare: ``results.json``, the ``results.md`` table and ``flips.png``.
 
-Rows come from :func:`fair_calib_llmc.benchmark.run_benchmark`, one per (method, seed), and
+Rows come from :func:`fair_calib_llmc.evaluation.demo.run_benchmark`, one per (method, seed), and
 ``per_step`` holds each method's flip rate per sampler step, one curve per seed. The table
 shows the mean over seeds with the min-max half range; the plot shows the mean curve over
 seeds.

@@ -30,8 +30,8 @@ __all__ = ["decoder_layers", "layer_sensitivity"]
 def decoder_layers(model: nn.Module, sequential_targets=None) -> list[nn.Module]:
     """The decoder layers in order, found the way llm-compressor's sequential pipeline finds
     them (``sequential_targets`` as given to ``oneshot``; default: the model's own)."""
-    # imported here: fair_calib_llmc.modifier needs this module, and importing llm-compressor
-    # runs the hook that imports fair_calib_llmc.modifier (fair_calib_llmc.registration)
+    # imported here: fair_calib_llmc.stage2.modifier needs this module, and importing llm-compressor
+    # runs the hook that imports fair_calib_llmc.stage2.modifier (fair_calib_llmc.registration)
     from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
     targets = infer_sequential_targets(model, sequential_targets)
