@@ -43,6 +43,7 @@ from loguru import logger
 
 from fair_calib_llmc.evaluation.metrics import elbo_perplexity
 from fair_calib_llmc.io.corpus import ASSETS, chunk_text, stdlib_split
+from fair_calib_llmc.io.loading import default_device
 from fair_calib_llmc.io.tokenization import train_bpe_tokenizer
 from fair_calib_llmc.models import (
     DreamConfig,
@@ -142,7 +143,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--max-seconds", type=float)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--out", required=True)
     parser.add_argument(
         "--write-shipped-data",

@@ -226,7 +226,7 @@ def test_diagnose_variants_layers_and_plots(rtn_w4a4, tmp_path):
 
 def test_layer_scan_quantizes_exactly_one_layer():
     model, _ = load_default_model()
-    layers = diagnose.decoder_layers(model)
+    layers = diagnose.layer_linears(model)
     assert len(layers) == 4 and all(len(linears) == 7 for _, linears in layers)
     scheme = diagnose._only(layers[2][1], diagnose.variant_schemes()["W4A4"])
     model = oneshot(model=model, recipe=QuantizationModifier(config_groups={"g": scheme}))

@@ -148,7 +148,7 @@ def test_a_module_of_ours_imported_first_still_registers():
     out = _python(
         """
         from fair_calib_llmc.stage1.states import Stage1Settings
-        from fair_calib_llmc.stage1.sensitivity import decoder_layers
+        from fair_calib_llmc.models.layers import named_decoder_layers
         from llmcompressor.modifiers.factory import ModifierFactory
         assert "FAIRCalibModifier" in ModifierFactory._registered_registry
         """

@@ -39,6 +39,7 @@ from fair_calib_llmc.evaluation.decisions import (
 from fair_calib_llmc.io.checkpoint import check_results_dir, output_lock
 from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.data import load_texts
+from fair_calib_llmc.io.loading import default_device, resolve_dtype
 
 __all__ = ["evaluate_checkpoints", "run"]
 
@@ -70,7 +71,7 @@ def evaluate_checkpoints(
         default=default,
     )
     with output_lock(out_dir):  # a second run into out_dir fails now, not at the end
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         texts = texts if texts is not None else shipped_texts("heldout")
         start = time.monotonic()
         teacher, tokenizer = load_checkpoint(teacher_dir, dtype=dtype, device=device)
@@ -114,10 +115,6 @@ def settings_from_args(args: argparse.Namespace) -> DecisionSettings:
     )
 
 
-def dtype_from_args(args: argparse.Namespace):
-    return args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-
-
 def run(args: argparse.Namespace) -> dict:
     texts = load_texts(args.dataset) if args.dataset else None
     result = evaluate_checkpoints(
@@ -127,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
         settings_from_args(args),
         out_dir=args.out,
         overwrite=args.overwrite,
-        dtype=dtype_from_args(args),
+        dtype=resolve_dtype(args.dtype),
         device=args.device,
     )
     print(result["table"])

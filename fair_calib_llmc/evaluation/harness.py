@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from fair_calib_llmc.evaluation import LM_EVAL_MODEL_NAME, LM_EVAL_TASKS
+from fair_calib_llmc.io.loading import default_device
 from fair_calib_llmc.io.reload import load_quantized, restore_decompressed
 from fair_calib_llmc.models.family import denoiser_logits, diffusion_spec
 from fair_calib_llmc.sampling.samplers import LLaDASampler, sampler_for
@@ -217,7 +218,7 @@ class DiffusionHarnessLM(TemplateLM):
         self._batch_size = int(batch_size or 1)
         if self._batch_size < 1 or int(mc_samples) < 1:
             raise ModelArgumentError("batch_size and mc_samples must be positive integers")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         self._device = torch.device(device)
 
         if isinstance(pretrained, nn.Module):

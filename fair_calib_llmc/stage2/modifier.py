@@ -43,7 +43,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from fair_calib_llmc.distributed import all_reduce_sum
 from fair_calib_llmc.formats.schemes import check_scheme_name
 from fair_calib_llmc.models.family import diffusion_spec
-from fair_calib_llmc.stage1.sensitivity import decoder_layers
+from fair_calib_llmc.models.layers import named_decoder_layers
 from fair_calib_llmc.stage1.states import Stage1Settings
 from fair_calib_llmc.stage2.reconstruction import accumulate_cross_covariance, fp_target_weight
 
@@ -127,7 +127,8 @@ class FAIRCalibModifier(GPTQModifier):
         diffusion_spec(state.model)  # a causal or mask-less model fails here, before any work
         check_finite_weights(state.model)
         if self.fp_targets:
-            layers = decoder_layers(state.model, kwargs.get("sequential_targets"))
+            named = named_decoder_layers(state.model, kwargs.get("sequential_targets"))
+            layers = [layer for _, layer in named]
             self._previous_layer = dict(zip(layers[1:], layers[:-1], strict=True))
             self._previous_layer[layers[0]] = None
         logger.info(

@@ -53,7 +53,7 @@ from fair_calib_llmc.distributed import (
     shared_weights_written_once,
 )
 from fair_calib_llmc.models.family import diffusion_spec
-from fair_calib_llmc.stage1.sensitivity import decoder_layers
+from fair_calib_llmc.models.layers import named_decoder_layers
 from fair_calib_llmc.stage2.learned_rotations.cayley import CayleyAdam, cayley, distance_moved
 from fair_calib_llmc.stage2.learned_rotations.objectives import (
     layer_mse,
@@ -276,7 +276,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         batches = [self._batch(b, device) for b in dataloader]
         with torch.no_grad():  # kept in host memory: every layer of every batch (GBs at 8B)
             targets = [_moved(self._teacher(model, b, spec), "cpu") for b in batches]
-        layers = decoder_layers(model) if self.gradient_checkpointing else []
+        layers = [m for _, m in named_decoder_layers(model)] if self.gradient_checkpointing else []
         with _training_forwards(quantized, sites), _frozen(model), _checkpointed(layers):
             before = self._objectives_by_weighting(model, batches, targets, spec)
             self._optimise(model, params, batches, targets, spec)
