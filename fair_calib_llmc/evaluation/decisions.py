@@ -23,11 +23,12 @@ from transformers import AutoTokenizer
 from fair_calib_llmc.evaluation import report
 from fair_calib_llmc.evaluation.metrics import compare_decisions, elbo_perplexity
 from fair_calib_llmc.evaluation.plots import plot_seed_curves
+from fair_calib_llmc.evaluation.report import METRICS
 from fair_calib_llmc.io.checkpoint import OutputDirError
 from fair_calib_llmc.io.data import check_prompt_count, prompts_from_texts
 from fair_calib_llmc.io.reload import load_quantized
 from fair_calib_llmc.models.family import diffusion_spec
-from fair_calib_llmc.sampling.samplers import sampler_for, teacher_traces
+from fair_calib_llmc.sampling.samplers import default_sampler, teacher_traces
 
 __all__ = [
     "DecisionSettings",
@@ -42,16 +43,6 @@ __all__ = [
     "write_results",
     "plot_rows",
 ]
-
-#: Per-row scalar metrics, in table order.
-METRICS = (
-    "frontier_flip_rate",
-    "post_commit_mismatch",
-    "first_divergence",
-    "kl_frontier",
-    "kl_non_frontier",
-    "elbo_ppl",
-)
 
 
 @dataclass
@@ -72,16 +63,14 @@ class DecisionSettings:
         check_prompt_count(self.eval_prompts, "eval_prompts")
 
     def sampler(self, spec):
-        settings = {"steps": self.gen_length, "gen_length": self.gen_length}
-        if spec.family == "llada":
-            settings["block_length"] = self.gen_length
+        overrides = {}
         if self.steps is not None:
-            settings["steps"] = self.steps
+            overrides["steps"] = self.steps
         if self.block_length is not None:
             if spec.family != "llada":
                 raise ValueError("--block-length is a LLaDA sampler setting; Dream has no blocks")
-            settings["block_length"] = self.block_length
-        return sampler_for(spec, **settings)
+            overrides["block_length"] = self.block_length
+        return default_sampler(spec, self.gen_length, **overrides)
 
 
 @dataclass

@@ -59,13 +59,23 @@ from fair_calib_llmc.evaluation import LM_EVAL_MODEL_NAME, LM_EVAL_TASKS
 from fair_calib_llmc.io.loading import default_device
 from fair_calib_llmc.io.reload import load_quantized, restore_decompressed
 from fair_calib_llmc.models.family import denoiser_logits, diffusion_spec
-from fair_calib_llmc.sampling.samplers import LLaDASampler, sampler_for
+from fair_calib_llmc.sampling.samplers import (
+    DreamSampler,
+    LLaDASampler,
+    sampler_for,
+    sampler_settings,
+)
 
 __all__ = ["DiffusionHarnessLM", "ModelArgumentError", "masked_diffusion_loglikelihood", "main"]
 
+#: sampler fields a request decides (``gen_length``) or that are not settings of the sampling
+_NOT_MODEL_ARGS = {"family", "gen_length", "show_progress"}
+#: family -> the sampler settings its model arguments may set: the sampler class's own fields
 _SAMPLER_KEYS = {
-    "llada": ("steps", "block_length", "remasking", "temperature"),
-    "dream": ("steps", "alg", "alg_temp", "top_p", "top_k", "temperature", "eps"),
+    sampler.model_fields["family"].default: tuple(
+        name for name in sampler.model_fields if name not in _NOT_MODEL_ARGS
+    )
+    for sampler in (LLaDASampler, DreamSampler)
 }
 
 
@@ -360,11 +370,8 @@ class DiffusionHarnessLM(TemplateLM):
 
     # --- generation ---------------------------------------------------------------------------
     def _sampler(self, gen_length: int, temperature: float):
-        settings = {"gen_length": gen_length, "temperature": temperature}
-        settings.setdefault("steps", gen_length)
-        if self.spec.family == "llada":
-            settings["block_length"] = gen_length
-        settings.update(self.sampler_settings)
+        overrides = {"temperature": temperature, **self.sampler_settings}
+        settings = sampler_settings(self.spec, gen_length, **overrides)
         try:
             return sampler_for(self.spec, **settings)
         except ValueError as error:  # pydantic's ValidationError is a ValueError

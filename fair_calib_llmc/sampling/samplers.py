@@ -35,6 +35,7 @@ __all__ = [
     "DreamSampler",
     "sampler_for",
     "default_sampler",
+    "sampler_settings",
     "StepHook",
     "progress",
     "teacher_traces",
@@ -428,9 +429,17 @@ def sampler_for(spec: DiffusionLMSpec, **settings) -> SamplerBase:
     return (LLaDASampler if spec.family == "llada" else DreamSampler)(**settings)
 
 
-def default_sampler(spec: DiffusionLMSpec, gen_length: int = 32) -> SamplerBase:
-    """One token per step, the whole answer as one block: the finest-grained frontier."""
+def sampler_settings(spec: DiffusionLMSpec, gen_length: int = 32, **overrides) -> dict:
+    """The settings of :func:`default_sampler`: one token per step and (LLaDA) the whole
+    answer as one block, then ``overrides``."""
     settings = {"steps": gen_length, "gen_length": gen_length}
     if spec.family == "llada":
         settings["block_length"] = gen_length
-    return sampler_for(spec, **settings)
+    return {**settings, **overrides}
+
+
+def default_sampler(spec: DiffusionLMSpec, gen_length: int = 32, **overrides) -> SamplerBase:
+    """One token per step, the whole answer as one block: the finest-grained frontier
+    (``overrides``: any other sampler field, e.g. ``steps`` or ``temperature``). The one
+    sampler factory of Stage I, ``evaluate`` / ``diagnose`` and the lm-eval model."""
+    return sampler_for(spec, **sampler_settings(spec, gen_length, **overrides))
