@@ -4,7 +4,7 @@
 This module sits outside the ``fair_calib_llmc`` package on purpose: importing the package
 registers the model classes with transformers and the modifier with llm-compressor (several
 seconds of imports), which ``--help`` and a mistyped flag should not wait for. Arguments are
-parsed here; the work is done by :mod:`fair_calib_llmc.commands`, imported only after parsing.
+parsed here; the work is done by :mod:`fair_calib_llmc.cli.commands`, imported only after parsing.
 
 User errors (a bad path, recipe, dataset or flag) print one line naming the fix; ``--verbose``
 adds the traceback and every library log line.
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-prompts", type=positive_int, default=16, help="held-out prompts per seed"
     )
     demo.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    demo.set_defaults(run="fair_calib_llmc.commands:run_demo")
+    demo.set_defaults(run="fair_calib_llmc.cli.commands:run_demo")
 
     quant = sub.add_parser(
         "quantize",
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens of each calibration text used as a Stage I prompt (default: the "
         "recipe's FAIRCalibModifier.stage1.prompt_length, else 32)",
     )
-    quant.set_defaults(run="fair_calib_llmc.commands:run_quantize")
+    quant.set_defaults(run="fair_calib_llmc.cli.commands:run_quantize")
 
     _add_evaluation_parsers(sub, verbose)
     return parser
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("TQDM_LEAVE", "")
     try:
-        from fair_calib_llmc import commands
+        from fair_calib_llmc.cli import commands
 
         commands.configure_logging(verbose=args.verbose)
         _command(args)(args)

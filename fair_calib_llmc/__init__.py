@@ -4,7 +4,7 @@ Importing the package registers, with no further call (:mod:`fair_calib_llmc.reg
 * the native LLaDA / Dream model classes with transformers' Auto classes;
 * the W4A4 schemes with compressed-tensors' presets;
 * the transformers backport that re-attaches online transforms (rotations) when a
-  compressed-tensors checkpoint is loaded (:mod:`fair_calib_llmc.transform_loading`);
+  compressed-tensors checkpoint is loaded (:mod:`fair_calib_llmc.formats.transform_loading`);
 * the ``dllm`` model with lm-evaluation-harness, when it is installed (``[eval]`` extra);
 * once llm-compressor is imported (by this package or by the caller, before or after):
   ``FAIRCalibModifier``, ``ExactSpinQuantModifier`` and ``LearnedSpinQuantModifier`` with
@@ -26,27 +26,27 @@ registration.install()
 
 #: public name -> the submodule that defines it (imported when the name is first used)
 _LAZY = {
-    "DEFAULT_MODEL_DIR": "default_model",
+    "DEFAULT_MODEL_DIR": "io.default_model",
     "DiffusionLMSpec": "models",
     "DreamConfig": "models",
     "DreamModel": "models",
     "LLaDAConfig": "models",
     "LLaDAModelLM": "models",
     "diffusion_spec": "models",
-    "DreamSampler": "sampling",
-    "ExactSpinQuantModifier": "learned_rotations",
-    "FAIRCalibModifier": "modifier",
-    "LLaDASampler": "sampling",
-    "LearnedSpinQuantModifier": "learned_rotations",
-    "PriorSettings": "prior",
-    "SamplerBase": "sampling",
-    "Stage1Settings": "calibration",
-    "build_calibration_dataset": "calibration",
+    "DreamSampler": "sampling.samplers",
+    "ExactSpinQuantModifier": "stage2.learned_rotations",
+    "FAIRCalibModifier": "stage2.modifier",
+    "LLaDASampler": "sampling.samplers",
+    "LearnedSpinQuantModifier": "stage2.learned_rotations",
+    "PriorSettings": "stage1.prior",
+    "SamplerBase": "sampling.samplers",
+    "Stage1Settings": "stage1.states",
+    "build_calibration_dataset": "stage1.states",
     "check_recipe_shape": "recipe",
     "load_recipe": "recipe",
-    "load_texts": "data",
+    "load_texts": "io.data",
     "quantize": "pipeline",
-    "save_atomically": "checkpoint",
+    "save_atomically": "io.checkpoint",
     "shipped_recipes": "recipe",
 }
 

@@ -3,7 +3,7 @@
 ``quantize`` checks everything cheap first (recipe shape, model family, mask token, data),
 runs Stage I (teacher rollouts -> masked-stage states with frontier weights), hands the states
 to the real ``llmcompressor.oneshot`` with ``use_loss_mask=True``, and writes the checkpoint
-atomically (:mod:`fair_calib_llmc.checkpoint`). The output directory is checked before Stage I,
+atomically (:mod:`fair_calib_llmc.io.checkpoint`). The output directory is checked before Stage I,
 so a path that cannot or must not be written fails in seconds, not after calibration.
 
 Baseline recipes (RTN, GPTQ, rotation + GPTQ) go through the same function and get the same
@@ -16,41 +16,40 @@ import contextlib
 import os
 import tempfile
 import time
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.fx._symbolic_trace as fx_trace
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.core import active_session, reset_session
 from llmcompressor.recipe import Recipe
 from loguru import logger
 
-from fair_calib_llmc.calibration import (
-    Stage1Settings,
-    WeightStats,
-    build_calibration_dataset,
-    check_prompt_count,
-)
-from fair_calib_llmc.checkpoint import (
+from fair_calib_llmc.distributed import on_source_rank
+from fair_calib_llmc.fx_registry_leak import release_traced_model
+from fair_calib_llmc.io.checkpoint import (
     check_output_dir,
     expected_checkpoint_bytes,
     model_directory,
     output_lock,
     save_atomically,
 )
-from fair_calib_llmc.data import load_texts
-from fair_calib_llmc.distributed import on_source_rank
-from fair_calib_llmc.loading import load_model
+from fair_calib_llmc.io.data import load_texts
+from fair_calib_llmc.io.loading import load_model
+from fair_calib_llmc.io.reload import restore_decompressed
 from fair_calib_llmc.models.family import diffusion_spec
-from fair_calib_llmc.modifier import FAIRCalibModifier, check_finite_weights
-from fair_calib_llmc.prior import PositionPrior
 from fair_calib_llmc.recipe import load_recipe
-from fair_calib_llmc.reload import restore_decompressed
+from fair_calib_llmc.stage1.prior import PositionPrior
+from fair_calib_llmc.stage1.states import (
+    Stage1Settings,
+    WeightStats,
+    build_calibration_dataset,
+    check_prompt_count,
+)
+from fair_calib_llmc.stage2.modifier import FAIRCalibModifier, check_finite_weights
 
 __all__ = [
     "quantize",
@@ -58,7 +57,6 @@ __all__ = [
     "refuse_quantized_model",
     "restore_model_dtype",
     "session_released",
-    "release_traced_model",
 ]
 
 
@@ -94,33 +92,6 @@ def config_on_disk(model) -> Iterator[None]:
             yield
         finally:
             model.config._name_or_path = model.name_or_path = ""
-
-
-def release_traced_model(model) -> None:
-    """Let the model be freed once the caller drops it.
-
-    llm-compressor's sequential pipeline rewrites the model's ``forward`` in a copy of its
-    module's globals with ``self`` set to the model and registers the rewritten helpers with
-    ``torch.fx.wrap``; the traced subgraphs register them again from their own generated code.
-    ``torch.fx`` keeps every registering namespace in a process-wide dict forever, so every
-    model traced by ``oneshot`` stays in (GPU) memory until the process ends (15 GiB per run
-    at 8B size). The tracing is over when ``oneshot`` returns, so this model's entries go.
-    """
-    modules = {id(m) for m in model.modules()}
-
-    def holds_model(namespace: dict) -> bool:
-        if id(namespace.get("self")) in modules:  # the rewritten forward's namespace
-            return True
-        return any(  # generated subgraph code: globals that name the rewritten helpers
-            id(value.__globals__.get("self")) in modules
-            for value in namespace.values()
-            if isinstance(value, types.FunctionType)
-        )
-
-    registry = fx_trace._wrapped_fns_to_patch
-    for key, namespace in list(registry.items()):
-        if holds_model(namespace):
-            del registry[key]
 
 
 def refuse_quantized_model(model) -> None:
@@ -236,7 +207,7 @@ def quantize(
     """Stage I + ``oneshot`` + atomic compressed save. See the module docstring.
 
     :param model: a LLaDA / Dream model, or the path of a checkpoint directory (loaded with
-        :func:`fair_calib_llmc.loading.load_model`: on the GPU if there is one, in its dtype)
+        :func:`fair_calib_llmc.io.loading.load_model`: on the GPU if there is one, in its dtype)
     :param tokenizer: the model's tokenizer (``None`` with a path: the checkpoint's own)
     :param prompt_length: tokens of each text used as a rollout prompt (default: the recipe's
         ``FAIRCalibModifier.stage1.prompt_length``, else 32)

@@ -126,7 +126,7 @@ def with_scheme(data: dict, scheme: str, source: str = "the recipe") -> dict:
     ``scheme``, a compressed-tensors preset name (ours included): one recipe serves every
     format. A modifier that spells out ``config_groups`` cannot be re-schemed, and a recipe
     without any ``scheme`` field has nothing to change; both fail here, before any work."""
-    import fair_calib_llmc.schemes  # noqa: F401 - registers our presets
+    import fair_calib_llmc.formats.schemes  # noqa: F401 - registers our presets
 
     name = scheme.upper()
     if name not in PRESET_SCHEMES:

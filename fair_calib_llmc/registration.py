@@ -139,11 +139,11 @@ def _register_llmcompressor(_llmcompressor) -> None:
     """After llm-compressor imported: register ``FAIRCalibModifier`` and the SpinQuant
     mappings, then restore llm-compressor's logging as it configured it."""
     try:
-        # by module, not by name: fair_calib_llmc.modifier may itself be importing
+        # by module, not by name: fair_calib_llmc.stage2.modifier may itself be importing
         # llmcompressor. These import SpinQuant, which asks for the device too: still muted.
-        importlib.import_module("fair_calib_llmc.modifier")
-        importlib.import_module("fair_calib_llmc.rotations")
-        importlib.import_module("fair_calib_llmc.learned_rotations")
+        importlib.import_module("fair_calib_llmc.stage2.modifier")
+        importlib.import_module("fair_calib_llmc.stage2.rotations")
+        importlib.import_module("fair_calib_llmc.stage2.learned_rotations")
     finally:
         config = sys.modules["llmcompressor.logger"].LOGGER_CONFIG  # .logger: loguru's logger
         # what llmcompressor.logger.configure_logger set, which muting one module changed
@@ -190,13 +190,13 @@ def _register_models(_modeling_module) -> None:
 def _install_transform_loading(_quantizer_module) -> None:
     """Once transformers' compressed-tensors quantizer is imported (a ``from_pretrained`` of a
     quantized checkpoint imports it before it reads ``quantization_config``): the
-    online-transform backport (:mod:`fair_calib_llmc.transform_loading`)."""
-    importlib.import_module("fair_calib_llmc.transform_loading").install()
+    online-transform backport (:mod:`fair_calib_llmc.formats.transform_loading`)."""
+    importlib.import_module("fair_calib_llmc.formats.transform_loading").install()
 
 
 def _register_schemes(_preset_module) -> None:
     """Once compressed-tensors' preset table exists: the W4A4 schemes in it."""
-    importlib.import_module("fair_calib_llmc.schemes").register_schemes()
+    importlib.import_module("fair_calib_llmc.formats.schemes").register_schemes()
 
 
 def _register_lm_eval_model(_registry_module) -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from fair_calib_llmc.benchmark import METHOD_RECIPES, BenchmarkSettings, run_benchmark
-from fair_calib_llmc.corpus import chunk_text, shipped_texts, stdlib_split
-from fair_calib_llmc.data import load_texts
-from fair_calib_llmc.loading import load_model
-from fair_calib_llmc.report import REFERENCE_METHOD
+from fair_calib_llmc.evaluation.demo import METHOD_RECIPES, BenchmarkSettings, run_benchmark
+from fair_calib_llmc.evaluation.report import REFERENCE_METHOD
+from fair_calib_llmc.io.corpus import chunk_text, shipped_texts, stdlib_split
+from fair_calib_llmc.io.data import load_texts
+from fair_calib_llmc.io.loading import default_device, load_model
 
 
 def main(argv=None) -> None:
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.corpus == "stdlib":
         calibration = chunk_text(stdlib_split("calibration", recursive=True), 1200)

@@ -5,8 +5,8 @@ For each scheme (W4A4_G128_PACKED, W4A4_CHANNEL_PACKED, W4A4, NVFP4) x method (R
 compressed checkpoint and reloads it twice:
 
 * ``raw``: no baking, plain ``AutoModel.from_pretrained`` (what transformers users get);
-* ``fixed``: :func:`fair_calib_llmc.reload.bake_quantized_weights` before saving and
-  :func:`fair_calib_llmc.reload.load_quantized` after (what fair_calib_llmc does).
+* ``fixed``: :func:`reload_exactness.bake_quantized_weights` before saving and
+  :func:`fair_calib_llmc.io.reload.load_quantized` after (what fair_calib_llmc does).
 
 It prints the max abs logit difference of each reload against the in-memory model and exits
 non-zero if any ``fixed`` difference is not exactly 0. On CUDA, compressed-tensors quantizes on
@@ -30,16 +30,19 @@ from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
+from reload_exactness import bake_quantized_weights  # integration/, beside this script
 from transformers import AutoModel
 
-from fair_calib_llmc.checkpoint import save_atomically
-from fair_calib_llmc.corpus import shipped_texts
-from fair_calib_llmc.default_model import load_default_model
-from fair_calib_llmc.reload import bake_quantized_weights, load_quantized, probe_logits
+from fair_calib_llmc.io.checkpoint import save_atomically
+from fair_calib_llmc.io.corpus import shipped_texts
+from fair_calib_llmc.io.default_model import load_default_model
+from fair_calib_llmc.io.loading import default_device
+from fair_calib_llmc.io.reload import load_quantized, probe_logits
+from fair_calib_llmc.models import LM_HEAD
 
 SCHEMES = ["W4A4_G128_PACKED", "W4A4_CHANNEL_PACKED", "W4A4", "NVFP4"]
 METHODS = {"rtn": QuantizationModifier, "gptq": GPTQModifier}
-IGNORE = [r"re:^model\.transformer\.ff_out$"]
+IGNORE = [LM_HEAD]
 
 
 def _quantized(scheme: str, method: str, dtype: torch.dtype, device: str):
@@ -82,7 +85,7 @@ def check(scheme: str, method: str, dtype: torch.dtype, device: str, root: Path)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16"])
     parser.add_argument("--schemes", nargs="+", default=SCHEMES)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

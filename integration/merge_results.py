@@ -3,7 +3,7 @@
     python integration/merge_results.py OUT RUN_DIR [RUN_DIR ...]
 
 Writes ``results.json``, ``results.md`` and ``flips.png`` for all rows of the runs into
-a new directory ``OUT`` (:func:`fair_calib_llmc.report.merge_results`), followed by each
+a new directory ``OUT`` (:func:`fair_calib_llmc.evaluation.report.merge_results`), followed by each
 run's own "Measured on ..." line (device, date, wall time, command).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fair_calib_llmc.report import merge_results
+from fair_calib_llmc.evaluation.report import merge_results
 
 
 def main(argv=None) -> None:

@@ -26,12 +26,13 @@ from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 
-from fair_calib_llmc.calibration import build_calibration_dataset
-from fair_calib_llmc.corpus import shipped_texts
-from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
-from fair_calib_llmc.learned_rotations import LearnedSpinQuantModifier
-from fair_calib_llmc.learned_rotations.ste import rtn_qparams
-from fair_calib_llmc.loading import load_model
+from fair_calib_llmc.io.corpus import shipped_texts
+from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR
+from fair_calib_llmc.io.loading import load_model
+from fair_calib_llmc.models import LM_HEAD
+from fair_calib_llmc.stage1.states import build_calibration_dataset
+from fair_calib_llmc.stage2.learned_rotations import LearnedSpinQuantModifier
+from fair_calib_llmc.stage2.learned_rotations.ste import rtn_qparams
 
 ACTS = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="token", dynamic=True)
 WEIGHTS = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128)
@@ -126,7 +127,7 @@ def main(argv=None) -> None:
                 QuantizationModifier(
                     scheme="W4A4_G128_PACKED",
                     targets=["Linear"],
-                    ignore=[r"re:^model\.transformer\.ff_out$"],
+                    ignore=[LM_HEAD],
                 ),
             ]
             errors = down_projection_errors(model, tokenizer, recipe, states, heldout)

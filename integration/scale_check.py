@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from fair_calib_llmc.benchmark import METHOD_RECIPES
-from fair_calib_llmc.corpus import chunk_text, stdlib_split
+from fair_calib_llmc.evaluation.demo import METHOD_RECIPES
+from fair_calib_llmc.io.corpus import chunk_text, stdlib_split
+from fair_calib_llmc.io.tokenization import train_bpe_tokenizer
 from fair_calib_llmc.models import LLaDAConfig, LLaDAModelLM
 from fair_calib_llmc.pipeline import quantize
-from fair_calib_llmc.tokenization import train_bpe_tokenizer
 
 LLADA_8B = dict(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288)
 

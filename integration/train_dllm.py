@@ -1,7 +1,7 @@
 """Train the project's own LLaDA-architecture dLLMs (deterministic for a seed and device).
 
 Corpus: the running interpreter's standard library, split by file into train / calibration /
-held-out (:mod:`fair_calib_llmc.corpus`); tokenizer: byte-level BPE trained offline on the
+held-out (:mod:`fair_calib_llmc.io.corpus`); tokenizer: byte-level BPE trained offline on the
 train split; objective: LLaDA's (``t ~ U(0,1]``, masked CE weighted ``1/t``).
 
 Presets:
@@ -41,8 +41,10 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from fair_calib_llmc.corpus import ASSETS, chunk_text, stdlib_split
-from fair_calib_llmc.metrics import elbo_perplexity
+from fair_calib_llmc.evaluation.metrics import elbo_perplexity
+from fair_calib_llmc.io.corpus import ASSETS, chunk_text, stdlib_split
+from fair_calib_llmc.io.loading import default_device
+from fair_calib_llmc.io.tokenization import train_bpe_tokenizer
 from fair_calib_llmc.models import (
     DreamConfig,
     DreamModel,
@@ -50,9 +52,8 @@ from fair_calib_llmc.models import (
     LLaDAModelLM,
     diffusion_spec,
 )
-from fair_calib_llmc.sampling import default_sampler
-from fair_calib_llmc.tokenization import train_bpe_tokenizer
-from fair_calib_llmc.training import train_masked_diffusion
+from fair_calib_llmc.models.training import train_masked_diffusion
+from fair_calib_llmc.sampling.samplers import default_sampler
 
 PRESETS = {
     "tiny": dict(
@@ -142,7 +143,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--max-seconds", type=float)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--out", required=True)
     parser.add_argument(
         "--write-shipped-data",

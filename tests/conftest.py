@@ -7,9 +7,10 @@ test fails collection.
 from __future__ import annotations
 
 import pytest
+import torch
 
+from fair_calib_llmc.io.tokenization import train_bpe_tokenizer
 from fair_calib_llmc.models import DreamModel, LLaDAModelLM
-from fair_calib_llmc.tokenization import train_bpe_tokenizer
 
 from .helpers import PACKAGE_SOURCES, dream_config, llada_config, sharpen
 
@@ -22,6 +23,17 @@ def pytest_collection_modifyitems(items):
     ]
     if unmarked:
         raise pytest.UsageError(f"mark these tests unit or integration: {unmarked}")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run many small ops; on a shared 2-core machine two intra-op threads spin
+    against each other and run 10-40x slower than one. Modules that run many tiny forwards ask
+    for it with ``pytestmark = pytest.mark.usefixtures("one_thread")`` (once per module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ if "WORLD_SIZE" in os.environ:  # torchrun; CPUs only, so gloo (init_dist picks 
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 import fair_calib_llmc  # noqa: E402
-import fair_calib_llmc.modifier as modifier  # noqa: E402
+import fair_calib_llmc.stage2.modifier as modifier  # noqa: E402
 
 fp_dir, texts_file, out_dir, dump, recipe = sys.argv[1:6]
 first_layer = []  # the least-squares inputs of layer 0's linears, as the modifier saw them

@@ -84,7 +84,7 @@ def masked_states(model, tokenizer, texts, max_prompts: int, prompt_length: int 
     """Stage I at test size: 16-token prompts, 16-step rollouts, 2 states per prompt."""
     from fair_calib_llmc import Stage1Settings, build_calibration_dataset
     from fair_calib_llmc.models import diffusion_spec
-    from fair_calib_llmc.sampling import default_sampler
+    from fair_calib_llmc.sampling.samplers import default_sampler
 
     sampler = default_sampler(diffusion_spec(model, tokenizer), gen_length=16)
     settings = Stage1Settings(sampler=sampler, prompt_length=prompt_length, states_per_prompt=2)
@@ -110,7 +110,7 @@ def tiny_causal_lm(tokenizer):
 
 _HOLD_LOCK = """
 import sys
-from fair_calib_llmc.checkpoint import output_lock
+from fair_calib_llmc.io.checkpoint import output_lock
 
 with output_lock(sys.argv[1]):
     print("locked", flush=True)
@@ -120,7 +120,7 @@ with output_lock(sys.argv[1]):
 
 @contextlib.contextmanager
 def output_locked_by_another_process(target: Path):
-    """Another process holding :func:`fair_calib_llmc.checkpoint.output_lock` on ``target``;
+    """Another process holding :func:`fair_calib_llmc.io.checkpoint.output_lock` on ``target``;
     yields its PID."""
     proc = subprocess.Popen(
         [sys.executable, "-c", _HOLD_LOCK, str(target)],

@@ -7,9 +7,9 @@ from functools import partial
 
 import pytest
 
-from fair_calib_llmc.benchmark import BenchmarkSettings, run_benchmark
-from fair_calib_llmc.corpus import shipped_texts
-from fair_calib_llmc.default_model import load_default_model
+from fair_calib_llmc.evaluation.demo import BenchmarkSettings, run_benchmark
+from fair_calib_llmc.io.corpus import shipped_texts
+from fair_calib_llmc.io.default_model import load_default_model
 
 pytestmark = pytest.mark.integration
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 from loguru import logger
 
-from fair_calib_llmc.calibration import (
+from fair_calib_llmc.models import diffusion_spec
+from fair_calib_llmc.sampling.samplers import DiffusionTrace, default_sampler
+from fair_calib_llmc.stage1.prior import PriorSettings
+from fair_calib_llmc.stage1.states import (
     Stage1Settings,
     build_calibration_dataset,
     prompts_from_texts,
 )
-from fair_calib_llmc.models import diffusion_spec
-from fair_calib_llmc.prior import PriorSettings
-from fair_calib_llmc.sampling import DiffusionTrace, default_sampler
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fair_calib_llmc import quantize
-from fair_calib_llmc.checkpoint import (
+from fair_calib_llmc.io.checkpoint import (
     OutputDirError,
     check_output_dir,
     expected_checkpoint_bytes,
@@ -173,7 +173,7 @@ _SLOW_SAVE = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from fair_calib_llmc.checkpoint import save_atomically
+    from fair_calib_llmc.io.checkpoint import save_atomically
 
     class SlowModel:
         def save_pretrained(self, path, **kwargs):

@@ -13,8 +13,8 @@ import pytest
 from loguru import logger
 
 import fair_calib_llmc_cli as cli
-from fair_calib_llmc.corpus import shipped_texts
-from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
+from fair_calib_llmc.io.corpus import shipped_texts
+from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR
 
 from .helpers import output_locked_by_another_process
 
@@ -111,7 +111,7 @@ def test_output_problems_fail_before_the_model_loads(capsys, tmp_path, monkeypat
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the output directory was checked")
 
-    monkeypatch.setattr("fair_calib_llmc.commands.load_model", no_loading)
+    monkeypatch.setattr("fair_calib_llmc.cli.commands.load_model", no_loading)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("keep")
     base = ["quantize", "--recipe", "rtn_w4a4", "--output-dir"]
@@ -128,7 +128,7 @@ def test_second_quantize_into_one_directory_fails_before_the_model_loads(
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded although another run holds the directory")
 
-    monkeypatch.setattr("fair_calib_llmc.commands.load_model", no_loading)
+    monkeypatch.setattr("fair_calib_llmc.cli.commands.load_model", no_loading)
     out = tmp_path / "out"
     argv = ["quantize", "--recipe", "rtn_w4a4", "--output-dir", str(out), "--overwrite"]
     with output_locked_by_another_process(out) as pid:
@@ -198,8 +198,8 @@ def test_quantize_by_recipe_name_from_another_directory(capsys, tmp_path, monkey
 
 def test_parser_lists_what_the_package_offers():
     """The light parser repeats a few names it cannot import; keep them in step."""
-    from fair_calib_llmc.benchmark import METHOD_RECIPES
-    from fair_calib_llmc.loading import DTYPES
+    from fair_calib_llmc.evaluation.demo import METHOD_RECIPES
+    from fair_calib_llmc.io.loading import DTYPES
     from fair_calib_llmc.recipe import shipped_recipes
 
     assert cli.DTYPES == tuple(DTYPES)

@@ -7,7 +7,7 @@ import json
 import pytest
 from datasets import Dataset
 
-from fair_calib_llmc.data import load_texts
+from fair_calib_llmc.io.data import load_texts
 
 pytestmark = pytest.mark.unit
 

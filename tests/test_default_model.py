@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fair_calib_llmc.corpus import shipped_texts
-from fair_calib_llmc.default_model import load_default_model
-from fair_calib_llmc.metrics import elbo_perplexity
+from fair_calib_llmc.evaluation.metrics import elbo_perplexity
+from fair_calib_llmc.io.corpus import shipped_texts
+from fair_calib_llmc.io.default_model import load_default_model
 from fair_calib_llmc.models import LLaDAModelLM
 
 pytestmark = pytest.mark.unit

@@ -12,30 +12,20 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 
 import fair_calib_llmc_cli as cli
-from fair_calib_llmc.checkpoint import OutputDirError
-from fair_calib_llmc.corpus import shipped_texts
-from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR, load_default_model
 from fair_calib_llmc.evaluation import compare, diagnose
 from fair_calib_llmc.evaluation.decisions import METRICS, write_results
+from fair_calib_llmc.io.checkpoint import OutputDirError
+from fair_calib_llmc.io.corpus import shipped_texts
+from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR, load_default_model
 from fair_calib_llmc.models import LLaDAModelLM
-from fair_calib_llmc.reload import save_and_verify
+from integration.reload_exactness import save_and_verify
 
 from .helpers import llada_config, save_with_tokenizer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 SMALL = ["--seeds", "0", "1", "--eval-prompts", "3", "--gen-length", "8", "--elbo-texts", "2"]
 SMALL += ["--device", "cpu"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run many small ops; on a shared 2-core machine two intra-op threads spin
-    against each other and run 10-40x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cli(argv):
@@ -258,7 +248,7 @@ def test_diagnose_variants_layers_and_plots(rtn_w4a4, tmp_path):
 
 def test_layer_scan_quantizes_exactly_one_layer():
     model, _ = load_default_model()
-    layers = diagnose.decoder_layers(model)
+    layers = diagnose.layer_linears(model)
     assert len(layers) == 4 and all(len(linears) == 7 for _, linears in layers)
     scheme = diagnose._only(layers[2][1], diagnose.variant_schemes()["W4A4"])
     model = oneshot(model=model, recipe=QuantizationModifier(config_groups={"g": scheme}))

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from fair_calib_llmc.loading import load_model
+from fair_calib_llmc.io.loading import load_model
+from fair_calib_llmc.io.reload import load_quantized
 from fair_calib_llmc.pipeline import quantize
 from fair_calib_llmc.recipe import RecipeError, load_recipe
-from fair_calib_llmc.reload import load_quantized
 
 from .helpers import saved
 

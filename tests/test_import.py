@@ -116,7 +116,7 @@ def test_our_lazy_import_of_llmcompressor_registers_too():
 
 
 def test_modules_the_hook_imports_do_not_import_llmcompressor_themselves():
-    """The hook imports fair_calib_llmc.modifier and .rotations while llm-compressor finishes
+    """The hook imports fair_calib_llmc.stage2.modifier and .rotations while llm-compressor finishes
     importing; a module of ours that they import and that imports llm-compressor at import
     time would be half-initialised then (``cannot import name ... partially initialized``)."""
     out = _python(
@@ -132,7 +132,7 @@ def test_modules_the_hook_imports_do_not_import_llmcompressor_themselves():
 
         package = Path(fair_calib_llmc.__file__).parent
         needed = set()
-        for hooked in ("modifier.py", "rotations.py"):
+        for hooked in ("stage2/modifier.py", "stage2/rotations.py"):
             for node in ast.walk(ast.parse((package / hooked).read_text())):
                 if isinstance(node, ast.ImportFrom) and node.module.startswith("fair_calib"):
                     needed.add(node.module)
@@ -147,8 +147,8 @@ def test_modules_the_hook_imports_do_not_import_llmcompressor_themselves():
 def test_a_module_of_ours_imported_first_still_registers():
     out = _python(
         """
-        from fair_calib_llmc.calibration import Stage1Settings
-        from fair_calib_llmc.sensitivity import decoder_layers
+        from fair_calib_llmc.stage1.states import Stage1Settings
+        from fair_calib_llmc.models.layers import named_decoder_layers
         from llmcompressor.modifiers.factory import ModifierFactory
         assert "FAIRCalibModifier" in ModifierFactory._registered_registry
         """

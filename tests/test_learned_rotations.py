@@ -13,24 +13,27 @@ from llmcompressor import oneshot
 from pydantic import ValidationError
 from transformers import AutoModel
 
-from fair_calib_llmc.learned_rotations import ExactSpinQuantModifier, LearnedSpinQuantModifier
-from fair_calib_llmc.learned_rotations.cayley import CayleyAdam, cayley, orthogonality_error
-from fair_calib_llmc.learned_rotations.objectives import masked_log_probs, output_kl
-from fair_calib_llmc.learned_rotations.online import (
+from fair_calib_llmc.models import DiffusionLMSpec
+from fair_calib_llmc.pipeline import quantize
+from fair_calib_llmc.recipe import load_recipe
+from fair_calib_llmc.stage2.learned_rotations import (
+    ExactSpinQuantModifier,
+    LearnedSpinQuantModifier,
+)
+from fair_calib_llmc.stage2.learned_rotations.cayley import CayleyAdam, cayley, orthogonality_error
+from fair_calib_llmc.stage2.learned_rotations.objectives import masked_log_probs, output_kl
+from fair_calib_llmc.stage2.learned_rotations.online import (
     SAVED_TYPE,
     attach_online_rotation,
     hadamard_start,
 )
-from fair_calib_llmc.learned_rotations.rotated_linear import (
+from fair_calib_llmc.stage2.learned_rotations.rotated_linear import (
     RotationSites,
     fuse_rotation,
     rotate,
     rotated_forward,
 )
-from fair_calib_llmc.learned_rotations.ste import ste_quantize
-from fair_calib_llmc.models import DiffusionLMSpec
-from fair_calib_llmc.pipeline import quantize
-from fair_calib_llmc.recipe import load_recipe
+from fair_calib_llmc.stage2.learned_rotations.ste import ste_quantize
 
 from .helpers import masked_states, saved
 

@@ -10,7 +10,7 @@ import torch
 from llmcompressor import oneshot
 from transformers import AutoModel
 
-from fair_calib_llmc.checkpoint import save_atomically
+from fair_calib_llmc.io.checkpoint import save_atomically
 from fair_calib_llmc.models import diffusion_spec
 from fair_calib_llmc.recipe import shipped_recipes
 

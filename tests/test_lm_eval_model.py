@@ -26,26 +26,16 @@ from fair_calib_llmc.evaluation.harness import (  # noqa: E402
     masked_diffusion_loglikelihood,
 )
 from fair_calib_llmc.models import DreamModel, LLaDAModelLM, diffusion_spec  # noqa: E402
-from fair_calib_llmc.sampling import sampler_for  # noqa: E402
+from fair_calib_llmc.sampling.samplers import sampler_for  # noqa: E402
 
 from .helpers import dream_config, llada_config, save_with_tokenizer, sharpen  # noqa: E402
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = REPO / "tests" / "lm_eval_tasks"
 GEN_TOKENS = 8  # the generation task's max_gen_toks
 MC_SAMPLES = 64  # every continuation of <= 6 tokens is then scored exactly
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run many small ops; on a shared 2-core machine two intra-op threads spin
-    against each other and run 10-40x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +291,7 @@ def test_nvfp4_fp32_checkpoint_scores_like_the_model_that_was_saved(tokenizer, t
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
-    from fair_calib_llmc.checkpoint import save_atomically
+    from fair_calib_llmc.io.checkpoint import save_atomically
 
     model = sharpen(LLaDAModelLM(llada_config(tokenizer)), seed=5)
     fp_dir = save_with_tokenizer(model, tokenizer, tmp_path / "fp")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fair_calib_llmc.default_model import DEFAULT_MODEL_DIR
-from fair_calib_llmc.loading import load_model, resolve_device, resolve_dtype
+from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR
+from fair_calib_llmc.io.loading import load_model, resolve_device, resolve_dtype
 
 from .helpers import save_with_tokenizer
 
@@ -70,7 +70,7 @@ def test_unreachable_hub_fails_fast_with_the_fix(tmp_path):
     code = textwrap.dedent(
         """
         import time
-        from fair_calib_llmc.loading import load_model
+        from fair_calib_llmc.io.loading import load_model
         from transformers import AutoModel, AutoTokenizer  # imports are not what is timed
         start = time.monotonic()
         try:

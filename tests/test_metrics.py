@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity
-from fair_calib_llmc.sampling import DreamSampler, LLaDASampler
+from fair_calib_llmc.evaluation.metrics import compare_decisions, elbo_perplexity
+from fair_calib_llmc.sampling.samplers import DreamSampler, LLaDASampler
 
 pytestmark = pytest.mark.unit
 

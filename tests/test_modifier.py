@@ -95,7 +95,7 @@ def test_zero_weight_token_has_no_effect():
 
 @pytest.mark.unit
 def test_fp_target_is_the_weighted_least_squares_weight():
-    from fair_calib_llmc.reconstruction import fp_target_weight
+    from fair_calib_llmc.stage2.reconstruction import fp_target_weight
 
     torch.manual_seed(4)
     x = torch.randn(400, 12)
@@ -118,7 +118,7 @@ def test_fp_target_is_the_weighted_least_squares_weight():
 def test_weighted_and_uniform_fits_differ_where_the_frontier_differs():
     """Two token populations need different corrections; the weighted fit serves the
     heavily weighted one (the "frontier") better than the uniform fit does."""
-    from fair_calib_llmc.reconstruction import fp_target_weight
+    from fair_calib_llmc.stage2.reconstruction import fp_target_weight
 
     torch.manual_seed(5)
     x = torch.randn(2, 200, 12)
@@ -222,7 +222,7 @@ def test_batched_calibration_gives_the_same_statistics(
     stream, token weights and statistics must line up row by row, so batching changes only
     the order of float sums. (The checkpoints themselves may differ: W4A4 GPTQ roundings
     flip on float-level differences of the Hessian.)"""
-    import fair_calib_llmc.modifier as modifier_module
+    import fair_calib_llmc.stage2.modifier as modifier_module
 
     saved(dream, tokenizer, tmp_path / "fp")
     statistics = {}

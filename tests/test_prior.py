@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from fair_calib_llmc.prior import (
+from fair_calib_llmc.sampling.samplers import DiffusionTrace
+from fair_calib_llmc.stage1.prior import (
     PriorSettings,
     estimate_prior,
     frontier_hits,
     normalise_weights,
 )
-from fair_calib_llmc.sampling import DiffusionTrace
 
 pytestmark = pytest.mark.unit
 
@@ -98,7 +98,7 @@ def test_state_weights_follow_the_states_own_rollout():
 
 
 def test_state_instability_counts_disagreement_only_while_masked():
-    from fair_calib_llmc.prior import state_instability
+    from fair_calib_llmc.stage1.prior import state_instability
 
     # margin_mix=0: instability is 1 - agreement; pos3 disagrees at step 0 only
     assert state_instability(_trace(), 0, margin_mix=0.0)[0].tolist() == [0.0, 0.0, 1.0]

@@ -1,5 +1,5 @@
 """Exact reload of every offered scheme on the built-in default model (CPU, fp32 and bf16),
-including the two causes of inexact reloads that fair_calib_llmc.reload removes."""
+including the two causes of inexact reloads that fair_calib_llmc.io.reload removes."""
 
 from __future__ import annotations
 
@@ -12,31 +12,20 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from transformers import AutoModel
 
-from fair_calib_llmc.checkpoint import save_atomically
-from fair_calib_llmc.corpus import shipped_texts
-from fair_calib_llmc.default_model import load_default_model
-from fair_calib_llmc.reload import (
+from fair_calib_llmc.io.checkpoint import save_atomically
+from fair_calib_llmc.io.corpus import shipped_texts
+from fair_calib_llmc.io.default_model import load_default_model
+from fair_calib_llmc.io.reload import load_quantized, probe_logits
+from integration.reload_exactness import (
     ReloadMismatchError,
     bake_quantized_weights,
-    load_quantized,
-    probe_logits,
     reload_logit_difference,
     save_and_verify,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 IGNORE = [r"re:^model\.transformer\.ff_out$"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run many small ops; on a shared 2-core machine two intra-op threads spin
-    against each other and run 10-40x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _rtn(scheme: str, dtype: torch.dtype):
@@ -108,10 +97,10 @@ def test_bf16_rtn_reload_differs_as_on_cuda_unless_baked(save_quantizes_like_cud
 
 
 def test_a_mismatch_fails_loudly(save_quantizes_like_cuda, monkeypatch, tmp_path):
-    import fair_calib_llmc.reload as reload
+    import integration.reload_exactness as reload_exactness
 
     model, tokenizer = _rtn("W4A4_G128_PACKED", torch.bfloat16)
-    monkeypatch.setattr(reload, "bake_quantized_weights", lambda model: 0)
+    monkeypatch.setattr(reload_exactness, "bake_quantized_weights", lambda model: 0)
     with pytest.raises(ReloadMismatchError, match="reloads with logits up to"):
         save_and_verify(model, tokenizer, tmp_path / "q")
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fair_calib_llmc.report import merge_results, summarise, write_results
+from fair_calib_llmc.evaluation.report import merge_results, summarise, write_results
 
 pytestmark = pytest.mark.unit
 
@@ -37,7 +37,7 @@ def test_written_files(tmp_path):
 
 
 def test_paired_differences_match_seeds_and_skip_failed_runs(tmp_path):
-    from fair_calib_llmc.report import paired_differences
+    from fair_calib_llmc.evaluation.report import paired_differences
 
     rows = [
         _row("quarot+gptq", 0, 0.10, 0),
@@ -88,7 +88,7 @@ def test_merged_seed_runs_equal_one_run_and_reject_overlaps(tmp_path):
 
 
 def test_diagnose_curves_get_one_panel_per_precision(tmp_path, monkeypatch):
-    from fair_calib_llmc import plots
+    from fair_calib_llmc.evaluation import plots
     from fair_calib_llmc.evaluation.decisions import plot_rows
     from fair_calib_llmc.evaluation.diagnose import variant_panels, variant_styles
 

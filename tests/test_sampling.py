@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from fair_calib_llmc.models import diffusion_spec
-from fair_calib_llmc.sampling import DreamSampler, LLaDASampler, progress, sampler_for
+from fair_calib_llmc.sampling.samplers import DreamSampler, LLaDASampler, progress, sampler_for
 
 pytestmark = pytest.mark.unit
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fair_calib_llmc.calibration import Stage1Settings, build_calibration_dataset
 from fair_calib_llmc.models import diffusion_spec
 from fair_calib_llmc.models.family import align_logits
-from fair_calib_llmc.prior import PriorSettings
-from fair_calib_llmc.sampling import default_sampler
-from fair_calib_llmc.sensitivity import layer_sensitivity
+from fair_calib_llmc.sampling.samplers import default_sampler
+from fair_calib_llmc.stage1.prior import PriorSettings
+from fair_calib_llmc.stage1.sensitivity import layer_sensitivity
+from fair_calib_llmc.stage1.states import Stage1Settings, build_calibration_dataset
 
 pytestmark = pytest.mark.unit
 

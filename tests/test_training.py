@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fair_calib_llmc.models import LLaDAModelLM
-from fair_calib_llmc.training import train_masked_diffusion
+from fair_calib_llmc.models.training import train_masked_diffusion
 
 from .helpers import llada_config
 

@@ -9,7 +9,7 @@ import torch
 from llmcompressor import oneshot
 from transformers import AutoModel
 
-from fair_calib_llmc.checkpoint import save_atomically
+from fair_calib_llmc.io.checkpoint import save_atomically
 from fair_calib_llmc.recipe import shipped_recipes
 
 from .helpers import masked_states, saved

@@ -17,7 +17,7 @@ from compressed_tensors.offload import init_dist
 from transformers import AutoModel, AutoTokenizer
 
 import fair_calib_llmc
-from fair_calib_llmc.corpus import shipped_texts
+from fair_calib_llmc.io.corpus import shipped_texts
 
 init_dist()  # NCCL process group from torchrun's environment, one GPU per process
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import random
 
-from fair_calib_llmc.corpus import shipped_texts
 from fair_calib_llmc.evaluation import LM_EVAL_TASKS
+from fair_calib_llmc.io.corpus import shipped_texts
 
 TASKS = LM_EVAL_TASKS
 ITEMS, CONTEXT_LINES, MAX_LINE = 48, 4, 60

@@ -12,7 +12,7 @@ from llmcompressor import oneshot
 from transformers import AutoModel, AutoTokenizer
 
 import fair_calib_llmc  # registers LLaDA / Dream, FAIRCalibModifier and the W4A4 schemes
-from fair_calib_llmc.corpus import shipped_texts
+from fair_calib_llmc.io.corpus import shipped_texts
 
 MODEL_ID = "tiny-dream"  # or "Dream-org/Dream-v0-Instruct-7B"
 if MODEL_ID == "tiny-dream" and not Path(MODEL_ID).exists():

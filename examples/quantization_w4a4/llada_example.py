@@ -9,7 +9,7 @@ from llmcompressor import oneshot
 from transformers import AutoModel, AutoTokenizer
 
 import fair_calib_llmc  # registers LLaDA / Dream, FAIRCalibModifier and the W4A4 schemes
-from fair_calib_llmc.corpus import shipped_texts
+from fair_calib_llmc.io.corpus import shipped_texts
 
 # Select model and load it (no trust_remote_code: the LLaDA classes are fair_calib_llmc's).
 MODEL_ID = str(fair_calib_llmc.DEFAULT_MODEL_DIR)  # or "GSAI-ML/LLaDA-8B-Instruct"

@@ -8,7 +8,7 @@ perplexity on held-out texts. Written to ``STUDENT/evaluation/`` unless ``--out`
 ``results.json`` (every seed's row with per-step and per-position flip rates), ``results.md``
 (mean ± half-range over seeds) and ``flips_per_step.png`` / ``flips_per_position.png``
 (averaged over seeds). The output directory is checked before any work, with ``quantize``'s
-rules (:func:`~fair_calib_llmc.checkpoint.check_results_dir`): a non-empty one (a rerun's
+rules (:func:`~fair_calib_llmc.io.checkpoint.check_results_dir`): a non-empty one (a rerun's
 ``STUDENT/evaluation/`` too) needs ``--overwrite``, and no other directory inside a model
 directory is accepted.
 
@@ -26,9 +26,6 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from fair_calib_llmc.checkpoint import check_results_dir, output_lock
-from fair_calib_llmc.corpus import shipped_texts
-from fair_calib_llmc.data import load_texts
 from fair_calib_llmc.evaluation.decisions import (
     DecisionSettings,
     check_pair,
@@ -39,6 +36,10 @@ from fair_calib_llmc.evaluation.decisions import (
     teacher_rollouts,
     write_results,
 )
+from fair_calib_llmc.io.checkpoint import check_results_dir, output_lock
+from fair_calib_llmc.io.corpus import shipped_texts
+from fair_calib_llmc.io.data import load_texts
+from fair_calib_llmc.io.loading import default_device, resolve_dtype
 
 __all__ = ["evaluate_checkpoints", "run"]
 
@@ -70,7 +71,7 @@ def evaluate_checkpoints(
         default=default,
     )
     with output_lock(out_dir):  # a second run into out_dir fails now, not at the end
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         texts = texts if texts is not None else shipped_texts("heldout")
         start = time.monotonic()
         teacher, tokenizer = load_checkpoint(teacher_dir, dtype=dtype, device=device)
@@ -114,10 +115,6 @@ def settings_from_args(args: argparse.Namespace) -> DecisionSettings:
     )
 
 
-def dtype_from_args(args: argparse.Namespace):
-    return args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-
-
 def run(args: argparse.Namespace) -> dict:
     texts = load_texts(args.dataset) if args.dataset else None
     result = evaluate_checkpoints(
@@ -127,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
         settings_from_args(args),
         out_dir=args.out,
         overwrite=args.overwrite,
-        dtype=dtype_from_args(args),
+        dtype=resolve_dtype(args.dtype),
         device=args.device,
     )
     print(result["table"])

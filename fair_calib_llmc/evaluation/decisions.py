@@ -3,7 +3,8 @@ seed, summaries over seeds, and the files written next to the results.
 
 A seed fixes which prompts are drawn from the user's texts and the sampler's noise; the teacher
 is rolled out once per seed and every student replays the same traces
-(:func:`fair_calib_llmc.metrics.compare_decisions`), so students differ only by their weights.
+(:func:`fair_calib_llmc.evaluation.metrics.compare_decisions`), so students differ only by
+their weights.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from fair_calib_llmc import report
-from fair_calib_llmc.calibration import check_prompt_count, prompts_from_texts
-from fair_calib_llmc.checkpoint import OutputDirError
-from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity
+from fair_calib_llmc.evaluation import report
+from fair_calib_llmc.evaluation.metrics import compare_decisions, elbo_perplexity
+from fair_calib_llmc.evaluation.plots import plot_seed_curves
+from fair_calib_llmc.evaluation.report import METRICS
+from fair_calib_llmc.io.checkpoint import OutputDirError
+from fair_calib_llmc.io.data import check_prompt_count, prompts_from_texts
+from fair_calib_llmc.io.reload import load_quantized
 from fair_calib_llmc.models.family import diffusion_spec
-from fair_calib_llmc.plots import plot_seed_curves
-from fair_calib_llmc.reload import load_quantized
-from fair_calib_llmc.sampling import sampler_for, teacher_traces
+from fair_calib_llmc.sampling.samplers import default_sampler, teacher_traces
 
 __all__ = [
     "DecisionSettings",
@@ -41,16 +43,6 @@ __all__ = [
     "write_results",
     "plot_rows",
 ]
-
-#: Per-row scalar metrics, in table order.
-METRICS = (
-    "frontier_flip_rate",
-    "post_commit_mismatch",
-    "first_divergence",
-    "kl_frontier",
-    "kl_non_frontier",
-    "elbo_ppl",
-)
 
 
 @dataclass
@@ -71,16 +63,14 @@ class DecisionSettings:
         check_prompt_count(self.eval_prompts, "eval_prompts")
 
     def sampler(self, spec):
-        settings = {"steps": self.gen_length, "gen_length": self.gen_length}
-        if spec.family == "llada":
-            settings["block_length"] = self.gen_length
+        overrides = {}
         if self.steps is not None:
-            settings["steps"] = self.steps
+            overrides["steps"] = self.steps
         if self.block_length is not None:
             if spec.family != "llada":
                 raise ValueError("--block-length is a LLaDA sampler setting; Dream has no blocks")
-            settings["block_length"] = self.block_length
-        return sampler_for(spec, **settings)
+            overrides["block_length"] = self.block_length
+        return default_sampler(spec, self.gen_length, **overrides)
 
 
 @dataclass
@@ -94,7 +84,7 @@ class SeedRollouts:
 
 def load_checkpoint(path: str | os.PathLike, *, dtype="auto", device=None):
     """(model, tokenizer) of a LLaDA / Dream checkpoint dir, FP or compressed, exactly as
-    saved (:func:`fair_calib_llmc.reload.load_quantized`); fails early on anything else."""
+    saved (:func:`fair_calib_llmc.io.reload.load_quantized`); fails early on anything else."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
@@ -180,12 +170,13 @@ def _elbo(model, heldout, settings: DecisionSettings, seed: int) -> float | None
 
 
 def summarise(rows: Sequence[dict], key: str = "name") -> list[dict]:
-    """:func:`fair_calib_llmc.report.summarise` over :data:`METRICS`, rows keyed by name."""
+    """:func:`fair_calib_llmc.evaluation.report.summarise` over :data:`METRICS`, rows keyed by
+    name."""
     return report.summarise(rows, key=key, metrics=METRICS)
 
 
 def markdown_table(summary: Sequence[dict], key: str = "name", metrics=METRICS) -> str:
-    """:func:`fair_calib_llmc.report.markdown_table` with this module's defaults."""
+    """:func:`fair_calib_llmc.evaluation.report.markdown_table` with this module's defaults."""
     return report.markdown_table(summary, key=key, metrics=metrics)
 
 
@@ -201,7 +192,7 @@ def write_results(
 ) -> dict:
     """``results.json``, ``results.md`` and the curves of :func:`plot_rows`; returns the
     paths written. Without ``overwrite`` an existing ``results.*`` is never replaced, not
-    even one that appeared after the up-front :func:`~fair_calib_llmc.checkpoint.
+    even one that appeared after the up-front :func:`~fair_calib_llmc.io.checkpoint.
     check_results_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"results.json": out_dir / "results.json", "results.md": out_dir / "results.md"}
@@ -222,7 +213,7 @@ def write_results(
 def plot_rows(out_dir: Path, rows: Sequence[dict], styles=None, panels=None) -> dict:
     """``flips_per_step.png`` and ``flips_per_position.png``: one curve per row name,
     averaged over that name's seeds (rows as in ``results.json``), in ``panels`` if given
-    (:func:`~fair_calib_llmc.plots.plot_seed_curves`)."""
+    (:func:`~fair_calib_llmc.evaluation.plots.plot_seed_curves`)."""
     paths = {}
     axes = (("flips_per_step", "sampler step"), ("flips_per_position", "answer position"))
     for series, xlabel in axes:

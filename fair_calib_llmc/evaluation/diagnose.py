@@ -40,11 +40,7 @@ from llmcompressor.modifiers.quantization import QuantizationModifier
 from loguru import logger
 from torch import nn
 
-from fair_calib_llmc.checkpoint import check_results_dir, output_lock
-from fair_calib_llmc.corpus import shipped_texts
-from fair_calib_llmc.data import load_texts
 from fair_calib_llmc.evaluation.compare import (
-    dtype_from_args,
     settings_from_args,
 )
 from fair_calib_llmc.evaluation.decisions import (
@@ -56,15 +52,19 @@ from fair_calib_llmc.evaluation.decisions import (
     teacher_rollouts,
     write_results,
 )
-from fair_calib_llmc.learned_rotations import ExactSpinQuantModifier
-from fair_calib_llmc.plots import plot_seed_bars
-from fair_calib_llmc.sampling import progress
-from fair_calib_llmc.schemes import check_scheme_name
+from fair_calib_llmc.evaluation.plots import plot_seed_bars
+from fair_calib_llmc.formats.schemes import check_scheme_name
+from fair_calib_llmc.io.checkpoint import check_results_dir, output_lock
+from fair_calib_llmc.io.corpus import shipped_texts
+from fair_calib_llmc.io.data import load_texts
+from fair_calib_llmc.io.loading import default_device, resolve_dtype
+from fair_calib_llmc.models.configs import LM_HEADS
+from fair_calib_llmc.models.layers import named_decoder_layers
+from fair_calib_llmc.sampling.samplers import progress
+from fair_calib_llmc.stage2.learned_rotations import ExactSpinQuantModifier
 
-__all__ = ["diagnose_model", "variant_schemes", "decoder_layers", "refuse_quantized", "run"]
+__all__ = ["diagnose_model", "variant_schemes", "layer_linears", "refuse_quantized", "run"]
 
-#: Modules never quantized: the LM heads of both families (as in the shipped recipes).
-LM_HEADS = ["lm_head", r"re:^model\.transformer\.ff_out$"]
 ROTATIONS = dict(rotations=["R1", "R2", "R4"], transform_type="random-hadamard")
 
 
@@ -85,22 +85,24 @@ def variant_schemes(scheme: str = "W4A4_G128_PACKED") -> dict[str, QuantizationS
     }
 
 
-def decoder_layers(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """``[(layer name, [its Linear module names])]`` of the decoder stack (the first
-    ``ModuleList`` whose children hold Linear layers: LLaDA's ``blocks``, Dream's ``layers``)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            layers = []
-            for index, layer in enumerate(module):
-                linears = [
-                    f"{name}.{index}.{sub}"
-                    for sub, child in layer.named_modules()
-                    if isinstance(child, nn.Linear)
-                ]
-                layers.append((f"{name}.{index}", linears))
-            if all(linears for _, linears in layers):
-                return layers
-    raise ValueError(f"{type(model).__name__} has no ModuleList of decoder layers with Linears")
+def layer_linears(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """``[(layer name, [its Linear module names])]`` of the decoder stack
+    (:func:`~fair_calib_llmc.models.layers.named_decoder_layers`: LLaDA's ``blocks``, Dream's
+    ``layers``)."""
+    layers = [
+        (
+            name,
+            [
+                f"{name}.{sub}"
+                for sub, child in layer.named_modules()
+                if isinstance(child, nn.Linear)
+            ],
+        )
+        for name, layer in named_decoder_layers(model)
+    ]
+    if not all(linears for _, linears in layers):
+        raise ValueError(f"{type(model).__name__} has decoder layers without Linears")
+    return layers
 
 
 def needs_calibration(scheme: QuantizationScheme) -> bool:
@@ -117,7 +119,7 @@ def _quantized(
     ``calibration`` texts where the activations need calibrated scales."""
     model, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
     recipe = [ExactSpinQuantModifier(**ROTATIONS)] if rotate else []
-    recipe.append(QuantizationModifier(config_groups={"group_0": scheme}, ignore=LM_HEADS))
+    recipe.append(QuantizationModifier(config_groups={"group_0": scheme}, ignore=list(LM_HEADS)))
     if not needs_calibration(scheme):
         return oneshot(model=model, recipe=recipe)
     dataset = Dataset.from_dict({"text": list(calibration)[:CALIBRATION_TEXTS]})
@@ -177,7 +179,7 @@ def diagnose_model(
         overwrite=overwrite,
     )
     schemes = variant_schemes(scheme)  # an unknown scheme fails here, before any work
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     # static activation scales (NVFP4's global scale) come from the shipped calibration text,
     # or from the user's own texts when given
     calibration = shipped_texts("calibration") if texts is None else texts
@@ -201,7 +203,7 @@ def diagnose_model(
 
         layer_rows = []
         if layer_scan:
-            for layer, linears in progress(decoder_layers(teacher), desc="per-layer W4A4 scan"):
+            for layer, linears in progress(layer_linears(teacher), desc="per-layer W4A4 scan"):
                 student = _quantized(
                     model_dir, dtype, device, _only(linears, schemes["W4A4"]), False, calibration
                 )
@@ -306,7 +308,7 @@ def run(args: argparse.Namespace) -> dict:
         layer_scan=not args.no_layer_scan,
         out_dir=args.out,
         overwrite=args.overwrite,
-        dtype=dtype_from_args(args),
+        dtype=resolve_dtype(args.dtype),
         device=args.device,
     )
     print(result["markdown"])

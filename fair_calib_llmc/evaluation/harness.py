@@ -13,7 +13,7 @@ or ``lm-eval-dllm ...`` (the same, installed as a script), or from Python after
 
 The three request types, as the LLaDA / Dream authors evaluate:
 
-* ``generate_until``: the family's own sampler (:mod:`fair_calib_llmc.sampling`; LLaDA:
+* ``generate_until``: the family's own sampler (:mod:`fair_calib_llmc.sampling.samplers`; LLaDA:
   ``steps``, ``block_length``, ``remasking``; Dream: ``steps``, ``alg``, ``alg_temp``,
   ``top_p``, ``top_k``; both: ``temperature``) writes ``gen_length`` tokens (default: the
   task's ``max_gen_toks``); the answer is cut at the first end-of-text token and then at the
@@ -31,7 +31,7 @@ The three request types, as the LLaDA / Dream authors evaluate:
   ``max_length`` tokens, summed.
 
 ``pretrained`` is a checkpoint directory (full precision or compressed-tensors, loaded with
-:func:`fair_calib_llmc.reload.load_quantized`, which reproduces the saved model exactly in fp32
+:func:`fair_calib_llmc.io.reload.load_quantized`, which reproduces the saved model exactly in fp32
 and bf16) or an in-memory model (then pass ``tokenizer``).
 """
 
@@ -56,15 +56,26 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from fair_calib_llmc.evaluation import LM_EVAL_MODEL_NAME, LM_EVAL_TASKS
+from fair_calib_llmc.io.loading import default_device
+from fair_calib_llmc.io.reload import load_quantized, restore_decompressed
 from fair_calib_llmc.models.family import denoiser_logits, diffusion_spec
-from fair_calib_llmc.reload import load_quantized, restore_decompressed
-from fair_calib_llmc.sampling import LLaDASampler, sampler_for
+from fair_calib_llmc.sampling.samplers import (
+    DreamSampler,
+    LLaDASampler,
+    sampler_for,
+    sampler_settings,
+)
 
 __all__ = ["DiffusionHarnessLM", "ModelArgumentError", "masked_diffusion_loglikelihood", "main"]
 
+#: sampler fields a request decides (``gen_length``) or that are not settings of the sampling
+_NOT_MODEL_ARGS = {"family", "gen_length", "show_progress"}
+#: family -> the sampler settings its model arguments may set: the sampler class's own fields
 _SAMPLER_KEYS = {
-    "llada": ("steps", "block_length", "remasking", "temperature"),
-    "dream": ("steps", "alg", "alg_temp", "top_p", "top_k", "temperature", "eps"),
+    sampler.model_fields["family"].default: tuple(
+        name for name in sampler.model_fields if name not in _NOT_MODEL_ARGS
+    )
+    for sampler in (LLaDASampler, DreamSampler)
 }
 
 
@@ -217,7 +228,7 @@ class DiffusionHarnessLM(TemplateLM):
         self._batch_size = int(batch_size or 1)
         if self._batch_size < 1 or int(mc_samples) < 1:
             raise ModelArgumentError("batch_size and mc_samples must be positive integers")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         self._device = torch.device(device)
 
         if isinstance(pretrained, nn.Module):
@@ -359,11 +370,8 @@ class DiffusionHarnessLM(TemplateLM):
 
     # --- generation ---------------------------------------------------------------------------
     def _sampler(self, gen_length: int, temperature: float):
-        settings = {"gen_length": gen_length, "temperature": temperature}
-        settings.setdefault("steps", gen_length)
-        if self.spec.family == "llada":
-            settings["block_length"] = gen_length
-        settings.update(self.sampler_settings)
+        overrides = {"temperature": temperature, **self.sampler_settings}
+        settings = sampler_settings(self.spec, gen_length, **overrides)
         try:
             return sampler_for(self.spec, **settings)
         except ValueError as error:  # pydantic's ValidationError is a ValueError

@@ -18,6 +18,7 @@ from fair_calib_llmc.models.configs import (
     DREAM_MASK_TOKEN_ID,
     LLADA_MASK_TOKEN_ID,
     LM_HEAD,
+    LM_HEADS,
     DreamConfig,
     LLaDAConfig,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "align_logits",
     "denoiser_logits",
     "LM_HEAD",
+    "LM_HEADS",
     "LLADA_MASK_TOKEN_ID",
     "DREAM_MASK_TOKEN_ID",
     "CONFIGS",

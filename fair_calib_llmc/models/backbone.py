@@ -3,7 +3,7 @@
 Each family names its modules differently (``transformer.wte/blocks/ln_f`` vs
 ``embed_tokens/layers/norm``) but runs the same steps: embed, rotary position embeddings,
 padding-only attention mask, every layer, final norm. The families expose their modules through
-``get_input_embeddings``, ``decoder_layers`` and ``final_norm`` and inherit the rest here. The
+``get_input_embeddings``, ``layer_stack`` and ``final_norm`` and inherit the rest here. The
 loop stays in a module ``forward`` so llm-compressor's sequential tracer can cut it per layer.
 """
 
@@ -30,7 +30,7 @@ class BidirectionalStackMixin:
     attention_mask: BidirectionalMask
     rotary_emb: nn.Module
 
-    def decoder_layers(self) -> nn.ModuleList:
+    def layer_stack(self) -> nn.ModuleList:
         raise NotImplementedError
 
     def final_norm(self) -> nn.Module:
@@ -54,7 +54,7 @@ class BidirectionalStackMixin:
 
         hidden_states = inputs_embeds
         all_hidden = (hidden_states,) if output_hidden_states else None
-        for layer in self.decoder_layers():
+        for layer in self.layer_stack():
             hidden_states = layer(
                 hidden_states, attention_mask=mask, position_embeddings=position_embeddings
             )

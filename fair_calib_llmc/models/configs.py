@@ -19,12 +19,16 @@ __all__ = [
     "LLADA_MASK_TOKEN_ID",
     "DREAM_MASK_TOKEN_ID",
     "LM_HEAD",
+    "LM_HEADS",
 ]
 
 #: Mask token of the public LLaDA-8B tokenizer.
 LLADA_MASK_TOKEN_ID = 126336
 #: Regex naming the LM head only (not the blocks' down projections, also called ``ff_out``).
 LM_HEAD = r"re:^model\.transformer\.ff_out$"
+#: The LM heads of both families (Dream's ``lm_head``, LLaDA's :data:`LM_HEAD`): the modules a
+#: W4A4 recipe leaves unquantized (the shipped recipes spell the same two in YAML).
+LM_HEADS = ("lm_head", LM_HEAD)
 
 _SUPPORTED = {
     "block_type": ("llama",),

@@ -60,7 +60,7 @@ class DreamBaseModel(BidirectionalStackMixin, DreamPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
-    def decoder_layers(self) -> nn.ModuleList:
+    def layer_stack(self) -> nn.ModuleList:
         return self.layers
 
     def final_norm(self) -> nn.Module:

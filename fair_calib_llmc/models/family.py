@@ -15,7 +15,12 @@ import torch
 from loguru import logger
 from torch import nn
 
-from fair_calib_llmc.models.configs import DreamConfig, LLaDAConfig
+from fair_calib_llmc.models.configs import (
+    DREAM_MASK_TOKEN_ID,
+    LLADA_MASK_TOKEN_ID,
+    DreamConfig,
+    LLaDAConfig,
+)
 
 __all__ = ["DiffusionLMSpec", "diffusion_spec", "align_logits", "denoiser_logits"]
 
@@ -60,7 +65,8 @@ def diffusion_spec(model: nn.Module, tokenizer=None) -> DiffusionLMSpec:
         raise ValueError(
             f"{type(model).__name__} has no mask token: neither config.mask_token_id nor the "
             "tokenizer's mask_token is set. Set config.mask_token_id to the id the model was "
-            "trained with (LLaDA-8B: 126336, Dream-7B: 151666) or add a mask_token to the "
+            f"trained with (LLaDA-8B: {LLADA_MASK_TOKEN_ID}, Dream-7B: {DREAM_MASK_TOKEN_ID}) or "
+            "add a mask_token to the "
             "tokenizer."
         )
     vocab = model.get_input_embeddings().num_embeddings

@@ -132,7 +132,7 @@ class LLaDAModel(BidirectionalStackMixin, LLaDAPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.wte
 
-    def decoder_layers(self) -> nn.ModuleList:
+    def layer_stack(self) -> nn.ModuleList:
         return self.transformer.blocks
 
     def final_norm(self) -> nn.Module:

@@ -1,6 +1,6 @@
 """Results people compare: ``results.json``, the ``results.md`` table and ``flips.png``.
 
-Rows come from :func:`fair_calib_llmc.benchmark.run_benchmark`, one per (method, seed), and
+Rows come from :func:`fair_calib_llmc.evaluation.demo.run_benchmark`, one per (method, seed), and
 ``per_step`` holds each method's flip rate per sampler step, one curve per seed. The table
 shows the mean over seeds with the min-max half range; the plot shows the mean curve over
 seeds.
@@ -15,6 +15,7 @@ from pathlib import Path
 __all__ = [
     "COLUMNS",
     "DISPLAY",
+    "METRICS",
     "REFERENCE_METHOD",
     "markdown_table",
     "merge_results",
@@ -27,14 +28,21 @@ __all__ = [
 #: The strongest baseline: every other row is also reported as a paired difference to it.
 REFERENCE_METHOD = "quarot+gptq"
 
-COLUMNS = [
-    "method",
+#: The decision-level metrics of every result row (benchmark, evaluate, diagnose), in table
+#: order: the one metric list.
+METRICS = (
     "frontier_flip_rate",
     "post_commit_mismatch",
     "first_divergence",
     "kl_frontier",
     "kl_non_frontier",
     "elbo_ppl",
+)
+
+#: The benchmark's columns: its row key, the decision metrics, then cost.
+COLUMNS = [
+    "method",
+    *METRICS,
     "stage1_seconds",
     "stage2_seconds",
     "peak_gpu_mib",

@@ -12,9 +12,10 @@ checkpoint exist with compressed-tensors 0.19.0, and this module removes both:
    the model that was evaluated. GPTQ-style modifiers write already-quantized weights (codes
    times scale), for which both divisions agree, so only RTN (``QuantizationModifier``) rows
    differed (H100 reference run: max abs logit difference 6.23 on every RTN W4A4 row; reproduced
-   on CPU by emulating the fp32 division: 6.56). :func:`bake_quantized_weights` writes
-   ``fake_quantize`` computed in fp32 into the weights once after calibration: both divisions
-   then land on the same codes on every device, and the codes are the accurate fp32 ones.
+   on CPU by emulating the fp32 division: 6.56). Writing ``fake_quantize`` computed in fp32
+   into the weights once after calibration (``bake_quantized_weights`` in
+   ``integration/reload_exactness.py``, a test and integration helper) makes both divisions
+   land on the same codes on every device, the accurate fp32 ones.
 2. **FP4 weights decompress to bf16.** compressed-tensors' NVFP4 decompressor unpacks FP4 to
    bf16 whatever the model's dtype (upstream: vllm-project/compressed-tensors #839, reverted in
    #858), so an fp32 model reloaded with plain ``from_pretrained`` fails on its first forward
@@ -24,8 +25,8 @@ checkpoint exist with compressed-tensors 0.19.0, and this module removes both:
    within 2**-9 of the FP4 grid point, so this recovers the exact codes and the exact fp32
    product. In bf16 plain ``from_pretrained`` is already exact.
 
-:func:`save_and_verify` does bake -> save -> reload -> compare and fails loudly on any
-difference; :func:`reload_logit_difference` only measures.
+The checks that bake, save, reload and compare (``save_and_verify``, ``reload_logit_difference``)
+live with the tests and integration scripts that use them: ``integration/reload_exactness.py``.
 """
 
 from __future__ import annotations
@@ -35,24 +36,11 @@ from pathlib import Path
 
 import torch
 from compressed_tensors.compressors import ModelCompressor
-from compressed_tensors.quantization import QuantizationStatus
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from torch import nn
 from transformers import AutoModel
 
-__all__ = [
-    "ReloadMismatchError",
-    "bake_quantized_weights",
-    "load_quantized",
-    "probe_logits",
-    "reload_logit_difference",
-    "restore_decompressed",
-    "save_and_verify",
-]
-
-
-class ReloadMismatchError(RuntimeError):
-    """A reloaded checkpoint computes other logits than the model that was saved."""
+__all__ = ["load_quantized", "probe_logits", "restore_decompressed"]
 
 
 def _weight_args(module: nn.Module):
@@ -69,25 +57,6 @@ def _fp32_fake_quantize(module: nn.Module, weight: torch.Tensor) -> torch.Tensor
         _weight_args(module),
         global_scale=None if global_scale is None else global_scale.float(),
     )
-
-
-@torch.no_grad()
-def bake_quantized_weights(model: nn.Module) -> int:
-    """Replace every statically quantized weight by its fp32 fake-quantized value (see the
-    module docstring, cause 1). Call once after ``oneshot`` and before saving; idempotent, a
-    no-op for fp32 models and for weights GPTQ already wrote. Returns the modules baked."""
-    baked = 0
-    for module in model.modules():
-        args = _weight_args(module)
-        status = getattr(module, "quantization_status", None)
-        if args is None or args.dynamic or status is None:
-            continue
-        if status >= QuantizationStatus.COMPRESSED or not hasattr(module, "weight_scale"):
-            continue
-        weight = module.weight
-        weight.data.copy_(_fp32_fake_quantize(module, weight).to(weight.dtype))
-        baked += 1
-    return baked
 
 
 @torch.no_grad()
@@ -137,29 +106,3 @@ def probe_logits(
     device = device if device is not None else next(model.parameters()).device
     probe = torch.arange(3, 3 + length, device=device)[None] % model.config.vocab_size
     return model(probe).logits.float().cpu()
-
-
-def reload_logit_difference(expected: torch.Tensor, path: str | os.PathLike, like: nn.Module):
-    """Max abs difference between ``expected`` (:func:`probe_logits` of the model before it
-    was saved) and the logits of ``load_quantized(path)`` in ``like``'s dtype and device."""
-    parameter = like.get_input_embeddings().weight
-    reloaded = load_quantized(path, dtype=parameter.dtype, device=parameter.device)
-    return float((probe_logits(reloaded) - expected).abs().max())
-
-
-def save_and_verify(model: nn.Module, tokenizer, output_dir: str | os.PathLike) -> Path:
-    """Bake, save atomically, reload and compare; raise :class:`ReloadMismatchError` (leaving
-    the checkpoint for inspection) unless the logits are identical. ``model`` stays usable."""
-    from fair_calib_llmc.checkpoint import save_atomically
-
-    bake_quantized_weights(model)
-    expected = probe_logits(model)
-    path = save_atomically(model, tokenizer, output_dir)
-    restore_decompressed(model)
-    difference = reload_logit_difference(expected, path, model)
-    if difference != 0.0:
-        raise ReloadMismatchError(
-            f"the checkpoint at {path} reloads with logits up to {difference:.4g} away from the "
-            "quantized model that was saved; report the scheme, dtype and device"
-        )
-    return path

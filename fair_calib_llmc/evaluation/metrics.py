@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fair_calib_llmc.models.family import DiffusionLMSpec, denoiser_logits, diffusion_spec
-from fair_calib_llmc.sampling import DiffusionTrace, SamplerBase, progress, teacher_traces
+from fair_calib_llmc.sampling.samplers import DiffusionTrace, SamplerBase, progress, teacher_traces
 
 __all__ = ["FrontierReport", "compare_decisions", "elbo_perplexity"]
 

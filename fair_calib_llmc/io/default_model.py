@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from fair_calib_llmc.corpus import ASSETS
-from fair_calib_llmc.loading import load_model
+from fair_calib_llmc.io.corpus import ASSETS
+from fair_calib_llmc.io.loading import load_model
 
 __all__ = ["DEFAULT_MODEL_DIR", "load_default_model"]
 

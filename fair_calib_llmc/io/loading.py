@@ -16,7 +16,7 @@ import torch
 from loguru import logger
 from safetensors import SafetensorError
 
-__all__ = ["DTYPES", "load_model", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "default_device", "load_model", "resolve_device", "resolve_dtype"]
 
 #: ``--dtype`` names; ``auto`` keeps the checkpoint's dtype.
 DTYPES = {
@@ -30,11 +30,17 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _HUB_PROBE_SECONDS = 3.0
 
 
+def default_device() -> str:
+    """The device every command and library function uses when none is given: ``cuda`` when
+    a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` -> ``cuda`` when a GPU is visible, else ``cpu``; a GPU that is not there
-    fails here, not inside the first forward pass."""
+    """``None`` -> :func:`default_device`; a GPU that is not there fails here, not inside the
+    first forward pass."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(default_device())
     try:
         device = torch.device(device)
     except RuntimeError:

@@ -28,7 +28,7 @@ ignored.
   the built-in model, the committed token was the top-weighted one in only 16% of states;
 * ``"sensitivity"``: the state's frontier decisions (weighted as in ``"state"``) are traced
   back to the hidden states that make them, with one teacher backward pass
-  (:mod:`fair_calib_llmc.sensitivity`): a token weighs
+  (:mod:`fair_calib_llmc.stage1.sensitivity`): a token weighs
   ``1 + frontier_weight * s_t / max_t s_t`` with ``s_t`` its decision sensitivity, so the
   context a decision reads (its keys and values, the tokens written just before) is weighted,
   not only the decided token. Stage I computes it (:meth:`PositionPrior.decision_weights`
@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fair_calib_llmc.sampling import DiffusionTrace
+from fair_calib_llmc.sampling.samplers import DiffusionTrace
 
 __all__ = ["PriorSettings", "PositionPrior", "estimate_prior", "normalise_weights"]
 
@@ -80,7 +80,7 @@ class PositionPrior:
     def raw_weights(self, trace: DiffusionTrace, step: int) -> torch.Tensor:
         """Unnormalised ``(B, L)`` token weights of the state before ``step`` of ``trace``
         (``"state"`` and ``"table"``; ``"sensitivity"`` weights need the model, see
-        :func:`fair_calib_llmc.calibration.build_calibration_dataset`)."""
+        :func:`fair_calib_llmc.stage1.states.build_calibration_dataset`)."""
         s = self.settings
         if s.source == "sensitivity":
             raise ValueError("sensitivity weights come from the teacher, not from the prior")

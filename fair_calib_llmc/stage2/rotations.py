@@ -19,6 +19,8 @@ from llmcompressor.modifiers.transform.spinquant.norm_mappings import (
     NormMapping,
 )
 
+from fair_calib_llmc.models.configs import LM_HEAD
+
 __all__ = ["LLADA_SPINQUANT", "DREAM_SPINQUANT", "register_rotation_mappings"]
 
 LLADA_SPINQUANT = SpinQuantMapping(
@@ -30,14 +32,12 @@ LLADA_SPINQUANT = SpinQuantMapping(
     attn_o="re:.*attn_out$",
     mlp_in=["re:.*up_proj$", "re:.*ff_proj$"],
     mlp_out=[r"re:.*blocks\.\d+\.ff_out$"],
-    lm_head=r"re:^model\.transformer\.ff_out$",
+    lm_head=LM_HEAD,
 )
 LLADA_NORMS = [
     NormMapping(norm="re:.*attn_norm$", linears=["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"]),
     NormMapping(norm="re:.*ff_norm$", linears=["re:.*up_proj$", "re:.*ff_proj$"]),
-    NormMapping(
-        norm=r"re:^model\.transformer\.ln_f$", linears=[r"re:^model\.transformer\.ff_out$"]
-    ),
+    NormMapping(norm=r"re:^model\.transformer\.ln_f$", linears=[LM_HEAD]),
 ]
 DREAM_SPINQUANT = SpinQuantMapping(
     embedding="re:.*embed_tokens$",

@@ -32,7 +32,7 @@ from compressed_tensors.transform.utils.matrix import apply_transform_weight
 from compressed_tensors.utils import update_offload_parameter
 from torch import nn
 
-from fair_calib_llmc.learned_rotations.ste import ste_quantize
+from fair_calib_llmc.stage2.learned_rotations.ste import ste_quantize
 
 __all__ = ["RotationSites", "rotate", "rotated_forward", "fuse_rotation"]
 

@@ -13,11 +13,11 @@ import hashlib
 import sysconfig
 from pathlib import Path
 
-from fair_calib_llmc.data import load_texts
+from fair_calib_llmc.io.data import load_texts
 
 __all__ = ["stdlib_split", "chunk_text", "shipped_texts", "ASSETS"]
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 _SPLITS = ("train", "calibration", "heldout")
 
 

@@ -5,8 +5,8 @@ sampler are used. Each quantized model is saved as a compressed-tensors checkpoi
 with plain ``AutoModel.from_pretrained`` (a row whose logits differ from the in-memory
 model's is reported as failed),
 and compared decision by decision with the full-precision teacher. The rows go to
-:mod:`fair_calib_llmc.report`, which writes ``results.json``, ``results.md`` and ``flips.png``
-next to the checkpoints after every row (a cut-off run keeps what it measured).
+:mod:`fair_calib_llmc.evaluation.report`, which writes ``results.json``, ``results.md`` and
+``flips.png`` next to the checkpoints after every row (a cut-off run keeps what it measured).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import torch
 from loguru import logger
 from transformers import AutoModel
 
-from fair_calib_llmc.calibration import check_prompt_count, prompts_from_texts
-from fair_calib_llmc.checkpoint import check_output_dir, save_atomically
-from fair_calib_llmc.metrics import compare_decisions, elbo_perplexity
+from fair_calib_llmc.evaluation.metrics import compare_decisions, elbo_perplexity
+from fair_calib_llmc.evaluation.report import REFERENCE_METHOD, write_results
+from fair_calib_llmc.io.checkpoint import check_output_dir, save_atomically
+from fair_calib_llmc.io.data import check_prompt_count, prompts_from_texts
+from fair_calib_llmc.io.reload import probe_logits
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.pipeline import quantize
-from fair_calib_llmc.reload import probe_logits
-from fair_calib_llmc.report import REFERENCE_METHOD, write_results
-from fair_calib_llmc.sampling import default_sampler, teacher_traces
+from fair_calib_llmc.sampling.samplers import default_sampler, teacher_traces
 
 __all__ = ["METHOD_RECIPES", "BenchmarkSettings", "run_benchmark"]
 
@@ -92,7 +92,7 @@ def run_benchmark(
     ``recipes`` maps method names to recipes (a shipped name, a path or YAML text; default
     :data:`METHOD_RECIPES`). A method that fails is logged, recorded with its error and
     skipped, so one broken baseline does not lose a whole GPU run. ``out_dir`` follows
-    :func:`~fair_calib_llmc.checkpoint.check_output_dir`'s rules (checked before any work):
+    :func:`~fair_calib_llmc.io.checkpoint.check_output_dir`'s rules (checked before any work):
     a non-empty directory needs ``overwrite``.
     """
     recipes = recipes or METHOD_RECIPES

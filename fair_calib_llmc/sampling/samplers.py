@@ -6,7 +6,7 @@ commit (unmask) a few; a commit is never revisited. Every run returns a
 committed (the write frontier), the model's top-1 prediction and its top-1/top-2 probability
 margin at every masked position. Given ``force=trace``, a sampler replays another run's commits
 (same positions, same tokens, same order), so two models can be compared decision by decision
-on identical states: that is how :mod:`fair_calib_llmc.metrics` measures frontier flips.
+on identical states: that is how :mod:`fair_calib_llmc.evaluation.metrics` measures frontier flips.
 
 The update rules follow the public reference code: LLaDA's ``generate`` (low-confidence or
 random remasking inside semi-autoregressive blocks, Gumbel-max sampling) and Dream's
@@ -35,6 +35,7 @@ __all__ = [
     "DreamSampler",
     "sampler_for",
     "default_sampler",
+    "sampler_settings",
     "StepHook",
     "progress",
     "teacher_traces",
@@ -428,9 +429,17 @@ def sampler_for(spec: DiffusionLMSpec, **settings) -> SamplerBase:
     return (LLaDASampler if spec.family == "llada" else DreamSampler)(**settings)
 
 
-def default_sampler(spec: DiffusionLMSpec, gen_length: int = 32) -> SamplerBase:
-    """One token per step, the whole answer as one block: the finest-grained frontier."""
+def sampler_settings(spec: DiffusionLMSpec, gen_length: int = 32, **overrides) -> dict:
+    """The settings of :func:`default_sampler`: one token per step and (LLaDA) the whole
+    answer as one block, then ``overrides``."""
     settings = {"steps": gen_length, "gen_length": gen_length}
     if spec.family == "llada":
         settings["block_length"] = gen_length
-    return sampler_for(spec, **settings)
+    return {**settings, **overrides}
+
+
+def default_sampler(spec: DiffusionLMSpec, gen_length: int = 32, **overrides) -> SamplerBase:
+    """One token per step, the whole answer as one block: the finest-grained frontier
+    (``overrides``: any other sampler field, e.g. ``steps`` or ``temperature``). The one
+    sampler factory of Stage I, ``evaluate`` / ``diagnose`` and the lm-eval model."""
+    return sampler_for(spec, **sampler_settings(spec, gen_length, **overrides))

@@ -5,7 +5,7 @@ masked answers. This module turns raw calibration text into exactly those inputs
 
 1. cut a prompt of ``prompt_length`` tokens from each text;
 2. run the full-precision teacher with its real sampler on the prompts (Stage I rollouts);
-3. estimate the :class:`~fair_calib_llmc.prior.PositionPrior` from the traces;
+3. estimate the :class:`~fair_calib_llmc.stage1.prior.PositionPrior` from the traces;
 4. emit ``states_per_prompt`` masked-stage states per rollout (``input_ids`` with mask tokens
    where the answer is still masked at that step) with the prior's per-token weight as a float
    ``loss_mask``.
@@ -30,16 +30,22 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from fair_calib_llmc.distributed import all_reduce_sum, my_share
+from fair_calib_llmc.io.data import check_prompt_count, prompts_from_texts
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
-from fair_calib_llmc.prior import PositionPrior, PriorSettings, estimate_prior, normalise_weights
-from fair_calib_llmc.sampling import (
+from fair_calib_llmc.sampling.samplers import (
     DreamSampler,
     LLaDASampler,
     SamplerBase,
     default_sampler,
     teacher_traces,
 )
-from fair_calib_llmc.sensitivity import layer_sensitivity
+from fair_calib_llmc.stage1.prior import (
+    PositionPrior,
+    PriorSettings,
+    estimate_prior,
+    normalise_weights,
+)
+from fair_calib_llmc.stage1.sensitivity import layer_sensitivity
 
 __all__ = [
     "Stage1Settings",
@@ -90,46 +96,6 @@ class WeightStats:
     frontier_token_share: float  # fraction of tokens committed at their state's step
     frontier_mass_share: float  # fraction of the total weight on those tokens
     committed_is_top_weight: float  # states whose committed token has the largest weight
-
-
-def check_prompt_count(count: int | None, name: str = "max_prompts") -> None:
-    """Refuse a count of prompts that is not a positive integer (``None``: no limit).
-
-    :func:`prompts_from_texts` stops once it holds ``count`` prompts, so 0 or -1 would quietly
-    run one prompt; this fails first, before any work.
-    """
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-        raise ValueError(f"{name} must be a positive integer (or None: every text), got {count!r}")
-
-
-def prompts_from_texts(
-    texts: Sequence[str], tokenizer, prompt_length: int, max_prompts: int | None = None
-) -> list[torch.Tensor]:
-    """The first ``prompt_length`` tokens of every text that has that many (one prompt per
-    text); fewer than ``max_prompts`` are logged with the reason."""
-    check_prompt_count(max_prompts)
-    prompts, short = [], 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) >= prompt_length:
-            prompts.append(torch.tensor(ids[:prompt_length]))
-        else:
-            short += 1
-        if max_prompts is not None and len(prompts) >= max_prompts:
-            break
-    if not prompts:
-        raise ValueError(
-            f"the calibration set is empty or too short: none of its {len(texts)} texts has "
-            f"{prompt_length} tokens. Pass longer texts or a shorter prompt (--prompt-length, "
-            "prompt_length= in quantize(), or FAIRCalibModifier.stage1.prompt_length)."
-        )
-    if max_prompts is not None and len(prompts) < max_prompts:
-        logger.warning(
-            f"asked for {max_prompts} prompts of {prompt_length} tokens, {len(prompts)} usable: "
-            f"{len(texts)} texts (one prompt each, a long text is cut), {short} of them shorter "
-            f"than {prompt_length} tokens"
-        )
-    return prompts
 
 
 def build_calibration_dataset(
@@ -204,7 +170,7 @@ def sensitivity_weights(
     model, states, decided, decision_weights, spec, frontier_weight: float
 ) -> torch.Tensor:
     """``(N, L)`` raw token weights ``1 + frontier_weight * s_t / max_t s_t`` from the
-    teacher's decision sensitivity (:mod:`fair_calib_llmc.sensitivity`), per state."""
+    teacher's decision sensitivity (:mod:`fair_calib_llmc.stage1.sensitivity`), per state."""
     sensitivity = layer_sensitivity(
         model, torch.stack(states), torch.stack(decided), torch.stack(decision_weights), spec
     ).mean(0)  # one weight per token serves every layer

@@ -4,7 +4,7 @@
 :mod:`.ste` and :mod:`.objectives` the plain maths they use.
 """
 
-from fair_calib_llmc.learned_rotations.base import (
+from fair_calib_llmc.stage2.learned_rotations.base import (
     ExactSpinQuantModifier,
     LearnedSpinQuantModifier,
     rotation_sites,

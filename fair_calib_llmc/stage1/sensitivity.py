@@ -19,26 +19,12 @@ token serves every layer, as ``loss_mask`` does).
 from __future__ import annotations
 
 import torch
-from compressed_tensors.utils import match_named_modules
 from torch import nn
 
 from fair_calib_llmc.models.family import DiffusionLMSpec, align_logits
+from fair_calib_llmc.models.layers import named_decoder_layers
 
-__all__ = ["decoder_layers", "layer_sensitivity"]
-
-
-def decoder_layers(model: nn.Module, sequential_targets=None) -> list[nn.Module]:
-    """The decoder layers in order, found the way llm-compressor's sequential pipeline finds
-    them (``sequential_targets`` as given to ``oneshot``; default: the model's own)."""
-    # imported here: fair_calib_llmc.modifier needs this module, and importing llm-compressor
-    # runs the hook that imports fair_calib_llmc.modifier (fair_calib_llmc.registration)
-    from llmcompressor.utils.pytorch.module import infer_sequential_targets
-
-    targets = infer_sequential_targets(model, sequential_targets)
-    layers = [m for _, m in match_named_modules(model, targets)]
-    if not layers:
-        raise ValueError(f"no decoder layers ({targets}) found in {type(model).__name__}")
-    return layers
+__all__ = ["layer_sensitivity"]
 
 
 def layer_sensitivity(
@@ -63,7 +49,7 @@ def layer_sensitivity(
             f"states {tuple(states.shape)}, targets {tuple(targets.shape)} and position "
             f"weights {tuple(position_weights.shape)} must have the same (N, L) shape"
         )
-    layers = decoder_layers(model)
+    layers = [layer for _, layer in named_decoder_layers(model)]
     device = next(model.parameters()).device
     inputs: list[torch.Tensor] = []
 

@@ -18,12 +18,12 @@ Hadamards are fused and before the quantization modifier after it calibrates:
    every calibration batch: its layer outputs (``layer_mse``) or masked-position output
    distributions (``output_kl``);
 2. every quantized linear layer computes its rotated, fake-quantized forward with the scheme
-   the next modifier will deploy (:mod:`~fair_calib_llmc.learned_rotations.rotated_linear`),
-   and :class:`~fair_calib_llmc.learned_rotations.cayley.CayleyAdam` moves the rotations on the
-   orthogonal group, ``steps`` times;
+   the next modifier will deploy (:mod:`~fair_calib_llmc.stage2.learned_rotations.rotated_linear`),
+   and :class:`~fair_calib_llmc.stage2.learned_rotations.cayley.CayleyAdam` moves the rotations on
+   the orthogonal group, ``steps`` times;
 3. the rotations are fused into the weights (embedding, every reader and writer, the LM head);
    a learned R4 becomes each layer's own online transform
-   (:mod:`~fair_calib_llmc.learned_rotations.online`).
+   (:mod:`~fair_calib_llmc.stage2.learned_rotations.online`).
 
 The checkpoint holds ordinary weights plus online R4 transforms, as a plain rotated recipe's:
 no new inference op, nothing of this package needed to load it. A learned R4 costs one dense
@@ -52,21 +52,21 @@ from fair_calib_llmc.distributed import (
     rank_and_world,
     shared_weights_written_once,
 )
-from fair_calib_llmc.learned_rotations.cayley import CayleyAdam, cayley, distance_moved
-from fair_calib_llmc.learned_rotations.objectives import (
+from fair_calib_llmc.models.family import diffusion_spec
+from fair_calib_llmc.models.layers import named_decoder_layers
+from fair_calib_llmc.stage2.learned_rotations.cayley import CayleyAdam, cayley, distance_moved
+from fair_calib_llmc.stage2.learned_rotations.objectives import (
     layer_mse,
     masked_log_probs,
     output_kl,
 )
-from fair_calib_llmc.learned_rotations.online import attach_online_rotation, hadamard_start
-from fair_calib_llmc.learned_rotations.rotated_linear import (
+from fair_calib_llmc.stage2.learned_rotations.online import attach_online_rotation, hadamard_start
+from fair_calib_llmc.stage2.learned_rotations.rotated_linear import (
     RotationSites,
     fuse_rotation,
     rotated_forward,
 )
-from fair_calib_llmc.learned_rotations.ste import LEARNABLE_STRATEGIES
-from fair_calib_llmc.models.family import diffusion_spec
-from fair_calib_llmc.sensitivity import decoder_layers
+from fair_calib_llmc.stage2.learned_rotations.ste import LEARNABLE_STRATEGIES
 
 __all__ = ["ExactSpinQuantModifier", "LearnedSpinQuantModifier", "rotation_sites"]
 
@@ -276,7 +276,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         batches = [self._batch(b, device) for b in dataloader]
         with torch.no_grad():  # kept in host memory: every layer of every batch (GBs at 8B)
             targets = [_moved(self._teacher(model, b, spec), "cpu") for b in batches]
-        layers = decoder_layers(model) if self.gradient_checkpointing else []
+        layers = [m for _, m in named_decoder_layers(model)] if self.gradient_checkpointing else []
         with _training_forwards(quantized, sites), _frozen(model), _checkpointed(layers):
             before = self._objectives_by_weighting(model, batches, targets, spec)
             self._optimise(model, params, batches, targets, spec)

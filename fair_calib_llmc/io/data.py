@@ -14,9 +14,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from datasets import Dataset
+from loguru import logger
 
-__all__ = ["load_texts"]
+__all__ = ["check_prompt_count", "load_texts", "prompts_from_texts"]
 
 #: file suffix -> ``datasets`` packaged loader
 _LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
@@ -112,3 +114,43 @@ def _reason(err: BaseException, loader: str) -> str:
         return f"it is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
     message = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"{type(err).__name__}: {message}; the file must hold {_FORMATS[loader]}"
+
+
+def check_prompt_count(count: int | None, name: str = "max_prompts") -> None:
+    """Refuse a count of prompts that is not a positive integer (``None``: no limit).
+
+    :func:`prompts_from_texts` stops once it holds ``count`` prompts, so 0 or -1 would quietly
+    run one prompt; this fails first, before any work.
+    """
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"{name} must be a positive integer (or None: every text), got {count!r}")
+
+
+def prompts_from_texts(
+    texts: Sequence[str], tokenizer, prompt_length: int, max_prompts: int | None = None
+) -> list[torch.Tensor]:
+    """The first ``prompt_length`` tokens of every text that has that many (one prompt per
+    text); fewer than ``max_prompts`` are logged with the reason."""
+    check_prompt_count(max_prompts)
+    prompts, short = [], 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= prompt_length:
+            prompts.append(torch.tensor(ids[:prompt_length]))
+        else:
+            short += 1
+        if max_prompts is not None and len(prompts) >= max_prompts:
+            break
+    if not prompts:
+        raise ValueError(
+            f"the calibration set is empty or too short: none of its {len(texts)} texts has "
+            f"{prompt_length} tokens. Pass longer texts or a shorter prompt (--prompt-length, "
+            "prompt_length= in quantize(), or FAIRCalibModifier.stage1.prompt_length)."
+        )
+    if max_prompts is not None and len(prompts) < max_prompts:
+        logger.warning(
+            f"asked for {max_prompts} prompts of {prompt_length} tokens, {len(prompts)} usable: "
+            f"{len(texts)} texts (one prompt each, a long text is cut), {short} of them shorter "
+            f"than {prompt_length} tokens"
+        )
+    return prompts

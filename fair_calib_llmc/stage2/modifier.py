@@ -4,7 +4,7 @@ At W4A4 most frontier decision flips come from the 4-bit activations, not from w
 (the README's diagnosis table). Plain GPTQ cannot see them: it fits the weights to the
 layer's full-precision activations of the model it is quantizing. FAIR-Calib Stage II fits
 every linear layer to what the deployed model computes instead
-(:mod:`fair_calib_llmc.reconstruction`):
+(:mod:`fair_calib_llmc.stage2.reconstruction`):
 
     min_Q  sum_t w_t || Q quant(x_q,t) - W x_fp,t ||^2
 
@@ -40,12 +40,12 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 
-from fair_calib_llmc.calibration import Stage1Settings
 from fair_calib_llmc.distributed import all_reduce_sum
+from fair_calib_llmc.formats.schemes import check_scheme_name
 from fair_calib_llmc.models.family import diffusion_spec
-from fair_calib_llmc.reconstruction import accumulate_cross_covariance, fp_target_weight
-from fair_calib_llmc.schemes import check_scheme_name
-from fair_calib_llmc.sensitivity import decoder_layers
+from fair_calib_llmc.models.layers import named_decoder_layers
+from fair_calib_llmc.stage1.states import Stage1Settings
+from fair_calib_llmc.stage2.reconstruction import accumulate_cross_covariance, fp_target_weight
 
 __all__ = ["FAIRCalibModifier", "check_finite_weights"]
 
@@ -127,7 +127,8 @@ class FAIRCalibModifier(GPTQModifier):
         diffusion_spec(state.model)  # a causal or mask-less model fails here, before any work
         check_finite_weights(state.model)
         if self.fp_targets:
-            layers = decoder_layers(state.model, kwargs.get("sequential_targets"))
+            named = named_decoder_layers(state.model, kwargs.get("sequential_targets"))
+            layers = [layer for _, layer in named]
             self._previous_layer = dict(zip(layers[1:], layers[:-1], strict=True))
             self._previous_layer[layers[0]] = None
         logger.info(

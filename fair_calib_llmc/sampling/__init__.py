@@ -1,0 +1,1 @@
+"""The dLLM samplers (LLaDA, Dream) and their traces (:mod:`.samplers`)."""
