@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModel
 
 from fair_calib_llmc.io.loading import load_model
-from fair_calib_llmc.io.reload import load_quantized
+from fair_calib_llmc.io.reload import load_quantized, probe_logits
 from fair_calib_llmc.pipeline import quantize
 from fair_calib_llmc.recipe import RecipeError, load_recipe
 
@@ -22,12 +22,6 @@ FORMAT_RUNS = [
     ("fair_calib_w4a4", "W4A4_G128_AG128_PACKED"),
     ("quarot_gptq_w4a4", "W4A4_G128_AG32_PACKED"),
 ]
-
-
-def _probe(model) -> torch.Tensor:
-    x = torch.arange(3, 40)[None] % model.config.vocab_size
-    with torch.no_grad():
-        return model(x).logits
 
 
 @pytest.mark.integration
@@ -53,11 +47,11 @@ def test_every_format_reloads_with_identical_logits(
     acts = quantized[0].quantization_scheme.input_activations
     assert acts is not None and acts.num_bits == 4
     assert load_recipe(recipe, scheme=scheme).modifiers[-1].scheme == wanted
-    expected = _probe(result.model)
-    assert torch.equal(_probe(load_quantized(tmp_path / "q", dtype=dtype)), expected)
+    expected = probe_logits(result.model)
+    assert torch.equal(probe_logits(load_quantized(tmp_path / "q", dtype=dtype)), expected)
     if dtype == torch.bfloat16:  # plain transformers too (FP4 unpacks to bf16 whatever dtype)
         plain = AutoModel.from_pretrained(tmp_path / "q", dtype=dtype).eval()
-        assert torch.equal(_probe(plain), expected)
+        assert torch.equal(probe_logits(plain), expected)
 
 
 @pytest.mark.integration
@@ -85,9 +79,9 @@ gptq_stage:
     )
     r4 = result.model.transform_config.config_groups["R4"]
     assert (r4.type, r4.head_dim) == ("hadamard", 32)
-    expected = _probe(result.model)
+    expected = probe_logits(result.model)
     reloaded = AutoModel.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
-    assert torch.equal(_probe(reloaded), expected)
+    assert torch.equal(probe_logits(reloaded), expected)
 
 
 @pytest.mark.unit

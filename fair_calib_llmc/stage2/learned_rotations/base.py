@@ -440,19 +440,19 @@ def _moved(target, device):
     return target.to(device)
 
 
-class _training_forwards:
-    """Swap every quantized linear's forward for its rotated, fake-quantized training forward
-    (:func:`rotated_forward`), and put the original (compressed-tensors' wrapped) ones back."""
+class _forwards_replaced:
+    """Give each module in ``forwards`` the forward mapped to it, and put the original ones
+    back (an instance attribute where there was one, e.g. compressed-tensors' wrapped
+    forward; the class's otherwise)."""
 
-    def __init__(self, quantized: dict, sites: dict):
-        self.quantized, self.sites = quantized, sites
+    def __init__(self, forwards: dict[nn.Module, object]):
+        self.forwards = forwards
         self.saved: dict[nn.Module, object] = {}
 
     def __enter__(self):
-        for module, (acts, weights) in self.quantized.items():
+        for module, forward in self.forwards.items():
             self.saved[module] = module.__dict__.get("forward")
-            where = self.sites.get(module, RotationSites())
-            module.forward = rotated_forward(module, where, acts, weights)
+            module.forward = forward
         return self
 
     def __exit__(self, *exc):
@@ -464,37 +464,31 @@ class _training_forwards:
         return False
 
 
-class _checkpointed:
+def _training_forwards(quantized: dict, sites: dict) -> _forwards_replaced:
+    """Every quantized linear's forward swapped for its rotated, fake-quantized training
+    forward (:func:`rotated_forward`)."""
+    return _forwards_replaced(
+        {
+            module: rotated_forward(module, sites.get(module, RotationSites()), acts, weights)
+            for module, (acts, weights) in quantized.items()
+        }
+    )
+
+
+def _checkpointed(layers: list[nn.Module]) -> _forwards_replaced:
     """Gradient checkpointing of ``layers`` while learning: each layer's forward runs under
     ``torch.utils.checkpoint`` (recomputed in the backward pass, activations not kept), so
     the memory of the backward pass is one layer's instead of the whole model's."""
 
-    def __init__(self, layers: list[nn.Module]):
-        self.layers = layers
-        self.saved: dict[nn.Module, object] = {}
+    def checkpointed(forward):
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
-    def __enter__(self):
-        for layer in self.layers:
-            self.saved[layer] = layer.__dict__.get("forward")
-            forward = layer.forward
+        return run
 
-            def checkpointed(*args, _forward=forward, **kwargs):
-                if not torch.is_grad_enabled():
-                    return _forward(*args, **kwargs)
-                return torch.utils.checkpoint.checkpoint(
-                    _forward, *args, use_reentrant=False, **kwargs
-                )
-
-            layer.forward = checkpointed
-        return self
-
-    def __exit__(self, *exc):
-        for layer, forward in self.saved.items():
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
-        return False
+    return _forwards_replaced({layer: checkpointed(layer.forward) for layer in layers})
 
 
 class _frozen:
