@@ -9,12 +9,7 @@
 # variant is a one-field change of a shipped recipe (integration/recipe_variant.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-variants=$(mktemp -d)
-extra=()
-variant() {  # NAME PARENT FIELD=VALUE...
-  python integration/recipe_variant.py "recipes/$2.yaml" "$variants/$1.yaml" "${@:3}"
-  extra+=(--recipe "$1=$variants/$1.yaml")
-}
+source integration/recipe_variants.sh
 format=${FORMAT:?set FORMAT to nvfp4, mxfp4, ag128, ag32 or token}
 case $format in
   nvfp4 | mxfp4)

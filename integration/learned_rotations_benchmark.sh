@@ -8,12 +8,7 @@
 # differs from its parent in the named fields only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-variants=$(mktemp -d)
-extra=()
-variant() {  # NAME PARENT FIELD=VALUE...
-  python integration/recipe_variant.py "recipes/$2.yaml" "$variants/$1.yaml" "${@:3}"
-  extra+=(--recipe "$1=$variants/$1.yaml")
-}
+source integration/recipe_variants.sh
 L=LearnedSpinQuantModifier
 variant quarot+gptq-equivalent quarot_gptq_w4a4 ExactSpinQuantModifier.equivalent_perturbation=0.001
 variant learned-kl-frontier+gptq spinquant_learned_gptq_w4a4 $L.token_weights=frontier

@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import random
-from pathlib import Path
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs, disable_quantization
@@ -26,6 +25,7 @@ from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 
+from fair_calib_llmc.io.checkpoint import check_results_dir
 from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR
 from fair_calib_llmc.io.loading import load_model
@@ -102,8 +102,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--calibration-prompts", type=int, default=32)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="write over --out's results")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    # a non-empty --out is refused before any work (evaluate's and diagnose's rule)
+    out = check_results_dir(
+        args.out, {"the model's directory": args.model}, overwrite=args.overwrite
+    )
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(args.model, dtype=torch.float32, device="cpu")
     variants = {"fixed Hadamard R4": dict(learn=["R1", "R2"])}

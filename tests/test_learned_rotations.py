@@ -74,6 +74,20 @@ quant_stage:
 """
 
 
+def _learned_on_a_copy(model, tokenizer, recipe: str, dataset, **oneshot_args) -> dict:
+    """The rotations a learned-rotation recipe learns on a copy of ``model``, in order."""
+    recipe = load_recipe(recipe)
+    oneshot(
+        model=copy.deepcopy(model),
+        processor=tokenizer,
+        recipe=recipe,
+        dataset=dataset,
+        shuffle_calibration_samples=False,
+        **oneshot_args,
+    )
+    return recipe.modifiers[0]._learned
+
+
 # --- plain maths ------------------------------------------------------------------------------
 @pytest.mark.unit
 def test_ste_quantize_has_compressed_tensors_values_and_a_scale_aware_gradient():
@@ -262,17 +276,8 @@ def test_gradient_checkpointing_learns_the_same_rotations(
     dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=2)
 
     def learned(checkpointing: bool) -> torch.Tensor:
-        recipe = load_recipe(
-            _learned_recipe(steps=3, learn="[R1, R4]", gradient_checkpointing=checkpointing)
-        )
-        oneshot(
-            model=copy.deepcopy(model),
-            processor=tokenizer,
-            recipe=recipe,
-            dataset=dataset,
-            shuffle_calibration_samples=False,
-        )
-        learned = recipe.modifiers[0]._learned
+        recipe = _learned_recipe(steps=3, learn="[R1, R4]", gradient_checkpointing=checkpointing)
+        learned = _learned_on_a_copy(model, tokenizer, recipe, dataset)
         return torch.cat(
             [learned["R1"].detach().flatten()]
             + [q.detach().flatten() for q in learned["R4"].values()]
@@ -308,16 +313,8 @@ def test_frontier_and_uniform_weights_learn_different_rotations(
     dataset = _states_with_weights(model, tokenizer, calibration_texts)
 
     def learned_r1(token_weights: str) -> torch.Tensor:
-        recipe = load_recipe(_learned_recipe(steps=4, token_weights=token_weights))
-        oneshot(
-            model=copy.deepcopy(model),
-            processor=tokenizer,
-            recipe=recipe,
-            dataset=dataset,
-            shuffle_calibration_samples=False,
-            batch_size=4,
-        )
-        return recipe.modifiers[0]._learned["R1"].detach()
+        recipe = _learned_recipe(steps=4, token_weights=token_weights)
+        return _learned_on_a_copy(model, tokenizer, recipe, dataset, batch_size=4)["R1"].detach()
 
     uniform, frontier = learned_r1("uniform"), learned_r1("frontier")
     assert torch.equal(learned_r1("uniform"), uniform)  # deterministic: the gap is the weights
