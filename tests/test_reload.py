@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compressed_tensors.offload import OffloadCache
 from compressed_tensors.quantization.quant_args import round_to_quantized_type_args
 from compressed_tensors.utils.impl_backend import ImplBackend
 from datasets import Dataset
@@ -64,6 +65,28 @@ def test_nvfp4_in_fp32_needs_the_requantizing_loader(tmp_path):
     fixed = load_quantized(path, dtype=torch.float32)
     assert fixed.model.transformer.blocks[0].q_proj.weight.dtype == torch.float32
     assert torch.equal(probe_logits(fixed), expected)
+
+
+def test_a_reloaded_checkpoint_is_a_plain_module_that_moves(tmp_path):
+    """Decompressing dispatches the model to compressed-tensors offloading, whose caches keep
+    tensors where they are: without undoing it, ``.to("cuda")`` left a reloaded model on the
+    CPU (H200 benchmark, 2026-12-01). ``meta`` stands in for the GPU here."""
+    model, tokenizer = _rtn("W4A4_G128_PACKED", torch.float32)
+    path = save_atomically(model, tokenizer, tmp_path / "q")
+    reloaded = load_quantized(path, dtype=torch.float32)
+    assert not any(isinstance(m._parameters, OffloadCache) for m in reloaded.modules())
+    reloaded.to("meta")
+    assert {p.device.type for p in reloaded.parameters()} == {"meta"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_checkpoint_reloaded_onto_the_gpu_computes_there(tmp_path):
+    model, tokenizer = _rtn("W4A4_G128_PACKED", torch.bfloat16)
+    path = save_atomically(model, tokenizer, tmp_path / "q")
+    reloaded = load_quantized(path, dtype=torch.bfloat16, device="cuda")
+    assert {p.device.type for p in reloaded.parameters()} == {"cuda"}
+    logits = reloaded(torch.arange(3, 35, device="cuda")[None]).logits
+    assert logits.device.type == "cuda"
 
 
 def _quantize_dividing_in_fp32(x, scale, zero_point, q_min, q_max, args, dtype=None, **kw):

@@ -2,11 +2,13 @@
 
 For every method (a shipped recipe) the same model, calibration text, held-out prompts and
 sampler are used. Each quantized model is saved as a compressed-tensors checkpoint, reloaded
-with plain ``AutoModel.from_pretrained`` (a row whose logits differ from the in-memory
-model's is reported as failed),
-and compared decision by decision with the full-precision teacher. The rows go to
-:mod:`fair_calib_llmc.evaluation.report`, which writes ``results.json``, ``results.md`` and
-``flips.png`` next to the checkpoints after every row (a cut-off run keeps what it measured).
+with ``AutoModel.from_pretrained`` through :func:`~fair_calib_llmc.io.reload.load_quantized`
+(which also fixes FP4 weights that compressed-tensors unpacks to bf16 in an fp32 model; in
+bf16 it is plain ``from_pretrained``; a row whose logits differ from the in-memory model's is
+reported as failed), and compared decision by decision with the full-precision teacher. The
+rows go to :mod:`fair_calib_llmc.evaluation.report`, which writes ``results.json``,
+``results.md`` and ``flips.png`` next to the checkpoints after every row (a cut-off run keeps
+what it measured).
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from pathlib import Path
 
 import torch
 from loguru import logger
-from transformers import AutoModel
 
 from fair_calib_llmc.evaluation.metrics import compare_decisions, elbo_perplexity
 from fair_calib_llmc.evaluation.report import REFERENCE_METHOD, write_results
 from fair_calib_llmc.io.checkpoint import check_output_dir, save_atomically
 from fair_calib_llmc.io.data import check_prompt_count, prompts_from_texts
-from fair_calib_llmc.io.reload import probe_logits
+from fair_calib_llmc.io.reload import load_quantized, probe_logits
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.pipeline import quantize
 from fair_calib_llmc.sampling.samplers import default_sampler, teacher_traces
@@ -171,7 +172,7 @@ def run_benchmark(
             ]
             del model, result  # quantize() released llm-compressor's session
             _release_memory(device)
-            student = AutoModel.from_pretrained(path, dtype=teacher.dtype).to(device).eval()
+            student = load_quantized(path, dtype=teacher.dtype, device=device)
             reload_error = float((probe_logits(student, device=device) - expected).abs().max())
             if reload_error != 0.0:  # a checkpoint that computes something else: say so loudly
                 logger.error(f"{method} (seed {seed}): reloaded logits differ by {reload_error}")

@@ -239,7 +239,7 @@ class DiffusionHarnessLM(TemplateLM):
             if dtype not in (None, "auto"):
                 self.model = self.model.to(_dtype(dtype))
         else:
-            self.model = load_quantized(pretrained, dtype=_dtype(dtype))
+            self.model = load_quantized(pretrained, dtype=_dtype(dtype), device=self._device)
         self.model = self.model.to(self._device).eval()
         if isinstance(tokenizer, str) or tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer or pretrained)

@@ -25,6 +25,13 @@ checkpoint exist with compressed-tensors 0.19.0, and this module removes both:
    within 2**-9 of the FP4 grid point, so this recovers the exact codes and the exact fp32
    product. In bf16 plain ``from_pretrained`` is already exact.
 
+Decompressing also converts the model to compressed-tensors offloading (``decompress_model``
+calls ``from_accelerate``), whose caches keep every tensor on the device it was on and move
+each input there: ``.to("cuda")`` afterwards is silently a no-op and the model computes on the
+CPU (seen on an H200: every benchmark row failed with CPU/CUDA device errors).
+:func:`restore_decompressed` undoes that dispatch for a model that was on one device, so the
+result is a plain module again.
+
 The checks that bake, save, reload and compare (``save_and_verify``, ``reload_logit_difference``)
 live with the tests and integration scripts that use them: ``integration/reload_exactness.py``.
 """
@@ -36,6 +43,7 @@ from pathlib import Path
 
 import torch
 from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.offload import OffloadCache, remove_dispatch
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from torch import nn
 from transformers import AutoModel
@@ -59,6 +67,15 @@ def _fp32_fake_quantize(module: nn.Module, weight: torch.Tensor) -> torch.Tensor
     )
 
 
+def _on_one_device(model: nn.Module) -> bool:
+    """Whether ``model`` is neither offloaded by compressed-tensors nor spread over devices
+    by an accelerate device map (then an offload added while decompressing can go again)."""
+    if any(isinstance(m._parameters, OffloadCache) for m in model.modules()):
+        return False
+    device_map = getattr(model, "hf_device_map", None) or {}
+    return len({str(device) for device in device_map.values()}) <= 1
+
+
 @torch.no_grad()
 def restore_decompressed(model: nn.Module) -> int:
     """Decompress ``model`` now if compressed-tensors left a decompress-on-first-forward hook
@@ -68,7 +85,10 @@ def restore_decompressed(model: nn.Module) -> int:
     if hasattr(model, "ct_decompress_hook"):
         compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
         compressor = compressor or ModelCompressor.from_pretrained_model(model)
+        on_one_device = _on_one_device(model)
         compressor.decompress_model(model)
+        if on_one_device:  # the dispatch came from decompress_model alone (module docstring)
+            remove_dispatch(model, onload_tensors=True)
     dtype = model.get_input_embeddings().weight.dtype
     fixed = 0
     for module in model.modules():
@@ -90,10 +110,13 @@ def load_quantized(
     device: str | torch.device | None = None,
 ) -> nn.Module:
     """``AutoModel.from_pretrained`` + :func:`restore_decompressed`: exact for every scheme in
-    fp32 and bf16, full-precision checkpoints included."""
+    fp32 and bf16, full-precision checkpoints included. The model moves to ``device`` before
+    it is decompressed, so the decompression runs where the model will."""
     model = AutoModel.from_pretrained(Path(path), dtype=dtype).eval()
+    if device is not None:
+        model.to(device)
     restore_decompressed(model)
-    return model.to(device) if device is not None else model
+    return model
 
 
 @torch.no_grad()
