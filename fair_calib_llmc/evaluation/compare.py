@@ -30,12 +30,11 @@ from fair_calib_llmc.evaluation.decisions import (
     DecisionSettings,
     check_pair,
     load_checkpoint,
-    markdown_table,
     student_rows,
-    summarise,
     teacher_rollouts,
-    write_results,
 )
+from fair_calib_llmc.evaluation.plots import flip_curves
+from fair_calib_llmc.evaluation.report import markdown_table, summarise, write_results
 from fair_calib_llmc.io.checkpoint import check_results_dir, output_lock
 from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.data import load_texts
@@ -99,7 +98,9 @@ def evaluate_checkpoints(
             "rows": rows,
             "summary": summary,
         }
-        files = write_results(out_dir, payload, table + "\n" + footer, rows, overwrite=overwrite)
+        files = write_results(
+            out_dir, payload, table + "\n" + footer, flip_curves(rows), overwrite=overwrite
+        )
         return {"rows": rows, "summary": summary, "table": table, "files": files}
 
 

@@ -9,22 +9,18 @@ their weights.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from fair_calib_llmc.evaluation import report
 from fair_calib_llmc.evaluation.metrics import compare_decisions, elbo_perplexity
-from fair_calib_llmc.evaluation.plots import plot_seed_curves
 from fair_calib_llmc.evaluation.report import METRICS
-from fair_calib_llmc.io.checkpoint import OutputDirError
 from fair_calib_llmc.io.data import check_prompt_count, prompts_from_texts
 from fair_calib_llmc.io.reload import load_quantized
 from fair_calib_llmc.models.family import diffusion_spec
@@ -38,10 +34,6 @@ __all__ = [
     "check_pair",
     "teacher_rollouts",
     "student_rows",
-    "summarise",
-    "markdown_table",
-    "write_results",
-    "plot_rows",
 ]
 
 
@@ -167,78 +159,3 @@ def _elbo(model, heldout, settings: DecisionSettings, seed: int) -> float | None
     if not heldout:
         return None
     return elbo_perplexity(model, heldout, mc_samples=settings.elbo_samples, seed=seed)
-
-
-def summarise(rows: Sequence[dict], key: str = "name") -> list[dict]:
-    """:func:`fair_calib_llmc.evaluation.report.summarise` over :data:`METRICS`, rows keyed by
-    name."""
-    return report.summarise(rows, key=key, metrics=METRICS)
-
-
-def markdown_table(summary: Sequence[dict], key: str = "name", metrics=METRICS) -> str:
-    """:func:`fair_calib_llmc.evaluation.report.markdown_table` with this module's defaults."""
-    return report.markdown_table(summary, key=key, metrics=metrics)
-
-
-def write_results(
-    out_dir: Path,
-    payload: dict,
-    markdown: str,
-    rows: Sequence[dict],
-    styles: dict[str, dict] | None = None,
-    *,
-    panels: dict[str, list[str]] | None = None,
-    overwrite: bool = False,
-) -> dict:
-    """``results.json``, ``results.md`` and the curves of :func:`plot_rows`; returns the
-    paths written. Without ``overwrite`` an existing ``results.*`` is never replaced, not
-    even one that appeared after the up-front :func:`~fair_calib_llmc.io.checkpoint.
-    check_results_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"results.json": out_dir / "results.json", "results.md": out_dir / "results.md"}
-    existing = [path for path in paths.values() if path.exists()]
-    if existing and not overwrite:
-        raise OutputDirError(
-            f"{existing[0]} appeared while this run worked and is not replaced; move it away "
-            "and rerun, or pass --overwrite"
-        )
-    mode = "w" if overwrite else "x"  # "x": nor one that appears this very moment
-    with open(paths["results.json"], mode) as file:
-        file.write(json.dumps(payload, indent=1, default=_jsonable))
-    with open(paths["results.md"], mode) as file:
-        file.write(markdown + "\n")
-    return {**paths, **plot_rows(out_dir, rows, styles, panels)}
-
-
-def plot_rows(out_dir: Path, rows: Sequence[dict], styles=None, panels=None) -> dict:
-    """``flips_per_step.png`` and ``flips_per_position.png``: one curve per row name,
-    averaged over that name's seeds (rows as in ``results.json``), in ``panels`` if given
-    (:func:`~fair_calib_llmc.evaluation.plots.plot_seed_curves`)."""
-    paths = {}
-    axes = (("flips_per_step", "sampler step"), ("flips_per_position", "answer position"))
-    for series, xlabel in axes:
-        curves: dict[str, list] = {}
-        for row in rows:
-            if row.get(series):
-                curves.setdefault(row["name"], []).append(row[series])
-        if curves:
-            paths[f"{series}.png"] = plot_seed_curves(
-                curves,
-                out_dir / f"{series}.png",
-                xlabel=xlabel,
-                ylabel="frontier flip rate",
-                title=f"Frontier flips vs. the FP teacher per {xlabel.split()[-1]}",
-                styles=styles,
-                panels=panels,
-            )
-    return paths
-
-
-def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    raise TypeError(f"cannot write {type(value).__name__} to results.json")

@@ -22,7 +22,7 @@ from loguru import logger
 from transformers import AutoModel
 
 from fair_calib_llmc.evaluation.metrics import compare_decisions, elbo_perplexity
-from fair_calib_llmc.evaluation.report import REFERENCE_METHOD, write_results
+from fair_calib_llmc.evaluation.report import REFERENCE_METHOD, benchmark_results, write_results
 from fair_calib_llmc.io.checkpoint import check_output_dir, save_atomically
 from fair_calib_llmc.io.data import check_prompt_count, prompts_from_texts
 from fair_calib_llmc.io.reload import probe_logits
@@ -111,7 +111,7 @@ def run_benchmark(
     ]
     rows = [
         {
-            "method": f"fp ({str(teacher.dtype).removeprefix('torch.')})",
+            "name": f"fp ({str(teacher.dtype).removeprefix('torch.')})",
             "seed": None,
             "frontier_flip_rate": 0.0,
             "post_commit_mismatch": 0.0,
@@ -151,8 +151,8 @@ def run_benchmark(
                 )
             except (Exception, SystemExit) as error:  # noqa: BLE001 - recorded, run goes on
                 logger.exception(f"{method} (seed {seed}) failed")
-                rows.append({"method": method, "seed": seed, "error": repr(error)})
-                write_results(out_dir, rows, per_step, vars(settings))
+                rows.append({"name": method, "seed": seed, "error": repr(error)})
+                _write(out_dir, rows, per_step, settings)
                 _release_memory(device)
                 continue
             # not measured on the CPU: None, so the table leaves the column out
@@ -180,7 +180,7 @@ def run_benchmark(
             )
             per_step.setdefault(method, []).append(report.flips_per_step)
             row = {
-                "method": method,
+                "name": method,
                 "seed": seed,
                 **report.as_row(),
                 "elbo_ppl": elbo_perplexity(student, heldout, spec=spec),
@@ -201,8 +201,13 @@ def run_benchmark(
                 f"Stage II {timings['stage2_seconds']:.1f}s"
             )
             rows.append(row)
-            write_results(out_dir, rows, per_step, vars(settings))  # a cut-off run keeps them
+            _write(out_dir, rows, per_step, settings)  # a cut-off run keeps them
             del student
             _release_memory(device)
-    write_results(out_dir, rows, per_step, vars(settings))
+    _write(out_dir, rows, per_step, settings)
     return rows
+
+
+def _write(out_dir: Path, rows: list[dict], per_step: dict, settings: BenchmarkSettings) -> None:
+    """Rewrite the results so far (the directory was checked before any work)."""
+    write_results(out_dir, *benchmark_results(rows, per_step, vars(settings)), overwrite=True)

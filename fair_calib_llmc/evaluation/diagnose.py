@@ -46,13 +46,11 @@ from fair_calib_llmc.evaluation.compare import (
 from fair_calib_llmc.evaluation.decisions import (
     DecisionSettings,
     load_checkpoint,
-    markdown_table,
     student_rows,
-    summarise,
     teacher_rollouts,
-    write_results,
 )
-from fair_calib_llmc.evaluation.plots import plot_seed_bars
+from fair_calib_llmc.evaluation.plots import flip_curves, plot_layer_sensitivity
+from fair_calib_llmc.evaluation.report import markdown_table, summarise, write_results
 from fair_calib_llmc.formats.schemes import check_scheme_name
 from fair_calib_llmc.io.checkpoint import check_results_dir, output_lock
 from fair_calib_llmc.io.corpus import shipped_texts
@@ -217,9 +215,9 @@ def diagnose_model(
         )
         variants = summarise(rows)
         layers = summarise(layer_rows)
-        table = markdown_table(variants, key="name")
+        table = markdown_table(variants)
         layer_metrics = ("frontier_flip_rate", "post_commit_mismatch", "kl_frontier")
-        layer_table = markdown_table(layers, key="name", metrics=layer_metrics) if layers else ""
+        layer_table = markdown_table(layers, metrics=layer_metrics) if layers else ""
         markdown = (
             f"## Variants (RTN, {calibrated}; {scheme})\n\n{table}\n\n"
             + (f"## One decoder layer W4A4 at a time\n\n{layer_table}\n\n" if layer_table else "")
@@ -240,15 +238,8 @@ def diagnose_model(
             "summary": variants,
             "layer_summary": layers,
         }
-        files = write_results(
-            out_dir,
-            payload,
-            markdown,
-            rows,
-            variant_styles(schemes),
-            panels=variant_panels(schemes),
-            overwrite=overwrite,
-        )
+        curves = flip_curves(rows, variant_styles(schemes), variant_panels(schemes))
+        files = write_results(out_dir, payload, markdown, curves, overwrite=overwrite)
         if layer_rows:
             path = out_dir / "layer_sensitivity.png"
             files[path.name] = plot_layer_sensitivity(layer_rows, rows, path)
@@ -273,23 +264,6 @@ def refuse_quantized(model_dir: Path) -> None:
             "diagnose needs the full-precision model: pass the directory it was quantized "
             "from (fair-calib-llmc evaluate compares a quantized checkpoint with it)"
         )
-
-
-def plot_layer_sensitivity(layer_rows, rows, path: Path) -> Path:
-    """Bar per decoder layer (flip rate with only that layer W4A4, mean and range over seeds),
-    with the whole-model W4A4 rate as a reference line."""
-    per_layer: dict[str, list[float]] = {}
-    for row in layer_rows:
-        per_layer.setdefault(row["name"].rsplit(".", 1)[-1], []).append(row["frontier_flip_rate"])
-    whole = [r["frontier_flip_rate"] for r in rows if r["name"] == "W4A4"]
-    return plot_seed_bars(
-        per_layer,
-        path,
-        xlabel="decoder layer quantized W4A4 (all others FP)",
-        ylabel="frontier flip rate",
-        title="Per-layer sensitivity",
-        reference={"whole model W4A4": sum(whole) / len(whole)} if whole else None,
-    )
 
 
 def _teacher_ppl(rollouts) -> str:
