@@ -45,9 +45,8 @@ from fair_calib_llmc.evaluation.compare import (
 )
 from fair_calib_llmc.evaluation.decisions import (
     DecisionSettings,
+    EvaluationContext,
     load_checkpoint,
-    student_rows,
-    teacher_rollouts,
 )
 from fair_calib_llmc.evaluation.plots import flip_curves, plot_layer_sensitivity
 from fair_calib_llmc.evaluation.report import markdown_table, summarise, write_results
@@ -115,7 +114,7 @@ def _quantized(
 ) -> nn.Module:
     """A fresh copy of the FP model, RTN-quantized in memory: data-free ``oneshot``, or with
     ``calibration`` texts where the activations need calibrated scales."""
-    model, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
+    model, tokenizer, _ = load_checkpoint(model_dir, dtype=dtype, device=device)
     recipe = [ExactSpinQuantModifier(**ROTATIONS)] if rotate else []
     recipe.append(QuantizationModifier(config_groups={"group_0": scheme}, ignore=list(LM_HEADS)))
     if not needs_calibration(scheme):
@@ -184,9 +183,10 @@ def diagnose_model(
     texts = texts if texts is not None else shipped_texts("heldout")
     with output_lock(out_dir):  # a second run into out_dir fails now, not at the end
         start = time.monotonic()
-        teacher, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
+        teacher, tokenizer, spec = load_checkpoint(model_dir, dtype=dtype, device=device)
         dtype = teacher.get_input_embeddings().weight.dtype
-        rollouts = teacher_rollouts(teacher, tokenizer, texts, settings)
+        context = EvaluationContext.build(teacher, tokenizer, texts, settings, spec=spec)
+        rollouts = context.rollouts
 
         rows = []
         plan = [(name, False) for name in schemes]
@@ -194,9 +194,7 @@ def diagnose_model(
         for name, rotate in progress(plan, desc="diagnose variants"):
             label = f"{name} + rotations" if rotate else name
             student = _quantized(model_dir, dtype, device, schemes[name], rotate, calibration)
-            rows += student_rows(
-                label, teacher, student, rollouts, settings, precision=name, rotations=rotate
-            )
+            rows += context.student_rows(label, student, precision=name, rotations=rotate)
             del student
 
         layer_rows = []
@@ -205,7 +203,7 @@ def diagnose_model(
                 student = _quantized(
                     model_dir, dtype, device, _only(linears, schemes["W4A4"]), False, calibration
                 )
-                layer_rows += student_rows(layer, teacher, student, rollouts, settings, elbo=False)
+                layer_rows += context.student_rows(layer, student, elbo=False)
                 del student
 
         calibrated = (
