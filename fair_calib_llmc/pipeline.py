@@ -41,7 +41,7 @@ from fair_calib_llmc.io.data import load_texts
 from fair_calib_llmc.io.loading import load_model
 from fair_calib_llmc.io.reload import restore_decompressed
 from fair_calib_llmc.models.family import diffusion_spec
-from fair_calib_llmc.recipe import load_recipe
+from fair_calib_llmc.recipe import RecipeError, load_recipe, recipe_stage1
 from fair_calib_llmc.stage1.prior import PositionPrior
 from fair_calib_llmc.stage1.states import (
     Stage1Settings,
@@ -57,6 +57,7 @@ __all__ = [
     "refuse_quantized_model",
     "restore_model_dtype",
     "session_released",
+    "stage1_settings",
 ]
 
 
@@ -71,6 +72,48 @@ class QuantizeResult:
     output_dir: Path | None
     #: the modifiers that ran (their state after ``oneshot``, e.g. a learner's report)
     modifiers: list | None = None
+
+
+def stage1_settings(
+    recipe: Recipe,
+    stage1: Stage1Settings | dict | None = None,
+    recipe_level: dict | None = None,
+    prompt_length: int | None = None,
+) -> Stage1Settings:
+    """The Stage I settings of a :func:`quantize` run, from one of (first found):
+
+    1. ``quantize(stage1=...)``;
+    2. the recipe's own top-level ``stage1:`` mapping (any recipe may carry one, baselines
+       included; :func:`fair_calib_llmc.recipe.recipe_stage1`), or, for backward
+       compatibility, ``FAIRCalibModifier.stage1`` (a recipe sets at most one of the two);
+    3. the defaults (:class:`Stage1Settings`).
+
+    ``prompt_length`` (``--prompt-length``) then overrides that one field. Every recipe goes
+    through this, so a baseline's states are built exactly as FAIR-Calib's when the settings
+    agree.
+    """
+    fair = next((m for m in recipe.modifiers if isinstance(m, FAIRCalibModifier)), None)
+    in_modifier = fair is not None and "stage1" in fair.model_fields_set
+    if recipe_level is not None and in_modifier:
+        raise RecipeError(
+            "the recipe sets Stage I twice (a top-level stage1: and FAIRCalibModifier.stage1); "
+            "keep one, the top-level stage1:"
+        )
+    if stage1 is None:
+        if recipe_level is not None:
+            stage1 = recipe_level
+        elif fair is not None:
+            stage1 = fair.stage1
+        else:
+            stage1 = Stage1Settings()
+    stage1 = Stage1Settings.model_validate(
+        stage1.model_dump() if isinstance(stage1, Stage1Settings) else stage1
+    )
+    if prompt_length is not None:
+        stage1 = Stage1Settings.model_validate(
+            {**stage1.model_dump(), "prompt_length": prompt_length}
+        )
+    return stage1
 
 
 @contextmanager
@@ -203,14 +246,18 @@ def quantize(
     batch_size: int = 16,
     prompt_length: int | None = None,
     scheme: str | None = None,
+    stage1: Stage1Settings | dict | None = None,
 ) -> QuantizeResult:
     """Stage I + ``oneshot`` + atomic compressed save. See the module docstring.
 
     :param model: a LLaDA / Dream model, or the path of a checkpoint directory (loaded with
         :func:`fair_calib_llmc.io.loading.load_model`: on the GPU if there is one, in its dtype)
     :param tokenizer: the model's tokenizer (``None`` with a path: the checkpoint's own)
-    :param prompt_length: tokens of each text used as a rollout prompt (default: the recipe's
-        ``FAIRCalibModifier.stage1.prompt_length``, else 32)
+    :param stage1: Stage I settings (:class:`~fair_calib_llmc.stage1.states.Stage1Settings`
+        or its fields as a mapping), for any recipe, baselines included; see
+        :func:`stage1_settings` for where they come from when not given
+    :param prompt_length: tokens of each text used as a rollout prompt (overrides only that
+        field of the Stage I settings)
     :param output_dir: where to save the compressed checkpoint (``None``: do not save)
     :param overwrite: replace a non-empty ``output_dir`` (the old one is deleted only after the
         new checkpoint is in place); the model's own directory is never replaced
@@ -221,7 +268,7 @@ def quantize(
         ``W4A4_G128_AG128_PACKED``; see :func:`fair_calib_llmc.recipe.with_scheme`)
     """
     check_prompt_count(max_prompts)
-    recipe = load_recipe(recipe, scheme=scheme)
+    recipe_source, recipe = recipe, load_recipe(recipe, scheme=scheme)
     if isinstance(model, (str, os.PathLike)):
         if output_dir is not None:  # before loading, which takes minutes at 8B size
             check_output_dir(output_dir, model_dir=Path(model).expanduser(), overwrite=overwrite)
@@ -233,16 +280,17 @@ def quantize(
             f"quantize() needs the model's tokenizer, got {type(tokenizer).__name__}; pass "
             "tokenizer=AutoTokenizer.from_pretrained(MODEL_DIR) (or the model as a path)"
         )
-    diffusion_spec(model, tokenizer)  # a causal or mask-less model fails here, first
+    # once for the run: a causal or mask-less model fails here, first; Stage I, the
+    # modifiers and the save take this spec (the model's config is not written to)
+    spec = diffusion_spec(model, tokenizer)
     check_finite_weights(model)
+    stage1 = stage1_settings(recipe, stage1, recipe_stage1(recipe_source), prompt_length)
     model_dir = model_directory(model)
     with _claimed_output_dir(model, model_dir, output_dir, overwrite) as output_dir:
         fair = next((m for m in recipe.modifiers if isinstance(m, FAIRCalibModifier)), None)
-        stage1 = fair.stage1 if fair else Stage1Settings()  # baselines: the same states
-        if prompt_length is not None:
-            stage1 = Stage1Settings.model_validate(
-                {**stage1.model_dump(), "prompt_length": prompt_length}
-            )
+        for modifier in recipe.modifiers:
+            if hasattr(modifier, "_diffusion_spec"):  # ours: the run's spec, not the config's
+                modifier._diffusion_spec = spec
         if any(type(m).__name__ == "AutoRoundModifier" for m in recipe.modifiers):
             # auto-round refuses pipeline batches of several states (it exits the process); it
             # groups states itself with AutoRoundModifier.batch_size
@@ -251,7 +299,7 @@ def quantize(
 
         start = time.monotonic()
         calibration, prior, weight_stats = build_calibration_dataset(
-            model, tokenizer, texts, stage1, max_prompts=max_prompts, seed=seed
+            model, tokenizer, texts, stage1, max_prompts=max_prompts, seed=seed, spec=spec
         )
         stage1_seconds = time.monotonic() - start
 
@@ -279,7 +327,13 @@ def quantize(
             saved = None
             if output_dir is not None:
                 saved = save_atomically(
-                    model, tokenizer, output_dir, overwrite=overwrite, model_dir=model_dir
+                    model,
+                    tokenizer,
+                    output_dir,
+                    overwrite=overwrite,
+                    model_dir=model_dir,
+                    # the checkpoint states the mask token it was calibrated with
+                    config_updates={"mask_token_id": spec.mask_token_id},
                 )
                 # the compressed save leaves the model compressed, to decompress at its next
                 # forward: FP4 weights would come back in bf16 whatever the model's dtype

@@ -27,11 +27,16 @@ __all__ = [
     "check_recipe_shape",
     "load_recipe",
     "read_recipe",
+    "recipe_stage1",
     "shipped_recipes",
     "with_scheme",
 ]
 
 _SHAPE = "<name>_stage: {<group>_modifiers: {<ModifierClass>: {fields}}}"
+
+#: The recipe-level key of Stage I's settings (any recipe, baselines included); read by
+#: :func:`fair_calib_llmc.quantize`, not by llm-compressor.
+STAGE1_KEY = "stage1"
 
 
 class RecipeError(ValueError):
@@ -102,6 +107,13 @@ def check_recipe_shape(recipe: dict, source: str = "the recipe") -> None:
     for stage_key, stage in recipe.items():
         if stage_key == "args":
             continue
+        if stage_key == STAGE1_KEY:
+            if not isinstance(stage, dict):
+                raise RecipeError(
+                    f"{source}: {STAGE1_KEY}: must be a mapping of Stage I settings "
+                    "(fair_calib_llmc.Stage1Settings' fields)"
+                )
+            continue
         if not str(stage_key).endswith("_stage") or not isinstance(stage, dict):
             raise RecipeError(
                 f"{source}: key {stage_key!r} is not a '<name>_stage' mapping, which "
@@ -167,8 +179,10 @@ def load_recipe(recipe: str | os.PathLike | Recipe, scheme: str | None = None) -
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise RecipeError(f"{source}{where}: invalid YAML: {problem}") from None
     check_recipe_shape(data, source)
-    if scheme is not None:
-        text = yaml.safe_dump(with_scheme(data, scheme, source), sort_keys=False)
+    if scheme is not None or STAGE1_KEY in data:
+        data = {k: v for k, v in data.items() if k != STAGE1_KEY}  # not llm-compressor's
+        data = with_scheme(data, scheme, source) if scheme is not None else data
+        text = yaml.safe_dump(data, sort_keys=False)
     try:
         return Recipe.create_instance(text)
     except ValidationError as err:
@@ -176,6 +190,18 @@ def load_recipe(recipe: str | os.PathLike | Recipe, scheme: str | None = None) -
         raise RecipeError(f"{source}: {err.title}: {details}") from err
     except (ValueError, TypeError, KeyError) as err:
         raise RecipeError(f"{source}: {str(err).splitlines()[0]}") from err
+
+
+def recipe_stage1(recipe: str | os.PathLike | Recipe) -> dict | None:
+    """The recipe's top-level ``stage1:`` mapping (Stage I settings any recipe may carry,
+    read by :func:`fair_calib_llmc.quantize`), or ``None``: none set, or a parsed ``Recipe``
+    (which holds only modifiers)."""
+    if isinstance(recipe, Recipe):
+        return None
+    text, source = read_recipe(recipe)
+    data = yaml.safe_load(text)
+    check_recipe_shape(data, source)
+    return data.get(STAGE1_KEY)
 
 
 def _field_error(error: dict, title: str) -> str:

@@ -201,13 +201,14 @@ def main(argv=None) -> None:
             add_special_tokens=False,
         )["input_ids"]
     ]
-    ppl = elbo_perplexity(model, heldout, mc_samples=8)
+    spec = diffusion_spec(model)  # once: the ELBO and the samples take it
+    ppl = elbo_perplexity(model, heldout, mc_samples=8, spec=spec)
     logger.info(f"held-out ELBO perplexity {ppl:.2f}")
     samples = []
-    sampler = default_sampler(diffusion_spec(model), gen_length=64)
+    sampler = default_sampler(spec, gen_length=64)
     for text in chunk_text(stdlib_split("heldout", preset["recursive"]), 400)[:3]:
         prompt = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:48])
-        trace = sampler.generate(model, prompt)
+        trace = sampler.generate(model, prompt, spec=spec)
         samples.append(
             {"prompt": tokenizer.decode(prompt), "answer": tokenizer.decode(trace.generated[0])}
         )

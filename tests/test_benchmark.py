@@ -30,7 +30,7 @@ def test_cpu_benchmark_end_to_end(tmp_path):
         tmp_path,
         settings,
     )
-    assert [r["method"] for r in rows] == ["fp (float32)", "rtn", "fair-calib"]
+    assert [r["name"] for r in rows] == ["fp (float32)", "rtn", "fair-calib"]
     for row in rows[1:]:
         assert row["reload_max_abs_logit_diff"] == 0.0
         assert 0 <= row["frontier_flip_rate"] <= 1 and row["checkpoint_mib"] > 0

@@ -13,7 +13,7 @@ from llmcompressor.modifiers.quantization import QuantizationModifier
 
 import fair_calib_llmc_cli as cli
 from fair_calib_llmc.evaluation import compare, diagnose
-from fair_calib_llmc.evaluation.decisions import METRICS, write_results
+from fair_calib_llmc.evaluation.report import METRICS, write_results
 from fair_calib_llmc.io.checkpoint import OutputDirError
 from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR, load_default_model
@@ -172,9 +172,9 @@ def test_diagnose_refuses_a_quantized_checkpoint_before_any_work(rtn_w4a4, tmp_p
 def test_results_that_appear_during_the_run_are_not_replaced(tmp_path):
     (tmp_path / "results.md").write_text("mine")
     with pytest.raises(OutputDirError, match="results.md appeared while this run worked"):
-        write_results(tmp_path, {"rows": []}, "| table |", [])
+        write_results(tmp_path, {"rows": []}, "| table |")
     assert (tmp_path / "results.md").read_text() == "mine"
-    write_results(tmp_path, {"rows": []}, "| table |", [], overwrite=True)
+    write_results(tmp_path, {"rows": []}, "| table |", overwrite=True)
     assert (tmp_path / "results.md").read_text() == "| table |\n"
 
 

@@ -181,12 +181,13 @@ def test_monte_carlo_bound_is_seeded_batch_independent_and_unbiased(checkpoints)
     path = checkpoints["llada", "fp"]
     model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
     context, continuation = [5, 9, 31, 7], [40, 41, 42, 43, 44, 45, 46, 47]  # 255 masks
-    exact = masked_diffusion_loglikelihood(model, context, continuation, mc_samples=255)
+    spec = diffusion_spec(model)
+    exact = masked_diffusion_loglikelihood(model, context, continuation, mc_samples=255, spec=spec)
     assert exact == pytest.approx(_exact_elbo(model, context, continuation), abs=1e-4)
 
     def mc(seed, batch_size=32):
         return masked_diffusion_loglikelihood(
-            model, context, continuation, mc_samples=64, batch_size=batch_size, seed=seed
+            model, context, continuation, mc_samples=64, batch_size=batch_size, seed=seed, spec=spec
         )
 
     assert mc(0) == mc(0)
@@ -308,7 +309,9 @@ def test_nvfp4_fp32_checkpoint_scores_like_the_model_that_was_saved(tokenizer, t
     context, continuation = [5, 9, 31, 7], [40, 41, 42]
     # batch_size=1 as the harness: another batching sums the same float64 terms in another
     # order, equal only by chance (the test tokenizer, and so the model, follow the sources)
-    expected = masked_diffusion_loglikelihood(model, context, continuation, batch_size=1)
+    expected = masked_diffusion_loglikelihood(
+        model, context, continuation, batch_size=1, spec=diffusion_spec(model)
+    )
     path = save_atomically(model, tokenizer, tmp_path / "nvfp4")
     lm = _lm(path, dtype="float32", greedy_check=False)
     assert lm.model.model.transformer.blocks[0].q_proj.weight.dtype == torch.float32

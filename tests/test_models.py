@@ -242,14 +242,17 @@ def test_unsupported_llada_variant_is_rejected(tokenizer):
 
 
 def test_mask_token_is_never_guessed(tokenizer):
-    """No family default: the config states it, or the tokenizer's mask token is used and
-    recorded in the config, or diffusion_spec fails naming the fix."""
+    """No family default: the config states it, or the tokenizer's mask token is used (carried
+    by the spec; quantize() records it in the saved config.json: test_pipeline), or
+    diffusion_spec fails naming the fix."""
     from fair_calib_llmc.models import DreamConfig, LLaDAConfig, diffusion_spec
 
     assert LLaDAConfig().mask_token_id is None and DreamConfig().mask_token_id is None
     model = LLaDAModelLM(llada_config(tokenizer, mask_token_id=None))
     assert diffusion_spec(model, tokenizer).mask_token_id == tokenizer.mask_token_id
-    assert model.config.mask_token_id == tokenizer.mask_token_id  # saved with the checkpoint
+    assert model.config.mask_token_id is None  # the spec carries it, the config is untouched
+    explicit = diffusion_spec(model, tokenizer, mask_token_id=7)  # e.g. lm-eval's argument
+    assert explicit.mask_token_id == 7 and model.config.mask_token_id is None
     with pytest.raises(ValueError, match="no mask token.*LLaDA-8B: 126336"):
         diffusion_spec(LLaDAModelLM(llada_config(tokenizer, mask_token_id=None)))
 

@@ -207,3 +207,50 @@ def test_an_autoround_result_runs_in_the_models_dtype(
     with torch.no_grad():
         logits = result.model(probe).logits
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_a_baseline_recipe_sets_stage_one(llada, tokenizer, calibration_texts):
+    """Stage I settings reach quantize() one way for every recipe: quantize(stage1=...), else
+    the recipe's top-level stage1: (a baseline's too), else FAIRCalibModifier.stage1."""
+    from fair_calib_llmc.recipe import RecipeError, shipped_recipes
+
+    def lengths(result) -> tuple[set, int]:
+        return {len(ids) for ids in result.calibration["input_ids"]}, len(result.calibration)
+
+    answer = 32  # the default sampler's answer length
+    rtn = shipped_recipes()["rtn_w4a4"]
+    with_stage1 = "stage1:\n  prompt_length: 8\n  states_per_prompt: 2\n" + rtn
+    result = quantize(llada, tokenizer, with_stage1, calibration_texts, max_prompts=2)
+    assert lengths(result) == ({8 + answer}, 2 * 2)
+    argument = {"prompt_length": 12, "states_per_prompt": 3}
+    model = LLaDAModelLM(llada.config).eval()
+    result = quantize(model, tokenizer, rtn, calibration_texts, max_prompts=2, stage1=argument)
+    assert lengths(result) == ({12 + answer}, 2 * 3)
+    fair = shipped_recipes()["fair_calib_w4a4"]  # FAIRCalibModifier.stage1: still read
+    with pytest.raises(RecipeError, match="sets Stage I twice"):
+        quantize(
+            LLaDAModelLM(llada.config).eval(),
+            tokenizer,
+            "stage1: {prompt_length: 8}\n" + fair,
+            calibration_texts,
+        )
+
+
+def test_a_mask_token_from_the_tokenizer_is_saved_not_written_into_the_config(
+    tokenizer, calibration_texts, tmp_path
+):
+    """The spec carries the tokenizer's mask token through Stage I and the modifiers; the
+    model's config stays as given and the checkpoint's config.json states the token."""
+    model = LLaDAModelLM(llada_config(tokenizer, mask_token_id=None)).eval()
+    quantize(
+        model,
+        tokenizer,
+        "fair_calib_w4a4",
+        calibration_texts,
+        output_dir=tmp_path / "q",
+        max_prompts=2,
+    )
+    assert model.config.mask_token_id is None
+    saved_config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert saved_config["mask_token_id"] == tokenizer.mask_token_id
+    assert AutoModel.from_pretrained(tmp_path / "q").config.mask_token_id == tokenizer.mask_token_id

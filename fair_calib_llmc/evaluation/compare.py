@@ -28,14 +28,12 @@ from loguru import logger
 
 from fair_calib_llmc.evaluation.decisions import (
     DecisionSettings,
+    EvaluationContext,
     check_pair,
     load_checkpoint,
-    markdown_table,
-    student_rows,
-    summarise,
-    teacher_rollouts,
-    write_results,
 )
+from fair_calib_llmc.evaluation.plots import flip_curves
+from fair_calib_llmc.evaluation.report import markdown_table, summarise, write_results
 from fair_calib_llmc.io.checkpoint import check_results_dir, output_lock
 from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.data import load_texts
@@ -74,16 +72,17 @@ def evaluate_checkpoints(
         device = device or default_device()
         texts = texts if texts is not None else shipped_texts("heldout")
         start = time.monotonic()
-        teacher, tokenizer = load_checkpoint(teacher_dir, dtype=dtype, device=device)
+        teacher, tokenizer, spec = load_checkpoint(teacher_dir, dtype=dtype, device=device)
         dtype = teacher.get_input_embeddings().weight.dtype
-        student, _ = load_checkpoint(student_dir, dtype=dtype, device=device)
-        check_pair(teacher, student)
+        student, _, student_spec = load_checkpoint(student_dir, dtype=dtype, device=device)
+        check_pair(spec, teacher, student_spec, student)
         logger.info(f"evaluate: {student_dir} vs {teacher_dir} ({dtype}, {device})")
-        rollouts = teacher_rollouts(teacher, tokenizer, texts, settings)
+        context = EvaluationContext.build(teacher, tokenizer, texts, settings, spec=spec)
+        rollouts = context.rollouts
         teacher_rows = [
             {"name": "teacher", "seed": r.seed, "elbo_ppl": r.teacher_elbo_ppl} for r in rollouts
         ]
-        rows = teacher_rows + student_rows("student", teacher, student, rollouts, settings)
+        rows = teacher_rows + context.student_rows("student", student)
         summary = summarise(rows)
         table = markdown_table(summary)
         footer = (
@@ -99,7 +98,9 @@ def evaluate_checkpoints(
             "rows": rows,
             "summary": summary,
         }
-        files = write_results(out_dir, payload, table + "\n" + footer, rows, overwrite=overwrite)
+        files = write_results(
+            out_dir, payload, table + "\n" + footer, flip_curves(rows), overwrite=overwrite
+        )
         return {"rows": rows, "summary": summary, "table": table, "files": files}
 
 

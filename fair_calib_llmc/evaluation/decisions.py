@@ -9,39 +9,30 @@ their weights.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from fair_calib_llmc.evaluation import report
 from fair_calib_llmc.evaluation.metrics import compare_decisions, elbo_perplexity
-from fair_calib_llmc.evaluation.plots import plot_seed_curves
 from fair_calib_llmc.evaluation.report import METRICS
-from fair_calib_llmc.io.checkpoint import OutputDirError
-from fair_calib_llmc.io.data import check_prompt_count, prompts_from_texts
+from fair_calib_llmc.io.data import check_prompt_count, heldout_tokens, prompts_from_texts
 from fair_calib_llmc.io.reload import load_quantized
-from fair_calib_llmc.models.family import diffusion_spec
-from fair_calib_llmc.sampling.samplers import default_sampler, teacher_traces
+from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
+from fair_calib_llmc.sampling.samplers import SamplerBase, default_sampler, teacher_traces
 
 __all__ = [
     "DecisionSettings",
+    "EvaluationContext",
     "SeedRollouts",
     "METRICS",
-    "load_checkpoint",
     "check_pair",
-    "teacher_rollouts",
-    "student_rows",
-    "summarise",
-    "markdown_table",
-    "write_results",
-    "plot_rows",
+    "load_checkpoint",
 ]
 
 
@@ -75,170 +66,162 @@ class DecisionSettings:
 
 @dataclass
 class SeedRollouts:
+    """One seed of an :class:`EvaluationContext`: its prompts, the teacher's traces on them,
+    the held-out token sequences and the teacher's ELBO perplexity on those."""
+
     seed: int
     prompts: list[torch.Tensor]
     traces: list
     heldout: list[torch.Tensor]
-    teacher_elbo_ppl: float
+    teacher_elbo_ppl: float | None
 
 
-def load_checkpoint(path: str | os.PathLike, *, dtype="auto", device=None):
-    """(model, tokenizer) of a LLaDA / Dream checkpoint dir, FP or compressed, exactly as
-    saved (:func:`fair_calib_llmc.io.reload.load_quantized`); fails early on anything else."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
-    model = load_quantized(path, dtype=dtype, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    diffusion_spec(model, tokenizer)  # not a dLLM / no mask token: a clear error, now
-    return model, tokenizer
+@dataclass
+class EvaluationContext:
+    """Everything a student is measured against, built once per run: the teacher, its
+    tokenizer and :class:`~fair_calib_llmc.models.family.DiffusionLMSpec`, the sampler, and
+    per seed the prompts, the teacher's traces, the held-out text and the teacher's ELBO.
+
+    ``evaluate``, ``diagnose`` and the benchmark (:func:`fair_calib_llmc.evaluation.demo.
+    run_benchmark`) each build one (:meth:`build`, :meth:`from_prompts`) and measure every
+    student with :meth:`measure` / :meth:`student_rows`, so students differ only by their
+    weights.
+    """
+
+    teacher: nn.Module
+    tokenizer: object
+    spec: DiffusionLMSpec
+    sampler: SamplerBase
+    rollouts: list[SeedRollouts]
+    elbo_samples: int = 8
+    #: the seed of the ELBO's mask draws; None: each rollout's own seed
+    elbo_seed: int | None = None
+
+    @classmethod
+    def from_prompts(
+        cls,
+        teacher: nn.Module,
+        tokenizer,
+        sampler: SamplerBase,
+        prompts: dict[int, list[torch.Tensor]],
+        heldout: dict[int, list[torch.Tensor]],
+        *,
+        spec: DiffusionLMSpec,
+        elbo_samples: int = 8,
+        elbo_seed: int | None = None,
+    ) -> EvaluationContext:
+        """Roll the teacher out on each seed's ``prompts`` and score its ELBO on that seed's
+        ``heldout`` token sequences (the caller decides how a seed draws them; seeds that
+        share one held-out list and one ``elbo_seed`` share one teacher ELBO)."""
+        context = cls(teacher, tokenizer, spec, sampler, [], elbo_samples, elbo_seed)
+        teacher_elbo: dict[tuple[int, int], float | None] = {}
+        for seed, seed_prompts in prompts.items():
+            key = (id(heldout[seed]), seed if elbo_seed is None else elbo_seed)
+            if key not in teacher_elbo:
+                teacher_elbo[key] = context.elbo(teacher, heldout[seed], seed)
+            context.rollouts.append(
+                SeedRollouts(
+                    seed=seed,
+                    prompts=seed_prompts,
+                    traces=teacher_traces(teacher, sampler, seed_prompts, seed=seed, spec=spec),
+                    heldout=heldout[seed],
+                    teacher_elbo_ppl=teacher_elbo[key],
+                )
+            )
+        return context
+
+    @classmethod
+    def build(
+        cls,
+        teacher: nn.Module,
+        tokenizer,
+        texts: Sequence[str],
+        settings: DecisionSettings,
+        *,
+        spec: DiffusionLMSpec,
+    ) -> EvaluationContext:
+        """``evaluate`` / ``diagnose``: per seed, shuffle ``texts``, cut prompts from them,
+        take the first ``settings.heldout_texts`` as held-out text, roll the teacher out."""
+        prompts, heldout = {}, {}
+        for seed in settings.seeds:
+            shuffled = random.Random(seed).sample(list(texts), len(texts))
+            prompts[seed] = prompts_from_texts(
+                shuffled, tokenizer, settings.prompt_length, settings.eval_prompts
+            )
+            heldout[seed] = heldout_tokens(
+                tokenizer, shuffled[: settings.heldout_texts], settings.heldout_length
+            )
+        return cls.from_prompts(
+            teacher,
+            tokenizer,
+            settings.sampler(spec),
+            prompts,
+            heldout,
+            spec=spec,
+            elbo_samples=settings.elbo_samples,
+        )
+
+    def elbo(self, model: nn.Module, heldout: Sequence[torch.Tensor], seed: int) -> float | None:
+        """``model``'s ELBO perplexity on ``heldout`` (None without held-out text)."""
+        if not heldout:
+            return None
+        seed = seed if self.elbo_seed is None else self.elbo_seed
+        return elbo_perplexity(
+            model, heldout, spec=self.spec, mc_samples=self.elbo_samples, seed=seed
+        )
+
+    def measure(self, student: nn.Module, rollout: SeedRollouts, *, elbo: bool = True) -> dict:
+        """One seed's metrics of ``student``: the decision metrics, ``elbo_ppl`` (with
+        ``elbo``) and the per-step / per-position flip rates."""
+        report = compare_decisions(
+            self.teacher,
+            student,
+            self.sampler,
+            rollout.prompts,
+            seed=rollout.seed,
+            traces=rollout.traces,
+            spec=self.spec,
+        )
+        row = report.as_row()
+        if elbo:
+            row["elbo_ppl"] = self.elbo(student, rollout.heldout, rollout.seed)
+        row["flips_per_step"] = report.flips_per_step
+        row["flips_per_position"] = report.flips_per_position
+        return row
+
+    def student_rows(
+        self, name: str, student: nn.Module, *, elbo: bool = True, **labels
+    ) -> list[dict]:
+        """One result row per seed for ``student`` (``labels`` are copied into every row)."""
+        return [
+            {"name": name, **labels, "seed": r.seed, **self.measure(student, r, elbo=elbo)}
+            for r in self.rollouts
+        ]
 
 
-def check_pair(teacher: nn.Module, student: nn.Module) -> None:
-    """Teacher and student must share family, vocabulary and mask token."""
-    t, s = diffusion_spec(teacher), diffusion_spec(student)
+def check_pair(
+    spec: DiffusionLMSpec, teacher: nn.Module, s: DiffusionLMSpec, student: nn.Module
+) -> None:
+    """The student (spec ``s``) must share the teacher's (``spec``'s) family, vocabulary and
+    mask token."""
     t_vocab = teacher.get_input_embeddings().num_embeddings
     s_vocab = student.get_input_embeddings().num_embeddings
-    if (t.family, t.mask_token_id, t_vocab) != (s.family, s.mask_token_id, s_vocab):
+    if (spec.family, spec.mask_token_id, t_vocab) != (s.family, s.mask_token_id, s_vocab):
         raise ValueError(
-            f"teacher ({t.family}, mask {t.mask_token_id}, vocab {t_vocab}) and student "
+            f"teacher ({spec.family}, mask {spec.mask_token_id}, vocab {t_vocab}) and student "
             f"({s.family}, mask {s.mask_token_id}, vocab {s_vocab}) are not the same model; "
             "pass the full-precision checkpoint the student was quantized from"
         )
 
 
-def teacher_rollouts(
-    teacher: nn.Module, tokenizer, texts: Sequence[str], settings: DecisionSettings
-) -> list[SeedRollouts]:
-    """Per seed: draw prompts and held-out texts, roll the teacher out, score its ELBO."""
-    sampler = settings.sampler(diffusion_spec(teacher, tokenizer))
-    rollouts = []
-    for seed in settings.seeds:
-        shuffled = random.Random(seed).sample(list(texts), len(texts))
-        prompts = prompts_from_texts(
-            shuffled, tokenizer, settings.prompt_length, settings.eval_prompts
-        )
-        heldout = [
-            torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"])[
-                : settings.heldout_length
-            ]
-            for t in shuffled[: settings.heldout_texts]
-        ]
-        heldout = [h for h in heldout if h.numel() > 1]
-        rollouts.append(
-            SeedRollouts(
-                seed=seed,
-                prompts=prompts,
-                traces=teacher_traces(teacher, sampler, prompts, seed=seed),
-                heldout=heldout,
-                teacher_elbo_ppl=_elbo(teacher, heldout, settings, seed),
-            )
-        )
-    return rollouts
-
-
-def student_rows(
-    name: str,
-    teacher: nn.Module,
-    student: nn.Module,
-    rollouts: Sequence[SeedRollouts],
-    settings: DecisionSettings,
-    *,
-    elbo: bool = True,
-    **labels,
-) -> list[dict]:
-    """One result row per seed for ``student`` (``labels`` are copied into every row)."""
-    sampler = settings.sampler(diffusion_spec(teacher))
-    rows = []
-    for r in rollouts:
-        report = compare_decisions(
-            teacher, student, sampler, r.prompts, seed=r.seed, traces=r.traces
-        )
-        row = {"name": name, **labels, "seed": r.seed, **report.as_row()}
-        if elbo:
-            row["elbo_ppl"] = _elbo(student, r.heldout, settings, r.seed)
-        row["flips_per_step"] = report.flips_per_step
-        row["flips_per_position"] = report.flips_per_position
-        rows.append(row)
-    return rows
-
-
-def _elbo(model, heldout, settings: DecisionSettings, seed: int) -> float | None:
-    if not heldout:
-        return None
-    return elbo_perplexity(model, heldout, mc_samples=settings.elbo_samples, seed=seed)
-
-
-def summarise(rows: Sequence[dict], key: str = "name") -> list[dict]:
-    """:func:`fair_calib_llmc.evaluation.report.summarise` over :data:`METRICS`, rows keyed by
-    name."""
-    return report.summarise(rows, key=key, metrics=METRICS)
-
-
-def markdown_table(summary: Sequence[dict], key: str = "name", metrics=METRICS) -> str:
-    """:func:`fair_calib_llmc.evaluation.report.markdown_table` with this module's defaults."""
-    return report.markdown_table(summary, key=key, metrics=metrics)
-
-
-def write_results(
-    out_dir: Path,
-    payload: dict,
-    markdown: str,
-    rows: Sequence[dict],
-    styles: dict[str, dict] | None = None,
-    *,
-    panels: dict[str, list[str]] | None = None,
-    overwrite: bool = False,
-) -> dict:
-    """``results.json``, ``results.md`` and the curves of :func:`plot_rows`; returns the
-    paths written. Without ``overwrite`` an existing ``results.*`` is never replaced, not
-    even one that appeared after the up-front :func:`~fair_calib_llmc.io.checkpoint.
-    check_results_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"results.json": out_dir / "results.json", "results.md": out_dir / "results.md"}
-    existing = [path for path in paths.values() if path.exists()]
-    if existing and not overwrite:
-        raise OutputDirError(
-            f"{existing[0]} appeared while this run worked and is not replaced; move it away "
-            "and rerun, or pass --overwrite"
-        )
-    mode = "w" if overwrite else "x"  # "x": nor one that appears this very moment
-    with open(paths["results.json"], mode) as file:
-        file.write(json.dumps(payload, indent=1, default=_jsonable))
-    with open(paths["results.md"], mode) as file:
-        file.write(markdown + "\n")
-    return {**paths, **plot_rows(out_dir, rows, styles, panels)}
-
-
-def plot_rows(out_dir: Path, rows: Sequence[dict], styles=None, panels=None) -> dict:
-    """``flips_per_step.png`` and ``flips_per_position.png``: one curve per row name,
-    averaged over that name's seeds (rows as in ``results.json``), in ``panels`` if given
-    (:func:`~fair_calib_llmc.evaluation.plots.plot_seed_curves`)."""
-    paths = {}
-    axes = (("flips_per_step", "sampler step"), ("flips_per_position", "answer position"))
-    for series, xlabel in axes:
-        curves: dict[str, list] = {}
-        for row in rows:
-            if row.get(series):
-                curves.setdefault(row["name"], []).append(row[series])
-        if curves:
-            paths[f"{series}.png"] = plot_seed_curves(
-                curves,
-                out_dir / f"{series}.png",
-                xlabel=xlabel,
-                ylabel="frontier flip rate",
-                title=f"Frontier flips vs. the FP teacher per {xlabel.split()[-1]}",
-                styles=styles,
-                panels=panels,
-            )
-    return paths
-
-
-def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    raise TypeError(f"cannot write {type(value).__name__} to results.json")
+def load_checkpoint(path: str | os.PathLike, *, dtype="auto", device=None):
+    """(model, tokenizer, spec) of a LLaDA / Dream checkpoint dir, FP or compressed, exactly
+    as saved (:func:`fair_calib_llmc.io.reload.load_quantized`); fails early on anything
+    else."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+    model = load_quantized(path, dtype=dtype, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    spec = diffusion_spec(model, tokenizer)  # not a dLLM / no mask token: a clear error, now
+    return model, tokenizer, spec

@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from fair_calib_llmc.evaluation.metrics import compare_decisions, elbo_perplexity
-from fair_calib_llmc.evaluation.report import REFERENCE_METHOD, write_results
+from fair_calib_llmc.evaluation.decisions import EvaluationContext
+from fair_calib_llmc.evaluation.report import REFERENCE_METHOD, benchmark_results, write_results
 from fair_calib_llmc.io.checkpoint import check_output_dir, save_atomically
-from fair_calib_llmc.io.data import check_prompt_count, prompts_from_texts
+from fair_calib_llmc.io.data import check_prompt_count, heldout_tokens, prompts_from_texts
 from fair_calib_llmc.io.reload import load_quantized, probe_logits
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.pipeline import quantize
-from fair_calib_llmc.sampling.samplers import default_sampler, teacher_traces
+from fair_calib_llmc.sampling.samplers import default_sampler
 
 __all__ = ["METHOD_RECIPES", "BenchmarkSettings", "run_benchmark"]
 
@@ -104,38 +104,48 @@ def run_benchmark(
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_model()
     device = next(teacher.parameters()).device
-    spec = diffusion_spec(teacher, tokenizer)
-    sampler = default_sampler(spec, settings.gen_length)
-    heldout = [
-        torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"][: settings.heldout_length])
-        for t in heldout_texts[: settings.heldout_texts]
-    ]
+    spec = diffusion_spec(teacher, tokenizer)  # once for the run
+    heldout = heldout_tokens(
+        tokenizer, heldout_texts[: settings.heldout_texts], settings.heldout_length
+    )
+    calibration, prompts = {}, {}
+    for seed in settings.seeds:
+        # a seed draws its own calibration and evaluation prompts (and sampler noise)
+        rng = random.Random(seed)
+        calibration[seed] = rng.sample(calibration_texts, len(calibration_texts))
+        prompts[seed] = prompts_from_texts(
+            rng.sample(heldout_texts, len(heldout_texts)),
+            tokenizer,
+            settings.prompt_length,
+            settings.eval_prompts,
+        )
+    # every seed scores the same held-out texts with the same ELBO draws
+    context = EvaluationContext.from_prompts(
+        teacher,
+        tokenizer,
+        default_sampler(spec, settings.gen_length),
+        prompts,
+        dict.fromkeys(settings.seeds, heldout),
+        spec=spec,
+        elbo_seed=0,
+    )
     rows = [
         {
-            "method": f"fp ({str(teacher.dtype).removeprefix('torch.')})",
+            "name": f"fp ({str(teacher.dtype).removeprefix('torch.')})",
             "seed": None,
             "frontier_flip_rate": 0.0,
             "post_commit_mismatch": 0.0,
             "first_divergence": float(settings.gen_length),
             "kl_frontier": 0.0,
             "kl_non_frontier": 0.0,
-            "elbo_ppl": elbo_perplexity(teacher, heldout, spec=spec),
+            "elbo_ppl": context.rollouts[0].teacher_elbo_ppl,
             "peak_gpu_mib": None,
             "checkpoint_mib": None,
         }
     ]
     per_step: dict[str, list[list[float]]] = {}  # method -> one flip-rate curve per seed
-    for seed in settings.seeds:
-        # a seed draws its own calibration and evaluation prompts (and sampler noise)
-        rng = random.Random(seed)
-        seed_calibration = rng.sample(calibration_texts, len(calibration_texts))
-        eval_prompts = prompts_from_texts(
-            rng.sample(heldout_texts, len(heldout_texts)),
-            tokenizer,
-            settings.prompt_length,
-            settings.eval_prompts,
-        )
-        traces = teacher_traces(teacher, sampler, eval_prompts, seed=seed, spec=spec)
+    for rollout in context.rollouts:
+        seed = rollout.seed
         for method in settings.methods:
             logger.info(f"=== {method} (seed {seed}) ===")
             model, tokenizer = load_model()
@@ -146,14 +156,14 @@ def run_benchmark(
                     model,
                     tokenizer,
                     recipes[method],
-                    seed_calibration,
+                    calibration[seed],
                     max_prompts=settings.calibration_prompts,
                     seed=seed,
                 )
             except (Exception, SystemExit) as error:  # noqa: BLE001 - recorded, run goes on
                 logger.exception(f"{method} (seed {seed}) failed")
-                rows.append({"method": method, "seed": seed, "error": repr(error)})
-                write_results(out_dir, rows, per_step, vars(settings))
+                rows.append({"name": method, "seed": seed, "error": repr(error)})
+                _write(out_dir, rows, per_step, settings)
                 _release_memory(device)
                 continue
             # not measured on the CPU: None, so the table leaves the column out
@@ -176,20 +186,18 @@ def run_benchmark(
             reload_error = float((probe_logits(student, device=device) - expected).abs().max())
             if reload_error != 0.0:  # a checkpoint that computes something else: say so loudly
                 logger.error(f"{method} (seed {seed}): reloaded logits differ by {reload_error}")
-            report = compare_decisions(
-                teacher, student, sampler, eval_prompts, seed=seed, traces=traces, spec=spec
-            )
-            per_step.setdefault(method, []).append(report.flips_per_step)
+            measured = context.measure(student, rollout)
+            per_step.setdefault(method, []).append(measured.pop("flips_per_step"))
+            per_position = measured.pop("flips_per_position")
             row = {
-                "method": method,
+                "name": method,
                 "seed": seed,
-                **report.as_row(),
-                "elbo_ppl": elbo_perplexity(student, heldout, spec=spec),
+                **measured,
                 **timings,
                 "peak_gpu_mib": peak,
                 "checkpoint_mib": _checkpoint_mib(path),
                 "reload_max_abs_logit_diff": reload_error,
-                "flips_per_position": report.flips_per_position,
+                "flips_per_position": per_position,
                 "weight_stats": weight_stats,
                 **({"learning": learning[0]} if learning else {}),
             }
@@ -202,8 +210,13 @@ def run_benchmark(
                 f"Stage II {timings['stage2_seconds']:.1f}s"
             )
             rows.append(row)
-            write_results(out_dir, rows, per_step, vars(settings))  # a cut-off run keeps them
+            _write(out_dir, rows, per_step, settings)  # a cut-off run keeps them
             del student
             _release_memory(device)
-    write_results(out_dir, rows, per_step, vars(settings))
+    _write(out_dir, rows, per_step, settings)
     return rows
+
+
+def _write(out_dir: Path, rows: list[dict], per_step: dict, settings: BenchmarkSettings) -> None:
+    """Rewrite the results so far (the directory was checked before any work)."""
+    write_results(out_dir, *benchmark_results(rows, per_step, vars(settings)), overwrite=True)

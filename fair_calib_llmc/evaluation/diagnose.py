@@ -45,14 +45,11 @@ from fair_calib_llmc.evaluation.compare import (
 )
 from fair_calib_llmc.evaluation.decisions import (
     DecisionSettings,
+    EvaluationContext,
     load_checkpoint,
-    markdown_table,
-    student_rows,
-    summarise,
-    teacher_rollouts,
-    write_results,
 )
-from fair_calib_llmc.evaluation.plots import plot_seed_bars
+from fair_calib_llmc.evaluation.plots import flip_curves, plot_layer_sensitivity
+from fair_calib_llmc.evaluation.report import markdown_table, summarise, write_results
 from fair_calib_llmc.formats.schemes import check_scheme_name
 from fair_calib_llmc.io.checkpoint import check_results_dir, output_lock
 from fair_calib_llmc.io.corpus import shipped_texts
@@ -117,7 +114,7 @@ def _quantized(
 ) -> nn.Module:
     """A fresh copy of the FP model, RTN-quantized in memory: data-free ``oneshot``, or with
     ``calibration`` texts where the activations need calibrated scales."""
-    model, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
+    model, tokenizer, _ = load_checkpoint(model_dir, dtype=dtype, device=device)
     recipe = [ExactSpinQuantModifier(**ROTATIONS)] if rotate else []
     recipe.append(QuantizationModifier(config_groups={"group_0": scheme}, ignore=list(LM_HEADS)))
     if not needs_calibration(scheme):
@@ -186,9 +183,10 @@ def diagnose_model(
     texts = texts if texts is not None else shipped_texts("heldout")
     with output_lock(out_dir):  # a second run into out_dir fails now, not at the end
         start = time.monotonic()
-        teacher, tokenizer = load_checkpoint(model_dir, dtype=dtype, device=device)
+        teacher, tokenizer, spec = load_checkpoint(model_dir, dtype=dtype, device=device)
         dtype = teacher.get_input_embeddings().weight.dtype
-        rollouts = teacher_rollouts(teacher, tokenizer, texts, settings)
+        context = EvaluationContext.build(teacher, tokenizer, texts, settings, spec=spec)
+        rollouts = context.rollouts
 
         rows = []
         plan = [(name, False) for name in schemes]
@@ -196,9 +194,7 @@ def diagnose_model(
         for name, rotate in progress(plan, desc="diagnose variants"):
             label = f"{name} + rotations" if rotate else name
             student = _quantized(model_dir, dtype, device, schemes[name], rotate, calibration)
-            rows += student_rows(
-                label, teacher, student, rollouts, settings, precision=name, rotations=rotate
-            )
+            rows += context.student_rows(label, student, precision=name, rotations=rotate)
             del student
 
         layer_rows = []
@@ -207,7 +203,7 @@ def diagnose_model(
                 student = _quantized(
                     model_dir, dtype, device, _only(linears, schemes["W4A4"]), False, calibration
                 )
-                layer_rows += student_rows(layer, teacher, student, rollouts, settings, elbo=False)
+                layer_rows += context.student_rows(layer, student, elbo=False)
                 del student
 
         calibrated = (
@@ -217,9 +213,9 @@ def diagnose_model(
         )
         variants = summarise(rows)
         layers = summarise(layer_rows)
-        table = markdown_table(variants, key="name")
+        table = markdown_table(variants)
         layer_metrics = ("frontier_flip_rate", "post_commit_mismatch", "kl_frontier")
-        layer_table = markdown_table(layers, key="name", metrics=layer_metrics) if layers else ""
+        layer_table = markdown_table(layers, metrics=layer_metrics) if layers else ""
         markdown = (
             f"## Variants (RTN, {calibrated}; {scheme})\n\n{table}\n\n"
             + (f"## One decoder layer W4A4 at a time\n\n{layer_table}\n\n" if layer_table else "")
@@ -240,15 +236,8 @@ def diagnose_model(
             "summary": variants,
             "layer_summary": layers,
         }
-        files = write_results(
-            out_dir,
-            payload,
-            markdown,
-            rows,
-            variant_styles(schemes),
-            panels=variant_panels(schemes),
-            overwrite=overwrite,
-        )
+        curves = flip_curves(rows, variant_styles(schemes), variant_panels(schemes))
+        files = write_results(out_dir, payload, markdown, curves, overwrite=overwrite)
         if layer_rows:
             path = out_dir / "layer_sensitivity.png"
             files[path.name] = plot_layer_sensitivity(layer_rows, rows, path)
@@ -273,23 +262,6 @@ def refuse_quantized(model_dir: Path) -> None:
             "diagnose needs the full-precision model: pass the directory it was quantized "
             "from (fair-calib-llmc evaluate compares a quantized checkpoint with it)"
         )
-
-
-def plot_layer_sensitivity(layer_rows, rows, path: Path) -> Path:
-    """Bar per decoder layer (flip rate with only that layer W4A4, mean and range over seeds),
-    with the whole-model W4A4 rate as a reference line."""
-    per_layer: dict[str, list[float]] = {}
-    for row in layer_rows:
-        per_layer.setdefault(row["name"].rsplit(".", 1)[-1], []).append(row["frontier_flip_rate"])
-    whole = [r["frontier_flip_rate"] for r in rows if r["name"] == "W4A4"]
-    return plot_seed_bars(
-        per_layer,
-        path,
-        xlabel="decoder layer quantized W4A4 (all others FP)",
-        ylabel="frontier flip rate",
-        title="Per-layer sensitivity",
-        reference={"whole model W4A4": sum(whole) / len(whole)} if whole else None,
-    )
 
 
 def _teacher_ppl(rollouts) -> str:

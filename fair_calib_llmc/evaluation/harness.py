@@ -19,7 +19,9 @@ The three request types, as the LLaDA / Dream authors evaluate:
   task's ``max_gen_toks``); the answer is cut at the first end-of-text token and then at the
   first stop string. Prompts of equal token length are batched (``batch_size`` rows), so
   greedy answers do not depend on the batch size.
-* ``loglikelihood``: LLaDA's masked-diffusion bound on ``log p(continuation | context)``:
+* ``loglikelihood``: LLaDA's masked-diffusion bound on ``log p(continuation | context)``
+  (:func:`fair_calib_llmc.evaluation.metrics.masked_diffusion_loglikelihood`, the one the
+  ELBO perplexity uses too):
   only continuation tokens are masked; the number masked, ``l``, is stratified over
   ``1..T`` and each sample scores ``(T / l) * sum log p(x_i | masked)`` (``mc_samples``
   samples, ``batch_size`` per forward pass, seeded per request so a score never depends on
@@ -37,10 +39,7 @@ and bf16) or an in-memory model (then pass ``tokenizer``).
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 from collections import defaultdict
-from collections.abc import Iterable
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -56,9 +55,10 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from fair_calib_llmc.evaluation import LM_EVAL_MODEL_NAME, LM_EVAL_TASKS
-from fair_calib_llmc.io.loading import default_device
+from fair_calib_llmc.evaluation.metrics import masked_diffusion_loglikelihood
+from fair_calib_llmc.io.loading import default_device, resolve_dtype
 from fair_calib_llmc.io.reload import load_quantized, restore_decompressed
-from fair_calib_llmc.models.family import denoiser_logits, diffusion_spec
+from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.sampling.samplers import (
     DreamSampler,
     LLaDASampler,
@@ -77,84 +77,6 @@ _SAMPLER_KEYS = {
     )
     for sampler in (LLaDASampler, DreamSampler)
 }
-
-
-def _dtype(value) -> torch.dtype | str:
-    if value is None or value == "auto" or isinstance(value, torch.dtype):
-        return value or "auto"
-    dtype = getattr(torch, str(value), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {value!r}; use auto, float32, bfloat16 or float16")
-    return dtype
-
-
-def _request_seed(seed: int, tokens: Iterable[int]) -> int:
-    """A seed per (run seed, token sequence): a score does not depend on request order."""
-    digest = hashlib.sha256(f"{seed}:{list(tokens)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-@torch.no_grad()
-def masked_diffusion_loglikelihood(
-    model: nn.Module,
-    context: list[int],
-    continuation: list[int],
-    *,
-    mask_token_id: int | None = None,
-    mc_samples: int = 128,
-    batch_size: int = 32,
-    seed: int = 0,
-) -> float:
-    """LLaDA's estimate of ``log p(continuation | context)`` (see the module docstring).
-
-    Exact (all ``2**T - 1`` masks, weighted ``1 / (l * C(T, l))``) when they number at most
-    ``mc_samples``; otherwise ``mc_samples`` Monte-Carlo draws with ``l`` stratified as in
-    LLaDA's ``eval_llada.py``.
-    """
-    spec = diffusion_spec(model)
-    mask_id = spec.mask_token_id if mask_token_id is None else mask_token_id
-    n_target = len(continuation)
-    if n_target == 0:
-        raise ValueError("the continuation is empty; nothing to score")
-    device = next(model.parameters()).device
-    sequence = torch.tensor(list(context) + list(continuation), dtype=torch.long)
-    masks, weights = _continuation_masks(n_target, mc_samples, seed, (*context, *continuation))
-
-    total = 0.0
-    for start in range(0, masks.shape[0], batch_size):
-        is_mask = masks[start : start + batch_size]
-        rows = sequence.repeat(is_mask.shape[0], 1)
-        rows[:, len(context) :][is_mask] = mask_id
-        logits = denoiser_logits(model, rows.to(device), spec)[:, len(context) :]
-        target = sequence[len(context) :].to(device)
-        log_p = logits.log_softmax(-1).gather(-1, target.expand(rows.shape[0], -1).unsqueeze(-1))
-        per_row = (log_p.squeeze(-1) * is_mask.to(device)).sum(-1).double().cpu()
-        total += float((per_row * weights[start : start + batch_size]).sum())
-    return total
-
-
-def _continuation_masks(
-    n_target: int, mc_samples: int, seed: int, tokens
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean masks ``(R, T)`` over the continuation and the weight of each row's score."""
-    if 2**n_target - 1 <= mc_samples:
-        rows, weights = [], []
-        for n_masked in range(1, n_target + 1):
-            subsets = list(itertools.combinations(range(n_target), n_masked))
-            for subset in subsets:
-                row = torch.zeros(n_target, dtype=torch.bool)
-                row[list(subset)] = True
-                rows.append(row)
-                weights.append(1.0 / (n_masked * len(subsets)))
-        return torch.stack(rows), torch.tensor(weights, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(_request_seed(seed, tokens))
-    # LLaDA's stratification: l_i = k + i * T / n (mod T, in 1..T) for one random k
-    k = int(torch.randint(1, n_target + 1, (), generator=generator))
-    counts = torch.linspace(k, k + (mc_samples - 1) * n_target / mc_samples, mc_samples)
-    counts = (counts.round().long() - 1) % n_target + 1
-    ranks = torch.rand(mc_samples, n_target, generator=generator).argsort(-1).argsort(-1)
-    masks = ranks < counts.unsqueeze(-1)  # a uniform random subset of l_i positions
-    return masks, (n_target / counts.double()) / mc_samples
 
 
 class ModelArgumentError(ValueError):
@@ -237,16 +159,20 @@ class DiffusionHarnessLM(TemplateLM):
             self.model = pretrained
             restore_decompressed(self.model)  # e.g. a model that was just saved compressed
             if dtype not in (None, "auto"):
-                self.model = self.model.to(_dtype(dtype))
+                self.model = self.model.to(resolve_dtype(dtype or "auto"))
         else:
-            self.model = load_quantized(pretrained, dtype=_dtype(dtype), device=self._device)
+            self.model = load_quantized(
+                pretrained, dtype=resolve_dtype(dtype or "auto"), device=self._device
+            )
         self.model = self.model.to(self._device).eval()
         if isinstance(tokenizer, str) or tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer or pretrained)
         self.tokenizer = tokenizer
-        if mask_token_id is not None:
-            self.model.config.mask_token_id = int(mask_token_id)
-        self.spec = diffusion_spec(self.model, tokenizer)  # a causal LM fails here, clearly
+        # computed once, passed to every likelihood and sampler call; an explicit
+        # mask_token_id lives in the spec only (the model's config stays as loaded)
+        self.spec = diffusion_spec(
+            self.model, tokenizer, mask_token_id=mask_token_id
+        )  # a causal LM fails here, clearly
         self._max_length = int(max_length or self.model.config.max_position_embeddings)
         self.gen_length = gen_length
         self.temperature = float(temperature)
@@ -323,7 +249,7 @@ class DiffusionHarnessLM(TemplateLM):
             self.model,
             context,
             continuation,
-            mask_token_id=self.spec.mask_token_id,
+            spec=self.spec,
             mc_samples=self.mc_samples,
             batch_size=self.batch_size,
             seed=self.seed,
@@ -334,7 +260,7 @@ class DiffusionHarnessLM(TemplateLM):
         n = len(continuation)
         sampler = LLaDASampler(steps=n, gen_length=n, block_length=n)
         prompt = torch.tensor(context[-(self.max_length - n) :], dtype=torch.long).unsqueeze(0)
-        trace = sampler.generate(self.model, prompt, tokenizer=self.tokenizer)
+        trace = sampler.generate(self.model, prompt, spec=self.spec)
         return trace.generated[0].tolist() == list(continuation)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
@@ -410,9 +336,7 @@ class DiffusionHarnessLM(TemplateLM):
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 prompts = torch.tensor([prepared[i][0] for i in chunk], dtype=torch.long)
-                trace = sampler.generate(
-                    self.model, prompts, tokenizer=self.tokenizer, seed=self.seed
-                )
+                trace = sampler.generate(self.model, prompts, seed=self.seed, spec=self.spec)
                 for i, tokens in zip(chunk, trace.generated.tolist(), strict=True):
                     prompt, until, gen_kwargs = prepared[i]
                     answers[i] = self._finish(tokens, until)

@@ -8,22 +8,30 @@
   answer tokens that differ and the first position where they diverge.
 * **KL(teacher || student)** over masked positions of the forced states, split into frontier
   (committed at that step) and non-frontier positions.
-* **ELBO perplexity**: LLaDA's low-variance masked-diffusion bound on held-out text.
+* **ELBO perplexity**: LLaDA's low-variance masked-diffusion bound on held-out text, from
+  :func:`masked_diffusion_loglikelihood`, the likelihood the lm-eval model ``dllm`` uses too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from fair_calib_llmc.models.family import DiffusionLMSpec, denoiser_logits, diffusion_spec
+from fair_calib_llmc.models.family import DiffusionLMSpec, denoiser_logits
 from fair_calib_llmc.sampling.samplers import DiffusionTrace, SamplerBase, progress, teacher_traces
 
-__all__ = ["FrontierReport", "compare_decisions", "elbo_perplexity"]
+__all__ = [
+    "FrontierReport",
+    "compare_decisions",
+    "elbo_perplexity",
+    "masked_diffusion_loglikelihood",
+]
 
 
 @dataclass
@@ -64,11 +72,10 @@ def compare_decisions(
     *,
     seed: int = 0,
     traces: list[tuple[torch.Tensor, DiffusionTrace]] | None = None,
-    spec: DiffusionLMSpec | None = None,
+    spec: DiffusionLMSpec,
 ) -> FrontierReport:
     """Frontier flips, KL and free-running mismatch of ``student`` against ``teacher``
     (which share a family, so one ``spec`` serves both)."""
-    spec = spec or diffusion_spec(teacher)
     if traces is None:
         traces = teacher_traces(teacher, sampler, prompts, seed=seed, spec=spec)
     steps, gen = sampler.steps, sampler.gen_length
@@ -131,47 +138,113 @@ def compare_decisions(
 
 
 @torch.no_grad()
+def masked_diffusion_loglikelihood(
+    model: nn.Module,
+    context: Sequence[int],
+    continuation: Sequence[int],
+    *,
+    spec: DiffusionLMSpec,
+    mc_samples: int = 128,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> float:
+    """The one masked-diffusion likelihood: LLaDA's bound on ``log p(continuation | context)``
+    (the ELBO perplexity scores a text as a continuation of nothing; the lm-eval model
+    ``dllm`` scores every ``loglikelihood`` request with it).
+
+    Only continuation tokens are masked. With ``T`` continuation tokens, a draw masks ``l``
+    of them (a uniform random ``l``-subset) and scores ``(T / l) * sum log p(x_i | masked)``
+    over the masked ``i``; the mean over draws bounds ``log p`` from below.
+
+    The estimator kept is the lm-eval model's, which is LLaDA's own (``eval_llada.py``):
+    ``l_i = k + i T / n`` (mod ``T``, in ``1..T``) for one random ``k`` over the ``n =
+    mc_samples`` draws, and, when all ``2**T - 1`` masks number at most ``mc_samples``, the
+    exact expectation instead (each mask weighted ``1 / (l * C(T, l))``: short answers such
+    as " A" are scored without noise). Its draws are seeded by ``seed`` and the tokens
+    (not by a generator shared across calls), so a score depends on neither the request
+    order nor ``batch_size``, and an lm-eval number is comparable with the LLaDA authors'.
+    (The ELBO perplexity had an estimator of its own, with a random offset per draw and one
+    generator across texts: the same bound, other draws.) ``batch_size`` masked copies go
+    through the model at once; log-probabilities are float32 log-softmaxes of the masked
+    positions only, summed in float64.
+    """
+    n_target = len(continuation)
+    if n_target == 0:
+        raise ValueError("the continuation is empty; nothing to score")
+    device = next(model.parameters()).device
+    sequence = torch.tensor([*context, *continuation], dtype=torch.long)
+    masks, weights = _likelihood_masks(n_target, mc_samples, seed, sequence.tolist())
+    start_of = len(context)
+    target = sequence[start_of:].to(device)
+
+    total = 0.0
+    for start in range(0, masks.shape[0], batch_size):
+        is_mask = masks[start : start + batch_size]
+        rows = sequence.repeat(is_mask.shape[0], 1)
+        rows[:, start_of:][is_mask] = spec.mask_token_id
+        logits = denoiser_logits(model, rows.to(device), spec)[:, start_of:]
+        is_mask = is_mask.to(device)
+        targets = target.expand(is_mask.shape[0], -1)[is_mask]
+        log_p = logits[is_mask].log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        per_row = torch.zeros(is_mask.shape[0], dtype=torch.float64, device=device)
+        per_row.index_add_(0, is_mask.nonzero()[:, 0], log_p.double())
+        total += float((per_row.cpu() * weights[start : start + batch_size]).sum())
+    return total
+
+
+def _request_seed(seed: int, tokens: Iterable[int]) -> int:
+    """A seed per (run seed, token sequence): a score does not depend on request order."""
+    digest = hashlib.sha256(f"{seed}:{list(tokens)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _likelihood_masks(
+    n_target: int, mc_samples: int, seed: int, tokens
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks ``(R, T)`` over the continuation and the weight of each row's score."""
+    if 2**n_target - 1 <= mc_samples:
+        rows, weights = [], []
+        for n_masked in range(1, n_target + 1):
+            subsets = list(itertools.combinations(range(n_target), n_masked))
+            for subset in subsets:
+                row = torch.zeros(n_target, dtype=torch.bool)
+                row[list(subset)] = True
+                rows.append(row)
+                weights.append(1.0 / (n_masked * len(subsets)))
+        return torch.stack(rows), torch.tensor(weights, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(_request_seed(seed, tokens))
+    # LLaDA's stratification: l_i = k + i * T / n (mod T, in 1..T) for one random k
+    k = int(torch.randint(1, n_target + 1, (), generator=generator))
+    counts = torch.linspace(k, k + (mc_samples - 1) * n_target / mc_samples, mc_samples)
+    counts = (counts.round().long() - 1) % n_target + 1
+    ranks = torch.rand(mc_samples, n_target, generator=generator).argsort(-1).argsort(-1)
+    masks = ranks < counts.unsqueeze(-1)  # a uniform random subset of l_i positions
+    return masks, (n_target / counts.double()) / mc_samples
+
+
+@torch.no_grad()
 def elbo_perplexity(
     model: nn.Module,
     texts: Iterable[torch.Tensor],
     *,
+    spec: DiffusionLMSpec,
     mc_samples: int = 8,
     seed: int = 0,
-    spec: DiffusionLMSpec | None = None,
 ) -> float:
-    """Perplexity from LLaDA's low-variance masked-diffusion bound.
+    """Perplexity from LLaDA's low-variance masked-diffusion bound on held-out texts.
 
-    For a sequence of length ``L``, draw ``l`` masked tokens (stratified over ``1..L``), mask a
-    random ``l``-subset and score ``-(L/l) * sum log p(x_i | x_masked)`` over masked ``i``. The
-    mean over draws bounds ``-log p(x)``; perplexity is ``exp(bound / L)`` pooled over tokens.
+    Each text is scored by :func:`masked_diffusion_loglikelihood` (no context, ``mc_samples``
+    draws, all in one batch); perplexity is ``exp(-bound / tokens)`` pooled over the texts.
     """
-    spec = spec or diffusion_spec(model)
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
     nll, n_tokens = 0.0, 0
     for text in texts:
-        x = text.flatten().to(device)
-        length = x.numel()
-        if length == 0:
+        tokens = text.flatten().tolist()
+        if not tokens:
             continue
-        offsets = torch.rand(mc_samples, generator=generator)
-        # all draws of a text go through the model as one batch (same length, no padding)
-        masks = torch.zeros(mc_samples, length, dtype=torch.bool)
-        for k in range(mc_samples):
-            n_masked = 1 + min(length - 1, int((k + offsets[k]) / mc_samples * length))
-            masks[k, torch.randperm(length, generator=generator)[:n_masked]] = True
-        masks = masks.to(device)
-        noisy = torch.where(masks, spec.mask_token_id, x.expand(mc_samples, -1))
-        logits = denoiser_logits(model, noisy, spec)[masks].float()  # masked positions only
-        targets = x.expand(mc_samples, -1)[masks]
-        log_p = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        draw = masks.nonzero()[:, 0]
-        # each draw: -(L / l) * the sum of its masked tokens' log-probabilities
-        per_draw = torch.zeros(mc_samples, device=device).index_add_(0, draw, -log_p)
-        per_draw = per_draw * length / masks.sum(-1)
-        bound = float(per_draw.sum())
-        nll += bound / mc_samples
-        n_tokens += length
+        nll -= masked_diffusion_loglikelihood(
+            model, [], tokens, spec=spec, mc_samples=mc_samples, batch_size=mc_samples, seed=seed
+        )
+        n_tokens += len(tokens)
     if n_tokens == 0:
         raise ValueError("no held-out tokens to score; pass non-empty texts")
     return math.exp(nll / n_tokens)

@@ -1,19 +1,31 @@
-"""Plots of decision-level results, averaged over seeds (shared by evaluate, diagnose and the
-benchmark report).
+"""The one plotting module: decision-level results averaged over seeds (the benchmark's
+``flips.png``, evaluate's and diagnose's ``flips_per_step.png`` / ``flips_per_position.png``,
+diagnose's ``layer_sensitivity.png``).
 
 Every function takes per-seed values and draws the mean with a min-max band (or error bar), so
 one noisy seed cannot pass for a trend; files are small PNGs (matplotlib, Agg backend).
+:class:`SeedCurves` is one curve figure as the results writer
+(:func:`fair_calib_llmc.evaluation.report.write_results`) takes it.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["mean_and_range", "plot_seed_curves", "plot_seed_bars"]
+__all__ = [
+    "SeedCurves",
+    "flip_curves",
+    "mean_and_range",
+    "plot_layer_sensitivity",
+    "plot_rows",
+    "plot_seed_bars",
+    "plot_seed_curves",
+]
 
 
 def mean_and_range(per_seed: Sequence[Sequence[float]]) -> tuple[list, list, list]:
@@ -92,6 +104,71 @@ def _draw_curve(ax, label: str, per_seed, style: dict) -> None:
     (line,) = ax.plot(x, mean, label=label, **{"marker": ".", "linewidth": 1.2, **style})
     if len(per_seed) > 1:
         ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+
+
+@dataclass
+class SeedCurves:
+    """One figure of :func:`plot_seed_curves`: its file name, the curves (label -> per-seed
+    series) and how it is labelled."""
+
+    file: str
+    curves: Mapping[str, Sequence[Sequence[float]]]
+    xlabel: str
+    title: str
+    ylabel: str = "frontier flip rate"
+    styles: Mapping[str, dict] | None = None
+    panels: Mapping[str, Sequence[str]] | None = None
+
+    def draw(self, out_dir: str | Path) -> Path:
+        return plot_seed_curves(
+            self.curves,
+            Path(out_dir) / self.file,
+            xlabel=self.xlabel,
+            ylabel=self.ylabel,
+            title=self.title,
+            styles=self.styles,
+            panels=self.panels,
+        )
+
+
+def flip_curves(rows: Sequence[dict], styles=None, panels=None) -> list[SeedCurves]:
+    """``flips_per_step.png`` and ``flips_per_position.png`` of result rows (as in
+    ``results.json``: each row's ``flips_per_step`` / ``flips_per_position``): one curve per
+    row name, averaged over that name's seeds, in ``panels`` if given."""
+    figures = []
+    axes = (("flips_per_step", "sampler step"), ("flips_per_position", "answer position"))
+    for series, xlabel in axes:
+        curves: dict[str, list] = {}
+        for row in rows:
+            if row.get(series):
+                curves.setdefault(row["name"], []).append(row[series])
+        title = f"Frontier flips vs. the FP teacher per {xlabel.split()[-1]}"
+        figures.append(
+            SeedCurves(f"{series}.png", curves, xlabel, title, styles=styles, panels=panels)
+        )
+    return figures
+
+
+def plot_rows(out_dir: Path, rows: Sequence[dict], styles=None, panels=None) -> dict:
+    """Draw :func:`flip_curves` into ``out_dir``; returns the paths by file name."""
+    return {c.file: c.draw(out_dir) for c in flip_curves(rows, styles, panels) if c.curves}
+
+
+def plot_layer_sensitivity(layer_rows, rows, path: Path) -> Path:
+    """Bar per decoder layer (flip rate with only that layer W4A4, mean and range over seeds),
+    with the whole-model W4A4 rate of ``rows`` as a reference line (diagnose)."""
+    per_layer: dict[str, list[float]] = {}
+    for row in layer_rows:
+        per_layer.setdefault(row["name"].rsplit(".", 1)[-1], []).append(row["frontier_flip_rate"])
+    whole = [r["frontier_flip_rate"] for r in rows if r["name"] == "W4A4"]
+    return plot_seed_bars(
+        per_layer,
+        path,
+        xlabel="decoder layer quantized W4A4 (all others FP)",
+        ylabel="frontier flip rate",
+        title="Per-layer sensitivity",
+        reference={"whole model W4A4": sum(whole) / len(whole)} if whole else None,
+    )
 
 
 def plot_seed_bars(

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import json
 import os
 import secrets
 import shutil
@@ -223,8 +224,12 @@ def save_atomically(
     *,
     overwrite: bool = False,
     model_dir: str | os.PathLike | None = None,
+    config_updates: dict | None = None,
 ) -> Path:
     """``save_pretrained(save_compressed=True)`` into a hidden sibling, then rename into place.
+
+    ``config_updates`` are written into the saved ``config.json`` (not into the model's
+    config): :func:`fair_calib_llmc.quantize` states the mask token it used there.
 
     Repeats the cheap :func:`check_output_dir` checks (the directory may have changed since).
     Under ``torchrun`` every rank must call this: llm-compressor's compressed save is
@@ -233,13 +238,22 @@ def save_atomically(
     """
     model_dir = model_dir if model_dir is not None else model_directory(model)
     if is_distributed():
-        return _save_distributed(model, tokenizer, output_dir, overwrite, model_dir)
+        return _save_distributed(model, tokenizer, output_dir, overwrite, model_dir, config_updates)
     target = check_output_dir(output_dir, model_dir=model_dir, overwrite=overwrite)
     with output_lock(target):
-        return _save_locked(model, tokenizer, target)
+        return _save_locked(model, tokenizer, target, config_updates)
 
 
-def _save_locked(model, tokenizer, target: Path) -> Path:
+def _update_config(directory: Path, updates: dict | None) -> None:
+    if not updates:
+        return
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    if any(config.get(key) != value for key, value in updates.items()):
+        path.write_text(json.dumps({**config, **updates}, indent=2, sort_keys=True) + "\n")
+
+
+def _save_locked(model, tokenizer, target: Path, config_updates: dict | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = _make_dir(_work_dir(target), f".{target.name}.partial-{os.getpid()}-")
     try:
@@ -249,6 +263,7 @@ def _save_locked(model, tokenizer, target: Path) -> Path:
                 # llm-compressor dispatches the model through accelerate hooks to save it
                 warnings.filterwarnings("ignore", message=".*offloaded modules.*")
                 model.save_pretrained(partial, save_compressed=True)
+            _update_config(partial, config_updates)
             tokenizer.save_pretrained(partial)
             _apply_umask(partial)
             _swap_into_place(partial, target)
@@ -264,13 +279,14 @@ def _save_locked(model, tokenizer, target: Path) -> Path:
     return target
 
 
-def _save_distributed(model, tokenizer, output_dir, overwrite, model_dir) -> Path:
+def _save_distributed(model, tokenizer, output_dir, overwrite, model_dir, config_updates) -> Path:
     def begin() -> tuple[Path, Path]:
         target = check_output_dir(output_dir, model_dir=model_dir, overwrite=overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
         return target, _make_dir(_work_dir(target), f".{target.name}.partial-{os.getpid()}-")
 
     def finish() -> None:
+        _update_config(partial, config_updates)
         tokenizer.save_pretrained(partial)
         _apply_umask(partial)
         _swap_into_place(partial, target)

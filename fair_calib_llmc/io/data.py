@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset
 from loguru import logger
 
-__all__ = ["check_prompt_count", "load_texts", "prompts_from_texts"]
+__all__ = ["check_prompt_count", "heldout_tokens", "load_texts", "prompts_from_texts"]
 
 #: file suffix -> ``datasets`` packaged loader
 _LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
@@ -154,3 +154,13 @@ def prompts_from_texts(
             f"than {prompt_length} tokens"
         )
     return prompts
+
+
+def heldout_tokens(tokenizer, texts: Sequence[str], length: int) -> list[torch.Tensor]:
+    """The first ``length`` tokens of each held-out text (the ELBO perplexity's input); texts
+    of fewer than two tokens are left out."""
+    tokens = [
+        torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:length])
+        for text in texts
+    ]
+    return [t for t in tokens if t.numel() > 1]

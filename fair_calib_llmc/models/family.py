@@ -36,8 +36,17 @@ class DiffusionLMSpec:
     shift_logits: bool
 
 
-def diffusion_spec(model: nn.Module, tokenizer=None) -> DiffusionLMSpec:
-    """Return the :class:`DiffusionLMSpec` of ``model`` or raise a ``ValueError`` naming the fix."""
+def diffusion_spec(
+    model: nn.Module, tokenizer=None, *, mask_token_id: int | None = None
+) -> DiffusionLMSpec:
+    """Return the :class:`DiffusionLMSpec` of ``model`` or raise a ``ValueError`` naming the fix.
+
+    The mask token is, in this order: ``mask_token_id`` (an explicit override, e.g. the
+    lm-eval model's argument), ``config.mask_token_id``, the tokenizer's mask token. It is
+    never guessed, and never written into the config: the spec carries it, so compute the
+    spec once per run (where model and tokenizer are at hand) and pass it down.
+    :func:`fair_calib_llmc.quantize` states it in the saved checkpoint's ``config.json``.
+    """
     config = getattr(model, "config", None)
     family = next((v for k, v in _FAMILIES.items() if isinstance(config, k)), None)
     if family is None:
@@ -51,15 +60,15 @@ def diffusion_spec(model: nn.Module, tokenizer=None) -> DiffusionLMSpec:
             "causal models."
         )
     name, shift = family
-    mask_id = getattr(config, "mask_token_id", None)
+    mask_id = mask_token_id
+    if mask_id is None:
+        mask_id = getattr(config, "mask_token_id", None)
     if mask_id is None and tokenizer is not None:
         mask_id = getattr(tokenizer, "mask_token_id", None)
         if mask_id is not None:
-            # recorded in the config, so the quantized checkpoint states it explicitly
-            config.mask_token_id = int(mask_id)
             logger.info(
                 f"config.mask_token_id is not set: using the tokenizer's mask token "
-                f"{tokenizer.mask_token!r} (id {mask_id}) and recording it in the config"
+                f"{tokenizer.mask_token!r} (id {mask_id})"
             )
     if mask_id is None:
         raise ValueError(

@@ -25,10 +25,10 @@ def masked_diffusion_loss(
     x: torch.Tensor,
     generator: torch.Generator,
     eps: float = 1e-3,
-    spec: DiffusionLMSpec | None = None,
+    *,
+    spec: DiffusionLMSpec,
 ) -> torch.Tensor:
     """LLaDA's ``1/t``-weighted masked cross-entropy for a batch ``x`` of shape (B, L)."""
-    spec = spec or diffusion_spec(model)
     batch, length = x.shape
     t = (1 - eps) * torch.rand(batch, generator=generator, device=x.device) + eps
     p_mask = t[:, None].expand(batch, length)

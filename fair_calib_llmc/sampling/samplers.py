@@ -377,14 +377,13 @@ def teacher_traces(
     prompts,
     *,
     seed: int = 0,
-    spec: DiffusionLMSpec | None = None,
+    spec: DiffusionLMSpec,
 ) -> list[tuple[torch.Tensor, DiffusionTrace]]:
     """The teacher's own (prompt batch, trace) pairs; reuse them for every student.
 
     One progress bar over all denoising steps of all batches, so its ETA is meaningful even
     when every prompt fits one batch.
     """
-    spec = spec or diffusion_spec(teacher)
     batches = _as_batches(prompts)
     desc = f"rollouts ({sum(len(b) for b in batches)} prompts)"
     traces = []

@@ -106,10 +106,17 @@ def build_calibration_dataset(
     *,
     max_prompts: int | None = None,
     seed: int = 0,
+    spec: DiffusionLMSpec | None = None,
 ) -> tuple[Dataset, PositionPrior, WeightStats]:
-    """Stage I: teacher rollouts -> position prior -> weighted masked-stage states."""
+    """Stage I: teacher rollouts -> position prior -> weighted masked-stage states.
+
+    :param spec: the run's :class:`~fair_calib_llmc.models.family.DiffusionLMSpec`
+        (:func:`fair_calib_llmc.quantize` passes its own); called on its own, this reads it
+        off ``model`` and ``tokenizer``
+    """
     settings = settings or Stage1Settings()
-    spec = diffusion_spec(model, tokenizer)
+    if spec is None:  # called on its own (an entry point, as in the examples)
+        spec = diffusion_spec(model, tokenizer)
     sampler = settings.sampler_for(spec)
     # under torchrun each process rolls out its share; the prior and the normalisation are
     # summed over processes (fair_calib_llmc.distributed)

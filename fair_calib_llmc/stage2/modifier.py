@@ -42,7 +42,7 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from fair_calib_llmc.distributed import all_reduce_sum
 from fair_calib_llmc.formats.schemes import check_scheme_name
-from fair_calib_llmc.models.family import diffusion_spec
+from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.models.layers import named_decoder_layers
 from fair_calib_llmc.stage1.states import Stage1Settings
 from fair_calib_llmc.stage2.reconstruction import accumulate_cross_covariance, fp_target_weight
@@ -114,6 +114,8 @@ class FAIRCalibModifier(GPTQModifier):
     _linear_hooks: set = PrivateAttr(default_factory=set)
     _propagation_hooks: list = PrivateAttr(default_factory=list)
     _sqrt_weights: dict = PrivateAttr(default_factory=dict)
+    #: the run's spec, handed over by fair_calib_llmc.quantize (else read off the model)
+    _diffusion_spec: DiffusionLMSpec | None = PrivateAttr(default=None)
 
     @field_validator("scheme", mode="before")
     @classmethod
@@ -124,7 +126,9 @@ class FAIRCalibModifier(GPTQModifier):
 
     # --- lifecycle ------------------------------------------------------------------------
     def on_initialize(self, state: State, **kwargs) -> bool:
-        diffusion_spec(state.model)  # a causal or mask-less model fails here, before any work
+        if self._diffusion_spec is None:  # oneshot called directly: the config states it
+            # a causal or mask-less model fails here, before any work
+            self._diffusion_spec = diffusion_spec(state.model)
         check_finite_weights(state.model)
         if self.fp_targets:
             named = named_decoder_layers(state.model, kwargs.get("sequential_targets"))

@@ -52,7 +52,7 @@ from fair_calib_llmc.distributed import (
     rank_and_world,
     shared_weights_written_once,
 )
-from fair_calib_llmc.models.family import diffusion_spec
+from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.models.layers import named_decoder_layers
 from fair_calib_llmc.stage2.learned_rotations.cayley import CayleyAdam, cayley, distance_moved
 from fair_calib_llmc.stage2.learned_rotations.objectives import (
@@ -185,6 +185,8 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
 
     _learned: dict = PrivateAttr(default_factory=dict)
     _report: dict = PrivateAttr(default_factory=dict)
+    #: the run's spec, handed over by fair_calib_llmc.quantize (else read off the model)
+    _diffusion_spec: DiffusionLMSpec | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -218,7 +220,9 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
 
     # --- lifecycle ------------------------------------------------------------------------
     def on_initialize(self, state: State, **kwargs) -> bool:
-        diffusion_spec(state.model)  # a causal or mask-less model fails here, before any work
+        if self._diffusion_spec is None:  # oneshot called directly: the config states it
+            # a causal or mask-less model fails here, before any work
+            self._diffusion_spec = diffusion_spec(state.model)
         calib = getattr(state.data, "calib", None)
         first = next(iter(calib), None) if calib is not None else None
         if first is None:
@@ -255,7 +259,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
 
     # --- learning ---------------------------------------------------------------------------
     def _learn(self, model: nn.Module, dataloader) -> None:
-        spec = diffusion_spec(model)
+        spec = self._diffusion_spec
         device = next(model.parameters()).device
         quantized = self._quantized_linears(model)
         r1 = self._identity(model.config.hidden_size, device) if "R1" in self.learn else None
