@@ -19,7 +19,12 @@ from pathlib import Path
 
 import torch
 
-from fair_calib_llmc.evaluation.demo import METHOD_RECIPES, BenchmarkSettings, run_benchmark
+from fair_calib_llmc.evaluation.demo import (
+    METHOD_RECIPES,
+    BenchmarkSettings,
+    check_methods,
+    run_benchmark,
+)
 from fair_calib_llmc.evaluation.report import REFERENCE_METHOD
 from fair_calib_llmc.io.corpus import chunk_text, shipped_texts, stdlib_split
 from fair_calib_llmc.io.data import load_texts
@@ -47,7 +52,17 @@ def main(argv=None) -> None:
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--out", required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--check-only",
+        action="store_true",
+        help="check that every method has a recipe that loads, then exit (no model is loaded)",
+    )
     args = parser.parse_args(argv)
+    recipes = {**METHOD_RECIPES, **dict(item.split("=", 1) for item in args.recipe)}
+    if args.check_only:
+        check_methods(tuple(args.methods), recipes)
+        print(f"{len(args.methods)} methods, every recipe loads")
+        return
 
     device = default_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -62,7 +77,6 @@ def main(argv=None) -> None:
     def load():
         return load_model(args.model, dtype=dtype, device=device)
 
-    recipes = {**METHOD_RECIPES, **dict(item.split("=", 1) for item in args.recipe)}
     settings = BenchmarkSettings(
         methods=tuple(args.methods),
         reference_method=args.reference_method,

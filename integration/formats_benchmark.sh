@@ -43,4 +43,5 @@ uniform=(FAIRCalibModifier.use_token_weights=false)
 variant "$fair-uniform" "$parent" "${uniform[@]}"
 methods=("$rotated" "$fair" "$fair-uniform" "gptq-$format" "rtn-$format")
 out=$1; shift
+write_variants
 exec integration/reference_benchmark.sh "$out" --methods "${methods[@]}" "${extra[@]}" "$@"

@@ -24,6 +24,16 @@ variant fair-calib-learned-stage2-uniform fair_calib_learned_w4a4 \
 variant fair-calib-learned-r1 fair_calib_learned_w4a4 "$L.learn=[R1]"
 variant fair-calib-learned-kl fair_calib_learned_w4a4 $L.objective=output_kl
 variant fair-calib-learned-w4a4-loop fair_calib_learned_w4a4 $L.weights_in_loop=true
+# the frontier weights' strength: the shipped frontier_weight 4 puts ~8% of the weight mass on
+# the frontier tokens, and the weighted objective is then the uniform one rescaled
+# (integration/weighting_diagnosis.py); 16 and 64 put more there
+variant fair-calib-learned-fw16 fair_calib_learned_w4a4 \
+  FAIRCalibModifier.stage1.prior.frontier_weight=16
+variant fair-calib-learned-fw64 fair_calib_learned_w4a4 \
+  FAIRCalibModifier.stage1.prior.frontier_weight=64
+# the weights' share of the flips after learned rotations: full-precision weights, int4
+# activations (the ceiling of any weight-side method, learnable weight clipping included)
+extra+=(--recipe learned-w16a4=integration/recipes/learned_rotations_w16a4.yaml)
 # the learned down-projection transform (R4) in place of the fixed Hadamard, two block sizes
 variant fair-calib-learned-r4 fair_calib_learned_w4a4 "$L.learn=[R1, R2, R4]"
 variant fair-calib-learned-r4-uniform fair_calib_learned_w4a4 "$L.learn=[R1, R2, R4]" \
@@ -36,10 +46,12 @@ variant fair-calib-learned-r4-1024 fair_calib_learned_w4a4 "$L.learn=[R1, R2, R4
 # in order of what the comparison needs first (a DEADLINE cut keeps the rows already done);
 # METHODS (space-separated) runs a subset
 methods=(quarot+gptq fair-calib-learned fair-calib-learned-uniform spinquant-learned+gptq
-  quarot+gptq-equivalent fair-calib-learned-stage2-uniform fair-calib-learned-r4 fair-calib-learned-r4-uniform
+  quarot+gptq-equivalent fair-calib-learned-stage2-uniform fair-calib-learned-fw16
+  fair-calib-learned-fw64 learned-w16a4 fair-calib-learned-r4 fair-calib-learned-r4-uniform
   fair-calib-learned-r4-512 fair-calib-learned-r4-1024 learned-mse-frontier+gptq learned-mse-uniform+gptq
   learned-kl-frontier+gptq fair-calib-learned-kl fair-calib-learned-r1
   fair-calib-learned-w4a4-loop)
 if [ -n "${METHODS:-}" ]; then read -r -a methods <<< "$METHODS"; fi
 out=$1; shift
+write_variants
 exec integration/reference_benchmark.sh "$out" --methods "${methods[@]}" "${extra[@]}" "$@"

@@ -39,17 +39,33 @@ def apply_override(recipe: dict, override: str) -> None:
     node[fields[-1]] = yaml.safe_load(raw)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("recipe")
-    parser.add_argument("out")
-    parser.add_argument("overrides", nargs="+")
-    args = parser.parse_args(argv)
-    recipe = yaml.safe_load(Path(args.recipe).read_text())
-    for override in args.overrides:
+def write_variant(parent: str, out: str, overrides: list[str]) -> None:
+    recipe = yaml.safe_load(Path(parent).read_text())
+    for override in overrides:
         apply_override(recipe, override)
     check_recipe_shape(recipe)
-    Path(args.out).write_text(yaml.safe_dump(recipe, sort_keys=False))
+    Path(out).write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("recipe", nargs="?")
+    parser.add_argument("out", nargs="?")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument(
+        "--batch",
+        help="a file of variants, one per line: recipe, out and overrides separated by tabs "
+        "(one process writes them all: integration/recipe_variants.sh)",
+    )
+    args = parser.parse_args(argv)
+    if args.batch:
+        for line in Path(args.batch).read_text().splitlines():
+            parent, out, *overrides = line.split("\t")
+            write_variant(parent, out, overrides)
+    elif args.recipe and args.out and args.overrides:
+        write_variant(args.recipe, args.out, args.overrides)
+    else:
+        parser.error("give RECIPE OUT OVERRIDE... or --batch FILE")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
 # faster; calibration seconds are measured under that sharing), then each family's runs are
 # merged into one table. OUT_DIR gets <family>.tgz (training log, benchmark logs, merged
 # results.md/json, flips.png). DEADLINE (seconds from the start) caps the benchmarks so the
-# results are packed in time; every row finished before the cap is kept.
+# results are packed in time; every row finished before the cap is kept. The methods and their
+# recipes are checked first (CHECK_ONLY=1: only that).
 set -euo pipefail
 out=$(realpath -m "$1"); shift
 work=${WORK_DIR:-/tmp/fair-calib-reference}
@@ -18,6 +19,9 @@ declare -A presets=([llada]=reference [dream]=dream-reference)
 families=${FAMILIES:-llada dream}
 seeds=${SEEDS:-0 1 2}
 start=$SECONDS
+# every method and recipe checked before any training: a typo must not cost a GPU call
+python integration/benchmark.py --model "$work" --out "$out" --check-only "$@"
+if [ -n "${CHECK_ONLY:-}" ]; then exit 0; fi
 for family in $families; do  # one at a time: two trainings side by side were slower
   if [ ! -f "$work/model-$family/config.json" ]; then
     python integration/train_dllm.py --preset "${presets[$family]}" --device cuda \

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import pytest
 
-from fair_calib_llmc.evaluation.demo import BenchmarkSettings, run_benchmark
+from fair_calib_llmc.evaluation.demo import BenchmarkSettings, check_methods, run_benchmark
 from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.default_model import load_default_model
+from fair_calib_llmc.recipe import RecipeError
 
 pytestmark = pytest.mark.integration
 
@@ -59,3 +64,46 @@ def test_unknown_method_and_used_output_fail_before_loading(tmp_path):
     (tmp_path / "b" / "results.md").write_text("an earlier run")
     with pytest.raises(ValueError, match="--overwrite"):
         run_benchmark(no_loading, [], [], tmp_path / "b")
+
+
+#: the GPU benchmark scripts and the environment that picks their table
+#: (each format branch of formats_benchmark.sh once: FP4 recipes, re-schemed int recipes)
+GPU_SCRIPTS = [
+    ("learned_rotations_benchmark.sh", {}),
+    ("formats_benchmark.sh", {"FORMAT": "nvfp4"}),
+    ("formats_benchmark.sh", {"FORMAT": "ag32"}),
+]
+
+
+@pytest.mark.parametrize(
+    "script, env", GPU_SCRIPTS, ids=[env.get("FORMAT", s) for s, env in GPU_SCRIPTS]
+)
+def test_every_gpu_benchmark_row_has_a_recipe_that_loads(script, env, tmp_path):
+    """The scripts a device call runs check every row's recipe before training (CHECK_ONLY
+    stops there): a typo in a variant must fail here, not after minutes of GPU time."""
+    root = Path(__file__).resolve().parents[1]
+    environment = {
+        **os.environ,
+        **env,
+        "CHECK_ONLY": "1",
+        "WORK_DIR": str(tmp_path / "work"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    done = subprocess.run(
+        ["bash", str(root / "integration" / script), str(tmp_path / "out")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "every recipe loads" in done.stdout
+
+
+def test_a_benchmark_row_without_a_loadable_recipe_fails_before_any_work(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quant_stage:\n  quant_modifiers:\n    GPTQModifier:\n      sheme: W4A4\n")
+    with pytest.raises(RecipeError, match="bad.yaml"):
+        check_methods(("rtn", "broken"), {"rtn": "rtn_w4a4", "broken": str(bad)})
+    with pytest.raises(ValueError, match="unknown method"):
+        check_methods(("nope",), {"rtn": "rtn_w4a4"})

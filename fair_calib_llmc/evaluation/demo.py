@@ -29,9 +29,10 @@ from fair_calib_llmc.io.data import check_prompt_count, heldout_tokens, prompts_
 from fair_calib_llmc.io.reload import load_quantized, probe_logits
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.pipeline import quantize
+from fair_calib_llmc.recipe import load_recipe
 from fair_calib_llmc.sampling.samplers import default_sampler
 
-__all__ = ["METHOD_RECIPES", "BenchmarkSettings", "run_benchmark"]
+__all__ = ["METHOD_RECIPES", "BenchmarkSettings", "check_methods", "run_benchmark"]
 
 #: method -> shipped recipe name (:func:`fair_calib_llmc.recipe.shipped_recipes`)
 METHOD_RECIPES = {
@@ -78,6 +79,16 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def check_methods(methods: tuple[str, ...], recipes: dict[str, str]) -> None:
+    """Every method has a recipe and every recipe loads (names, paths, fields): checked before
+    any model is loaded, so a typo costs seconds, not a GPU run."""
+    unknown = set(methods) - set(recipes)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {list(recipes)}")
+    for method in methods:
+        load_recipe(recipes[method])  # RecipeError names the recipe and the problem
+
+
 def run_benchmark(
     load_model: Callable[[], tuple[torch.nn.Module, object]],
     calibration_texts: list[str],
@@ -97,9 +108,7 @@ def run_benchmark(
     a non-empty directory needs ``overwrite``.
     """
     recipes = recipes or METHOD_RECIPES
-    unknown = set(settings.methods) - set(recipes)
-    if unknown:
-        raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {list(recipes)}")
+    check_methods(settings.methods, recipes)
     out_dir = check_output_dir(out_dir, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_model()
