@@ -24,10 +24,9 @@ from compressed_tensors.quantization import QuantizationArgs, disable_quantizati
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
+from seed_runs import add_seed_run_arguments, results_dir, seed_table  # integration/
 
-from fair_calib_llmc.io.checkpoint import check_results_dir
 from fair_calib_llmc.io.corpus import shipped_texts
-from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR
 from fair_calib_llmc.io.loading import load_model
 from fair_calib_llmc.models import LM_HEAD
 from fair_calib_llmc.stage1.states import build_calibration_dataset
@@ -97,18 +96,10 @@ def _errors(model, down_projections, token_ids) -> dict[str, float]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    add_seed_run_arguments(parser, calibration_prompts=32)
     parser.add_argument("--blocks", type=int, nargs="+", default=[128, 384])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--calibration-prompts", type=int, default=32)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--overwrite", action="store_true", help="write over --out's results")
     args = parser.parse_args(argv)
-    # a non-empty --out is refused before any work (evaluate's and diagnose's rule)
-    out = check_results_dir(
-        args.out, {"the model's directory": args.model}, overwrite=args.overwrite
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir(args)
     model, tokenizer = load_model(args.model, dtype=torch.float32, device="cpu")
     variants = {"fixed Hadamard R4": dict(learn=["R1", "R2"])}
     for block in args.blocks:
@@ -143,17 +134,7 @@ def main(argv=None) -> None:
         for split in ("calibration", "held-out")
         for kind in ("activation", "output")
     ] + ["calibration weight", "objective after learning"]
-    lines = [
-        "| R4 | " + " | ".join(keys) + " |",
-        "|---|" + "---|" * len(keys),
-    ]
-    for name, runs in results.items():
-        cells = []
-        for key in keys:
-            values = [r[key] for r in runs]
-            mean = sum(values) / len(values)
-            cells.append(f"{mean:.4g} ± {(max(values) - min(values)) / 2:.2g}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines = [seed_table("R4", results, {key: key for key in keys})]
     lines.append(
         f"\nDown projections of {args.model}, seeds {args.seeds}: relative squared error of "
         "the int4 per-token input, the W4A4 RTN output and the int4 g128 weight, on the "

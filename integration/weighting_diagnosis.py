@@ -30,10 +30,9 @@ import random
 import torch
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
+from seed_runs import add_seed_run_arguments, results_dir, seed_table  # integration/
 
-from fair_calib_llmc.io.checkpoint import check_results_dir
 from fair_calib_llmc.io.corpus import shipped_texts
-from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR
 from fair_calib_llmc.io.loading import load_model
 from fair_calib_llmc.models import LM_HEAD
 from fair_calib_llmc.recipe import load_recipe
@@ -102,35 +101,12 @@ def measure(model, tokenizer, texts, frontier_weight: float, seed: int, prompts:
     }
 
 
-def table(results: dict[str, list[dict]]) -> str:
-    lines = [
-        "| frontier_weight | " + " | ".join(COLUMNS.values()) + " |",
-        "|---|" + "---|" * len(COLUMNS),
-    ]
-    for weight, runs in results.items():
-        cells = []
-        for key in COLUMNS:
-            values = [r[key] for r in runs]
-            mean = sum(values) / len(values)
-            cells.append(f"{mean:.4g} ± {(max(values) - min(values)) / 2:.2g}")
-        lines.append(f"| {weight} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_seed_run_arguments(parser, calibration_prompts=32)
     parser.add_argument("--frontier-weights", type=float, nargs="+", default=[4.0, 16.0, 64.0])
-    parser.add_argument("--calibration-prompts", type=int, default=32)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--overwrite", action="store_true", help="write over --out's results")
     args = parser.parse_args(argv)
-    # a non-empty --out is refused before any work (evaluate's and diagnose's rule)
-    out = check_results_dir(
-        args.out, {"the model's directory": args.model}, overwrite=args.overwrite
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir(args)
     model, tokenizer = load_model(args.model, dtype=torch.float32, device="cpu")
     results: dict[str, list[dict]] = {f"{w:g}": [] for w in args.frontier_weights}
     for seed in args.seeds:
@@ -140,7 +116,7 @@ def main(argv=None) -> None:
             row = measure(model, tokenizer, texts, weight, seed, args.calibration_prompts)
             results[f"{weight:g}"].append(row)
             print(seed, weight, {k: round(row[k], 5) for k in COLUMNS}, flush=True)
-    text = table(results) + (
+    text = seed_table("frontier_weight", results, COLUMNS) + (
         f"\n\n{args.model}, seeds {args.seeds}, {args.calibration_prompts} calibration prompts, "
         f"the rotation learner of {RECIPE} (F: frontier weights, U: uniform weights).\n"
     )
