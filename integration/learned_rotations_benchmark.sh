@@ -46,8 +46,8 @@ variant fair-calib-learned-r4-1024 fair_calib_learned_w4a4 "$L.learn=[R1, R2, R4
 # in order of what the comparison needs first (a DEADLINE cut keeps the rows already done);
 # METHODS (space-separated) runs a subset
 methods=(quarot+gptq fair-calib-learned fair-calib-learned-uniform spinquant-learned+gptq
-  quarot+gptq-equivalent fair-calib-learned-stage2-uniform fair-calib-learned-fw16
-  fair-calib-learned-fw64 learned-w16a4 fair-calib-learned-r4 fair-calib-learned-r4-uniform
+  quarot+gptq-equivalent fair-calib-learned-fw16 learned-w16a4 fair-calib-learned-stage2-uniform
+  fair-calib-learned-fw64 fair-calib-learned-r4 fair-calib-learned-r4-uniform
   fair-calib-learned-r4-512 fair-calib-learned-r4-1024 learned-mse-frontier+gptq learned-mse-uniform+gptq
   learned-kl-frontier+gptq fair-calib-learned-kl fair-calib-learned-r1
   fair-calib-learned-w4a4-loop)
