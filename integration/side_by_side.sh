@@ -6,6 +6,8 @@
 # FAMILY: llada or dream. JOB: `learned` (learned_rotations_benchmark.sh; METHODS picks rows)
 # or a FORMAT of formats_benchmark.sh (nvfp4, mxfp4, ag128, ag32, token). Each job's
 # <family>.tgz lands in $OUT/<job>/ (at most 8 files come back from a device call).
+# DEVICE (default cuda) and CHECK_ONLY=1 (check every job's rows, run nothing) let it be tried
+# on a CPU with a model already in /tmp/wd/model-FAMILY.
 set -u
 cd "$(dirname "$0")/.."
 family=$1; shift
@@ -18,16 +20,19 @@ fi
 command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python
 # a minute that can save the call: every checkpoint must reload exactly *on the GPU* before any
 # benchmark starts (2026-12-01: a reload left on the CPU failed every row of four calls)
-if ! python integration/check_reload.py --device cuda --schemes W4A4_G128_PACKED NVFP4 \
-  --methods gptq > "$OUT/preflight.log" 2>&1; then
-  echo "preflight failed: reloads are not exact on the GPU ($OUT/preflight.log)" >&2; exit 1
+mkdir -p /tmp/wd
+if [ ! -f /tmp/wd/preflight.ok ]; then  # once per machine (a warm one keeps the mark)
+  if ! python integration/check_reload.py --device "${DEVICE:-cuda}" \
+    --schemes W4A4_G128_PACKED NVFP4 --methods gptq > "$OUT/preflight.log" 2>&1; then
+    echo "preflight failed: reloads are not exact on the GPU ($OUT/preflight.log)" >&2; exit 1
+  fi
+  touch /tmp/wd/preflight.ok
 fi
 declare -A presets=([llada]=reference [dream]=dream-reference)
 model=/tmp/wd/model-$family
-mkdir -p /tmp/wd
 if [ ! -f "$model/config.json" ]; then
-  python integration/train_dllm.py --preset "${presets[$family]}" --device cuda --out "$model" \
-    > "/tmp/wd/train-$family.log" 2>&1
+  python integration/train_dllm.py --preset "${presets[$family]}" --device "${DEVICE:-cuda}" \
+    --out "$model" > "/tmp/wd/train-$family.log" 2>&1
 fi
 echo "trained at ${SECONDS}s" > "$OUT/driver.log"
 deadline=$(( ${BUDGET:-560} - SECONDS ))
@@ -42,4 +47,7 @@ for job in "$@"; do
 done
 wait
 echo "done at ${SECONDS}s" >> "$OUT/driver.log"
-nvidia-smi --query-gpu=name,memory.used --format=csv >> "$OUT/driver.log" 2>&1
+for job in "$@"; do  # each job's own log (a job that failed early says why here)
+  echo "== $job" >> "$OUT/driver.log"; tail -n 20 "/tmp/w-$family-$job/driver.log" >> "$OUT/driver.log"
+done
+nvidia-smi --query-gpu=name,memory.used --format=csv >> "$OUT/driver.log" 2>&1 || true
