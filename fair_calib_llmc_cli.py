@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a shipped recipe name (int W4A4: fair_calib_w4a4, fair_calib_uniform_w4a4, "
         "fair_calib_learned_w4a4, quarot_gptq_w4a4, quarot_autoround_w4a4, "
         "spinquant_gptq_w4a4, spinquant_learned_gptq_w4a4, gptq_w4a4, rtn_w4a4; NVFP4: "
-        "fair_calib_nvfp4, hadamard16_gptq_nvfp4; MXFP4: fair_calib_mxfp4, "
-        "hadamard32_gptq_mxfp4) or a .yaml path",
+        "fair_calib_nvfp4, hadamard16_gptq_nvfp4; MXFP4: fair_calib_hadamard32_mxfp4, "
+        "fair_calib_mxfp4, hadamard32_gptq_mxfp4) or a .yaml path",
     )
     quant.add_argument(
         "--scheme",

@@ -18,6 +18,7 @@ FORMAT_RUNS = [
     ("fair_calib_nvfp4", None),
     ("hadamard16_gptq_nvfp4", None),
     ("fair_calib_mxfp4", None),
+    ("fair_calib_hadamard32_mxfp4", None),
     ("hadamard32_gptq_mxfp4", None),
     ("fair_calib_w4a4", "W4A4_G128_AG128_PACKED"),
     ("quarot_gptq_w4a4", "W4A4_G128_AG32_PACKED"),
