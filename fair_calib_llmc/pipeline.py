@@ -41,7 +41,7 @@ from fair_calib_llmc.io.data import load_texts
 from fair_calib_llmc.io.loading import load_model
 from fair_calib_llmc.io.reload import restore_decompressed
 from fair_calib_llmc.models.family import diffusion_spec
-from fair_calib_llmc.recipe import RecipeError, load_recipe, recipe_stage1
+from fair_calib_llmc.recipe import RecipeError, load_recipe_and_stage1
 from fair_calib_llmc.stage1.prior import PositionPrior
 from fair_calib_llmc.stage1.states import (
     Stage1Settings,
@@ -84,7 +84,7 @@ def stage1_settings(
 
     1. ``quantize(stage1=...)``;
     2. the recipe's own top-level ``stage1:`` mapping (any recipe may carry one, baselines
-       included; :func:`fair_calib_llmc.recipe.recipe_stage1`), or, for backward
+       included; :func:`fair_calib_llmc.recipe.load_recipe_and_stage1`), or, for backward
        compatibility, ``FAIRCalibModifier.stage1`` (a recipe sets at most one of the two);
     3. the defaults (:class:`Stage1Settings`).
 
@@ -268,7 +268,7 @@ def quantize(
         ``W4A4_G128_AG128_PACKED``; see :func:`fair_calib_llmc.recipe.with_scheme`)
     """
     check_prompt_count(max_prompts)
-    recipe_source, recipe = recipe, load_recipe(recipe, scheme=scheme)
+    recipe, recipe_level = load_recipe_and_stage1(recipe, scheme=scheme)
     if isinstance(model, (str, os.PathLike)):
         if output_dir is not None:  # before loading, which takes minutes at 8B size
             check_output_dir(output_dir, model_dir=Path(model).expanduser(), overwrite=overwrite)
@@ -284,7 +284,7 @@ def quantize(
     # modifiers and the save take this spec (the model's config is not written to)
     spec = diffusion_spec(model, tokenizer)
     check_finite_weights(model)
-    stage1 = stage1_settings(recipe, stage1, recipe_stage1(recipe_source), prompt_length)
+    stage1 = stage1_settings(recipe, stage1, recipe_level, prompt_length)
     model_dir = model_directory(model)
     with _claimed_output_dir(model, model_dir, output_dir, overwrite) as output_dir:
         fair = next((m for m in recipe.modifiers if isinstance(m, FAIRCalibModifier)), None)

@@ -26,8 +26,8 @@ __all__ = [
     "RecipeError",
     "check_recipe_shape",
     "load_recipe",
+    "load_recipe_and_stage1",
     "read_recipe",
-    "recipe_stage1",
     "shipped_recipes",
     "with_scheme",
 ]
@@ -166,10 +166,20 @@ def load_recipe(recipe: str | os.PathLike | Recipe, scheme: str | None = None) -
     """Parse a shipped name, a file or YAML text into an llmcompressor ``Recipe``, after
     :func:`check_recipe_shape`; every error names the source. ``scheme`` replaces the
     quantization scheme of every quantizing modifier (:func:`with_scheme`)."""
+    return load_recipe_and_stage1(recipe, scheme)[0]
+
+
+def load_recipe_and_stage1(
+    recipe: str | os.PathLike | Recipe, scheme: str | None = None
+) -> tuple[Recipe, dict | None]:
+    """:func:`load_recipe`, and the recipe's top-level ``stage1:`` mapping (Stage I settings
+    any recipe may carry, read by :func:`fair_calib_llmc.quantize`, not by llm-compressor),
+    from one read of the recipe; ``None`` where none is set or ``recipe`` is a parsed
+    ``Recipe`` (which holds only modifiers)."""
     if isinstance(recipe, Recipe):
         if scheme is not None:
             raise RecipeError("scheme= needs a recipe name, path or text, not a Recipe object")
-        return recipe
+        return recipe, None
     text, source = read_recipe(recipe)
     try:
         data = yaml.safe_load(text)
@@ -179,29 +189,18 @@ def load_recipe(recipe: str | os.PathLike | Recipe, scheme: str | None = None) -
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise RecipeError(f"{source}{where}: invalid YAML: {problem}") from None
     check_recipe_shape(data, source)
-    if scheme is not None or STAGE1_KEY in data:
+    stage1 = data.get(STAGE1_KEY)
+    if scheme is not None or stage1 is not None:
         data = {k: v for k, v in data.items() if k != STAGE1_KEY}  # not llm-compressor's
         data = with_scheme(data, scheme, source) if scheme is not None else data
         text = yaml.safe_dump(data, sort_keys=False)
     try:
-        return Recipe.create_instance(text)
+        return Recipe.create_instance(text), stage1
     except ValidationError as err:
         details = "; ".join(_field_error(e, err.title) for e in err.errors())
         raise RecipeError(f"{source}: {err.title}: {details}") from err
     except (ValueError, TypeError, KeyError) as err:
         raise RecipeError(f"{source}: {str(err).splitlines()[0]}") from err
-
-
-def recipe_stage1(recipe: str | os.PathLike | Recipe) -> dict | None:
-    """The recipe's top-level ``stage1:`` mapping (Stage I settings any recipe may carry,
-    read by :func:`fair_calib_llmc.quantize`), or ``None``: none set, or a parsed ``Recipe``
-    (which holds only modifiers)."""
-    if isinstance(recipe, Recipe):
-        return None
-    text, source = read_recipe(recipe)
-    data = yaml.safe_load(text)
-    check_recipe_shape(data, source)
-    return data.get(STAGE1_KEY)
 
 
 def _field_error(error: dict, title: str) -> str:

@@ -106,7 +106,7 @@ def test_non_positive_max_prompts_fail_before_any_work(
     def no_work(*args, **kwargs):
         raise AssertionError("work started before max_prompts was checked")
 
-    monkeypatch.setattr("fair_calib_llmc.pipeline.load_recipe", no_work)
+    monkeypatch.setattr("fair_calib_llmc.pipeline.load_recipe_and_stage1", no_work)
     with pytest.raises(ValueError, match="max_prompts must be a positive integer"):
         quantize(llada, tokenizer, "rtn_w4a4", calibration_texts, max_prompts=max_prompts)
 
