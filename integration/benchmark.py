@@ -31,6 +31,15 @@ from fair_calib_llmc.io.data import load_texts
 from fair_calib_llmc.io.loading import default_device, load_model
 
 
+def _method_group(parser: argparse.ArgumentParser, methods: list[str], group: str) -> list[str]:
+    """Every N-th method from the K-th on (``group`` is ``K/N``): interleaved, so each group
+    gets rows from the front of the list, which a DEADLINE cut keeps."""
+    k, _, n = group.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        parser.error(f"--method-group takes K/N with 1 <= K <= N, got {group!r}")
+    return methods[int(k) - 1 :: int(n)]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True)
@@ -45,6 +54,12 @@ def main(argv=None) -> None:
         metavar="NAME=PATH",
         help="an extra method: a name and its recipe file (repeatable)",
     )
+    parser.add_argument(
+        "--method-group",
+        metavar="K/N",
+        help="run only the K-th of N interleaved groups of --methods (1-based): one benchmark "
+        "split over N processes on one GPU (integration/reference_benchmark.sh METHOD_GROUPS)",
+    )
     parser.add_argument("--reference-method", default=REFERENCE_METHOD)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--calibration-prompts", type=int, default=64)
@@ -58,6 +73,8 @@ def main(argv=None) -> None:
         help="check that every method has a recipe that loads, then exit (no model is loaded)",
     )
     args = parser.parse_args(argv)
+    if args.method_group:
+        args.methods = _method_group(parser, args.methods, args.method_group)
     recipes = {**METHOD_RECIPES, **dict(item.split("=", 1) for item in args.recipe)}
     if args.check_only:
         check_methods(tuple(args.methods), recipes)

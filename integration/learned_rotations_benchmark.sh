@@ -43,11 +43,18 @@ variant fair-calib-learned-r4-512 fair_calib_learned_w4a4 "$L.learn=[R1, R2, R4]
 # the LLaDA reference's whole MLP width (Dream's 1536 is not a multiple: that row fails there)
 variant fair-calib-learned-r4-1024 fair_calib_learned_w4a4 "$L.learn=[R1, R2, R4]" \
   $L.r4_block_size=1024
+# the fixed R4 as the Hadamard engines fuse (Sylvester blocks of 128, vLLM's hadacore kernel)
+# in place of the dense random-hadamard over the whole width; R1 / R2 stay random-hadamard
+variant quarot+gptq-r4-hadamard128 quarot_gptq_w4a4 ExactSpinQuantModifier.r4_transform_type=hadamard \
+  ExactSpinQuantModifier.r4_block_size=128
+variant fair-calib-learned-r4-hadamard128 fair_calib_learned_w4a4 $L.r4_transform_type=hadamard \
+  $L.r4_block_size=128
 # in order of what the comparison needs first (a DEADLINE cut keeps the rows already done);
 # METHODS (space-separated) runs a subset
 methods=(quarot+gptq fair-calib-learned fair-calib-learned-uniform spinquant-learned+gptq
-  quarot+gptq-equivalent fair-calib-learned-fw16 learned-w16a4 fair-calib-learned-stage2-uniform
-  fair-calib-learned-fw64 fair-calib-learned-r4 fair-calib-learned-r4-uniform
+  quarot+gptq-equivalent fair-calib-learned-stage2-uniform learned-w16a4 fair-calib-learned-fw16
+  quarot+gptq-r4-hadamard128 fair-calib-learned-r4-hadamard128 fair-calib-learned-fw64
+  fair-calib-learned-r4 fair-calib-learned-r4-uniform
   fair-calib-learned-r4-512 fair-calib-learned-r4-1024 learned-mse-frontier+gptq learned-mse-uniform+gptq
   learned-kl-frontier+gptq fair-calib-learned-kl fair-calib-learned-r1
   fair-calib-learned-w4a4-loop)

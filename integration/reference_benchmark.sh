@@ -10,7 +10,9 @@
 # merged into one table. OUT_DIR gets <family>.tgz (training log, benchmark logs, merged
 # results.md/json, flips.png). DEADLINE (seconds from the start) caps the benchmarks so the
 # results are packed in time; every row finished before the cap is kept. The methods and their
-# recipes are checked first (CHECK_ONLY=1: only that).
+# recipes are checked first (CHECK_ONLY=1: only that). METHOD_GROUPS=N splits each seed's
+# methods over N processes (interleaved; the GPU has room, the CPU cores set the limit: keep
+# jobs x seeds x N at most the core count).
 set -euo pipefail
 out=$(realpath -m "$1"); shift
 work=${WORK_DIR:-/tmp/fair-calib-reference}
@@ -32,12 +34,17 @@ cap=0  # timeout 0: no limit
 if [ -n "${DEADLINE:-}" ]; then  # at least 1 s: a cap of 0 or less would mean no limit
   cap=$(( DEADLINE - (SECONDS - start) - 30 )); cap=$(( cap < 1 ? 1 : cap ))
 fi
+groups=${METHOD_GROUPS:-1}  # >1: each seed's methods split over that many processes
 for family in $families; do
   for seed in $seeds; do
-    # -k: a process busy in a CUDA call can outlive SIGTERM; KILL it 15 s later
-    timeout -k 15 "$cap" python integration/benchmark.py --model "$work/model-$family" \
-      --corpus stdlib --seeds "$seed" --out "$work/bench-$family/seed$seed" "$@" \
-      > "$work/bench-$family-seed$seed.log" 2>&1 &
+    for group in $(seq 1 "$groups"); do
+      run=seed$seed; split=()
+      if [ "$groups" -gt 1 ]; then run=seed$seed-g$group; split=(--method-group "$group/$groups"); fi
+      # -k: a process busy in a CUDA call can outlive SIGTERM; KILL it 15 s later
+      timeout -k 15 "$cap" python integration/benchmark.py --model "$work/model-$family" \
+        --corpus stdlib --seeds "$seed" --out "$work/bench-$family/$run" "$@" "${split[@]}" \
+        > "$work/bench-$family-$run.log" 2>&1 &
+    done
   done
 done
 status=0

@@ -108,3 +108,37 @@ def test_a_benchmark_row_without_a_loadable_recipe_fails_before_any_work(tmp_pat
         check_methods(("rtn", "broken"), {"rtn": "rtn_w4a4", "broken": str(bad)})
     with pytest.raises(ValueError, match="unknown method"):
         check_methods(("nope",), {"rtn": "rtn_w4a4"})
+
+
+def test_method_groups_split_the_methods_interleaved_and_reject_bad_groups(capsys):
+    """METHOD_GROUPS=N runs each seed's methods as N processes: together they run every
+    method once, each group from the front of the list (what a DEADLINE cut keeps)."""
+    import argparse
+
+    from integration.benchmark import _method_group, main
+
+    methods = ["rtn", "gptq", "fair-calib", "quarot+gptq", "fair-calib-uniform"]
+    parser = argparse.ArgumentParser()
+    groups = [_method_group(parser, methods, f"{k}/2") for k in (1, 2)]
+    assert groups == [["rtn", "fair-calib", "fair-calib-uniform"], ["gptq", "quarot+gptq"]]
+    for group in ("1/2", "2/2"):
+        main(
+            [
+                "--model",
+                "x",
+                "--out",
+                "y",
+                "--check-only",
+                "--methods",
+                *methods,
+                "--method-group",
+                group,
+            ]
+        )
+    assert capsys.readouterr().out.split("\n")[:2] == [
+        "3 methods, every recipe loads",
+        "2 methods, every recipe loads",
+    ]
+    with pytest.raises(SystemExit):
+        main(["--model", "x", "--out", "y", "--check-only", "--method-group", "0/2"])
+    assert "1 <= K <= N, got '0/2'" in capsys.readouterr().err

@@ -55,19 +55,26 @@ def test_every_format_reloads_with_identical_logits(
         assert torch.equal(probe_logits(plain), expected)
 
 
-@pytest.mark.integration
-def test_a_block_hadamard_r4_checkpoint_reloads_exactly(
-    llada, tokenizer, calibration_texts, tmp_path
-):
-    """type hadamard with head_dim: the block transform vLLM runs with its fused kernel."""
-    model = saved(llada, tokenizer, tmp_path / "fp")
-    recipe = """
+#: block-Hadamard R4 recipes: upstream's one block for R1 and R4, and the fused R4 alone
+#: (R1 stays a fused random-hadamard, R4 the type vLLM runs with its Walsh-Hadamard kernel)
+BLOCK_R4 = {
+    "transform_block_size": ("hadamard", "transform_block_size: 32", "hadamard"),
+    "r4_block_size": (
+        "random-hadamard",
+        "r4_transform_type: hadamard\n      r4_block_size: 32",
+        "random-hadamard",
+    ),
+}
+
+
+def _block_r4_recipe(transform_type: str, r4_fields: str) -> str:
+    return f"""
 rotate_stage:
   rotate_modifiers:
     ExactSpinQuantModifier:
       rotations: [R1, R2, R4]
-      transform_type: hadamard
-      transform_block_size: 32
+      transform_type: {transform_type}
+      {r4_fields}
 gptq_stage:
   gptq_modifiers:
     GPTQModifier:
@@ -75,14 +82,58 @@ gptq_stage:
       targets: [Linear]
       ignore: ["lm_head", "re:^model\\\\.transformer\\\\.ff_out$"]
 """
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("variant", list(BLOCK_R4))
+def test_a_block_hadamard_r4_checkpoint_reloads_exactly(
+    variant, llada, tokenizer, calibration_texts, tmp_path
+):
+    """type hadamard with head_dim: the block transform vLLM runs with its fused kernel."""
+    transform_type, r4_fields, r1_type = BLOCK_R4[variant]
+    model = saved(llada, tokenizer, tmp_path / "fp")
+    recipe = _block_r4_recipe(transform_type, r4_fields)
     result = quantize(
         model, tokenizer, recipe, calibration_texts, max_prompts=2, output_dir=tmp_path / "q"
     )
-    r4 = result.model.transform_config.config_groups["R4"]
-    assert (r4.type, r4.head_dim) == ("hadamard", 32)
+    groups = result.model.transform_config.config_groups
+    assert (groups["R4"].type, groups["R4"].head_dim) == ("hadamard", 32)
+    assert groups["R1"].type == r1_type
     expected = probe_logits(result.model)
     reloaded = AutoModel.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
     assert torch.equal(probe_logits(reloaded), expected)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "r4_fields, message",
+    [
+        ("r4_transform_type: hadamard\n      r4_block_size: 96", "96 with type hadamard is not"),
+        ("r4_block_size: 100", "r4_block_size 100 does not divide"),
+    ],
+)
+def test_an_r4_block_that_cannot_work_fails_before_any_rotation(
+    r4_fields, message, llada, tokenizer, calibration_texts, tmp_path
+):
+    model = saved(llada, tokenizer, tmp_path / "fp")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        quantize(
+            model,
+            tokenizer,
+            _block_r4_recipe("random-hadamard", r4_fields),
+            calibration_texts,
+            max_prompts=2,
+        )
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.unit
+def test_r4_options_without_r4_fail_at_once():
+    from fair_calib_llmc.stage2.learned_rotations import ExactSpinQuantModifier
+
+    with pytest.raises(ValueError, match="R4 is not in rotations"):
+        ExactSpinQuantModifier(rotations=["R1", "R2"], r4_block_size=32)
 
 
 @pytest.mark.unit

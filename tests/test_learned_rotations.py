@@ -189,6 +189,9 @@ def test_exact_rotations_keep_the_full_precision_model(
     scale = expected.abs().max()
     exact = rotated(ExactSpinQuantModifier(**rotations, equivalent_perturbation=0.5))
     assert (exact - expected).abs().max() < 1e-4 * scale
+    # the R4 engines fuse: Sylvester blocks online, R1 / R2 still random-hadamard
+    fused_r4 = ExactSpinQuantModifier(**rotations, r4_transform_type="hadamard", r4_block_size=32)
+    assert (rotated(fused_r4) - expected).abs().max() < 1e-4 * scale
     from llmcompressor.modifiers.transform import SpinQuantModifier
 
     upstream = rotated(SpinQuantModifier(**rotations))
@@ -331,6 +334,7 @@ def test_frontier_and_uniform_weights_learn_different_rotations(
         (dict(transform_block_size=32), "block-diagonal R1"),
         (dict(transform_type="random-matrix"), "not orthogonal"),
         (dict(steps=0), "steps"),
+        (dict(learn=["R1", "R4"], r4_transform_type="hadamard"), "sets a fixed R4's type"),
     ],
 )
 def test_settings_that_cannot_be_learned_fail_at_once(fields, message):

@@ -71,6 +71,9 @@ from fair_calib_llmc.stage2.learned_rotations.ste import LEARNABLE_STRATEGIES
 __all__ = ["ExactSpinQuantModifier", "LearnedSpinQuantModifier", "rotation_sites"]
 
 LEARNABLE_ROTATIONS = ("R1", "R2", "R4")
+#: a learned R4's block when the recipe names none (a divisor of most MLP widths; the
+#: inference cost is one 128 x 128 product per 128 inputs)
+LEARNED_R4_BLOCK = 128
 
 
 def rotation_sites(
@@ -113,9 +116,71 @@ class ExactSpinQuantModifier(SpinQuantModifier):
         seeded random skew matrix of unit RMS entries) into the model: the function stays the
         same, only rounding ties are re-rolled. The control row that shows how much two
         equivalent models' flips differ by chance; 0 (default) = off
+    :param r4_transform_type: the online R4's own type (default: ``transform_type``). R1 and
+        R2 are fused into the weights, so their type costs nothing at inference; R4 runs
+        online, and engines fuse only ``hadamard`` (vLLM's Walsh-Hadamard kernel; any other
+        type is a dense product), so ``r4_transform_type: hadamard`` with a power-of-two
+        ``r4_block_size`` gives the fused R4 while R1 stays a ``random-hadamard``
+    :param r4_block_size: R4's block (block-diagonal over the down-projection input; must
+        divide its width). Default: upstream's (``transform_block_size``, else the whole
+        width) for a fixed R4; 128 for a learned one (``LearnedSpinQuantModifier``)
     """
 
     equivalent_perturbation: float = Field(0.0, ge=0.0)
+    r4_transform_type: Literal["hadamard", "random-hadamard"] | None = None
+    r4_block_size: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_r4_options(self):
+        if (self.r4_transform_type or self.r4_block_size) and "R4" not in self.rotations:
+            raise ValueError(
+                "r4_transform_type / r4_block_size set but R4 is not in rotations; add R4 to "
+                "rotations or drop them"
+            )
+        return self
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        initialized = super().on_initialize(state, **kwargs)
+        if "R4" in self.rotations and self.mappings is not None:
+            self._check_r4_block(state.model)
+        return initialized
+
+    def _create_r4_scheme(self):
+        """Upstream's R4 scheme with this modifier's own R4 type and block, if set."""
+        scheme = super()._create_r4_scheme()
+        update = {}
+        if self.r4_transform_type is not None:
+            update["type"] = self.r4_transform_type
+        if self.r4_block_size is not None:
+            update["head_dim"] = self.r4_block_size
+        return scheme.model_copy(update=update) if update else scheme
+
+    def _r4_block(self) -> int | None:
+        return self.r4_block_size or self.transform_block_size
+
+    def _check_r4_block(self, model: nn.Module) -> None:
+        """A block that does not divide every down projection's width, or a ``hadamard``
+        block that is not a power of two, fails here, before any rotation is fused."""
+        block = self._r4_block()
+        if block is None:
+            return
+        kind = self.r4_transform_type or self.transform_type
+        if kind == "hadamard" and block & (block - 1):
+            raise ValueError(
+                f"an R4 block of {block} with type hadamard is not a power of two (the "
+                "Sylvester construction); use a power of two such as 128, or "
+                "r4_transform_type: random-hadamard"
+            )
+        for name, module in self._down_projections(model):
+            if module.in_features % block:
+                raise ValueError(
+                    f"r4_block_size {block} does not divide {name}'s input width "
+                    f"{module.in_features}; use a divisor of it (e.g. 128)"
+                )
+
+    def _down_projections(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
+        """The layers R4 (fixed or learned) rotates the input of: SpinQuant's ``mlp_out``."""
+        return list(match_named_modules(model, self.mappings.mlp_out))
 
     def _center_embeddings(self, model: nn.Module) -> None:
         norms = [
@@ -168,8 +233,8 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
     :param weights_in_loop: also fake-quantize the weights (W4A4 RTN in the loop); off, the
         weights stay in full precision while learning (W16A4), as SpinQuant learns when GPTQ
         quantizes the weights afterwards
-    :param r4_block_size: block of a learned R4 (must divide the down-projection input width;
-        the inference cost is one ``b x b`` product per ``b`` inputs)
+    :param r4_block_size: block of a learned R4 (default 128; must divide the down-projection
+        input width; the inference cost is one ``b x b`` product per ``b`` inputs)
     :param gradient_checkpointing: recompute each decoder layer in the backward pass instead
         of storing its activations (memory of one layer instead of all, one more forward)
     """
@@ -180,7 +245,6 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
     steps: int = Field(100, gt=0)
     lr: float = Field(2e-3, gt=0)
     weights_in_loop: bool = False
-    r4_block_size: int = Field(128, gt=0)
     gradient_checkpointing: bool = True
 
     _learned: dict = PrivateAttr(default_factory=dict)
@@ -216,6 +280,11 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
                 "transform_type random-matrix is not orthogonal, so it cannot start a learned "
                 "rotation; use hadamard or random-hadamard"
             )
+        if values.get("r4_transform_type") is not None and "R4" in learn:
+            raise ValueError(
+                "r4_transform_type sets a fixed R4's type; a learned R4 is saved as dense "
+                "blocks (random-hadamard): drop r4_transform_type or R4 from learn"
+            )
         return {**values, "learn": learn}
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -239,12 +308,6 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             )
         initialized = super().on_initialize(state, **kwargs)
         if "R4" in self.learn:
-            for name, module in self._down_projections(state.model):
-                if module.in_features % self.r4_block_size:
-                    raise ValueError(
-                        f"r4_block_size {self.r4_block_size} does not divide {name}'s input "
-                        f"width {module.in_features}; use a divisor of it (e.g. 128)"
-                    )
             # the learned R4 replaces the fixed one, attached after learning
             groups = dict(self.transform_config.config_groups)
             groups.pop("R4", None)
@@ -252,6 +315,11 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
                 update={"config_groups": groups}
             )
         return initialized
+
+    def _r4_block(self) -> int | None:
+        if "R4" in self.learn:
+            return self.r4_block_size or LEARNED_R4_BLOCK
+        return super()._r4_block()
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         super().on_calibration_start(state, event, **kwargs)  # Hadamards fused, fixed R4 on
@@ -270,7 +338,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         sites = rotation_sites(model, self.mappings, r1, r2)
         r4 = {}
         if "R4" in self.learn:
-            r4_start = hadamard_start(self.r4_block_size, self.transform_type).float()
+            r4_start = hadamard_start(self._r4_block(), self.transform_type).float()
             for name, module in self._down_projections(model):
                 r4[name] = r4_start.to(device, copy=True).requires_grad_(True)  # one per layer
                 sites.setdefault(module, RotationSites()).q_in = r4[name]
@@ -329,10 +397,6 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         config = getattr(model, TRANSFORM_CONFIG_NAME)  # apply_transform_config put it there
         groups = {**config.config_groups, **groups}
         setattr(model, TRANSFORM_CONFIG_NAME, config.model_copy(update={"config_groups": groups}))
-
-    def _down_projections(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
-        """The layers a (learned) R4 rotates the input of: SpinQuant's ``mlp_out``."""
-        return list(match_named_modules(model, self.mappings.mlp_out))
 
     def _optimise(self, model, params: list[torch.Tensor], batches, targets, spec) -> None:
         """``steps`` Cayley-Adam steps, one calibration batch each (cycling), with a progress
