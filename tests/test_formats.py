@@ -22,6 +22,9 @@ FORMAT_RUNS = [
     ("hadamard32_gptq_mxfp4", None),
     ("fair_calib_w4a4", "W4A4_G128_AG128_PACKED"),
     ("quarot_gptq_w4a4", "W4A4_G128_AG32_PACKED"),
+    # learned rotations against FP4 (NVFP4's global scale in the loop, MXFP4's E8M0 blocks)
+    ("fair_calib_learned_w4a4", "NVFP4"),
+    ("fair_calib_learned_w4a4", "MXFP4"),
 ]
 
 

@@ -42,6 +42,7 @@ INT4_TOKEN = QuantizationArgs(
 )
 INT4_G16 = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=16)
 LM_HEADS = '["lm_head", "re:^model\\\\.transformer\\\\.ff_out$"]'
+LM_HEAD = r"re:^model\.transformer\.ff_out$"
 
 
 def _orthogonal(n: int, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -107,6 +108,29 @@ def test_ste_quantize_has_compressed_tensors_values_and_a_scale_aware_gradient()
     at_peak = x.detach().abs() == peak
     expected += at_peak * x.detach().sign() * (c * residual).sum(-1, keepdim=True)
     assert torch.allclose(x.grad, expected)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("scheme", ["NVFP4", "MXFP4"])
+def test_ste_quantize_of_fp4_weights_is_the_deployed_rtn_weight(
+    scheme, llada, tokenizer, calibration_texts, tmp_path
+):
+    """Learning against FP4 sees the weights the checkpoint holds: for NVFP4 with the global
+    scale compressed-tensors derives from the weight, for MXFP4 with its E8M0 block scales."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    model = saved(llada, tokenizer, tmp_path / "fp")
+    data = masked_states(model, tokenizer, calibration_texts, max_prompts=1)
+    recipe = QuantizationModifier(scheme=scheme, targets=["Linear"], ignore=[LM_HEAD])
+    oneshot(model=model, processor=tokenizer, recipe=recipe, dataset=data)
+    module = model.model.transformer.blocks[0].ff_out
+    args = module.quantization_scheme.weights
+    global_scale = getattr(module, "weight_global_scale", None)
+    deployed = fake_quantize(
+        module.weight, module.weight_scale, None, args, global_scale=global_scale
+    )
+    assert torch.equal(ste_quantize(module, module.weight.detach(), args), deployed)
 
 
 @pytest.mark.unit
