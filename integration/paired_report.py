@@ -96,8 +96,13 @@ def pair_lines(rows: list[dict], pairs: list[str]) -> list[str]:
     return lines
 
 
-def report(paths: list[Path], baselines: list[str], pairs: list[str]) -> str:
+def report(
+    paths: list[Path], baselines: list[str], pairs: list[str], only: list[str] | None = None
+) -> str:
     all_rows = combined_rows(paths)
+    if only:  # the named rows, the baselines and the pairs' rows; the files may hold others
+        keep = {*only, *baselines, *(name for pair in pairs for name in pair.split(":"))}
+        all_rows = [r for r in all_rows if r[ROW_KEY] in keep]
     rows = [r for r in all_rows if "error" not in r]
     reference = best_baseline(rows, baselines)
     lines = [
@@ -134,12 +139,13 @@ def main(argv=None) -> None:
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--baselines", nargs="+", required=True)
     parser.add_argument("--pairs", nargs="*", default=[], help="NUMERATOR:DENOMINATOR")
+    parser.add_argument("--only", nargs="*", help="report only these rows (and the above)")
     parser.add_argument("--out", type=Path, help="write the markdown here too")
     args = parser.parse_args(argv)
     bad = [p for p in args.pairs if p.count(":") != 1]
     if bad:
         parser.error(f"--pairs takes NUMERATOR:DENOMINATOR, got {bad}")
-    text = report(args.results, args.baselines, args.pairs)
+    text = report(args.results, args.baselines, args.pairs, args.only)
     if args.out:
         args.out.write_text(text)
     print(text)

@@ -44,3 +44,9 @@ def test_runs_that_measured_different_models_are_refused(tmp_path):
     second = _results(tmp_path / "b.json", {"gptq": [0.21]})
     with pytest.raises(SystemExit, match="measured different models"):
         report([first, second], ["gptq"], [])
+
+
+def test_only_keeps_the_named_rows_the_baselines_and_the_pairs(tmp_path):
+    path = _results(tmp_path / "a.json", {"gptq": [0.2], "fair": [0.1], "other": [0.3]})
+    text = report([path], ["gptq"], [], only=["fair"])
+    assert "| fair |" in text and "| gptq |" in text and "| other |" not in text
