@@ -42,19 +42,17 @@ uniform=(FAIRCalibModifier.use_token_weights=false)
 [ "$parent" = fair_calib_w4a4 ] && [ "$format" != token ] && uniform+=(FAIRCalibModifier.scheme=$scheme)
 variant "$fair-uniform" "$parent" "${uniform[@]}"
 methods=("$rotated" "$fair" "$fair-uniform" "gptq-$format" "rtn-$format")
-if [ "$format" = nvfp4 ] || [ "$format" = mxfp4 ]; then  # learned rotations against FP4, last
-  L=LearnedSpinQuantModifier
-  variant "fair-calib-learned-$format" fair_calib_learned_w4a4 FAIRCalibModifier.scheme=$scheme
-  variant "fair-calib-learned-$format-uniform" fair_calib_learned_w4a4 \
-    FAIRCalibModifier.scheme=$scheme $L.token_weights=uniform FAIRCalibModifier.use_token_weights=false
-fi
 if [ "$format" = mxfp4 ]; then  # FAIR-Calib on the block Hadamards too (the better MXFP4 base)
   variant fair_calib_hadamard32_mxfp4-uniform fair_calib_hadamard32_mxfp4 \
     FAIRCalibModifier.use_token_weights=false
   extra+=(--recipe fair_calib_hadamard32_mxfp4=recipes/fair_calib_hadamard32_mxfp4.yaml)
   methods+=(fair_calib_hadamard32_mxfp4 fair_calib_hadamard32_mxfp4-uniform)
 fi
-if [ "$format" = nvfp4 ] || [ "$format" = mxfp4 ]; then
+if [ "$format" = nvfp4 ] || [ "$format" = mxfp4 ]; then  # learned rotations against FP4, last
+  L=LearnedSpinQuantModifier
+  variant "fair-calib-learned-$format" fair_calib_learned_w4a4 FAIRCalibModifier.scheme=$scheme
+  variant "fair-calib-learned-$format-uniform" fair_calib_learned_w4a4 \
+    FAIRCalibModifier.scheme=$scheme $L.token_weights=uniform FAIRCalibModifier.use_token_weights=false
   methods+=("fair-calib-learned-$format" "fair-calib-learned-$format-uniform")
 fi
 out=$1; shift

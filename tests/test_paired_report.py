@@ -28,7 +28,13 @@ def test_the_best_baseline_is_the_lowest_measured_and_pairs_are_per_seed(tmp_pat
         tmp_path / "a.json",
         {"rtn": [0.30, 0.32], "gptq": [0.20, 0.22], "fair": [0.10, 0.22]},
         extra_rows=[
-            {"name": "rtn-x", "seed": 0, "frontier_flip_rate": 0.5, "error": "reload not exact"}
+            {
+                "name": "rtn-x",
+                "seed": 0,
+                "frontier_flip_rate": 0.5,
+                "reload_max_abs_logit_diff": 3.48,
+                "error": "reload not exact (max abs logit difference 3.48)",
+            }
         ],
     )
     second = _results(tmp_path / "b.json", {"gptq": [0.20, 0.22], "uniform": [0.20, 0.20]})
