@@ -23,7 +23,10 @@ Hadamards are fused and before the quantization modifier after it calibrates:
    the orthogonal group, ``steps`` times;
 3. the rotations are fused into the weights (embedding, every reader and writer, the LM head);
    a learned R4 becomes each layer's own online transform
-   (:mod:`~fair_calib_llmc.stage2.learned_rotations.online`).
+   (:mod:`~fair_calib_llmc.stage2.learned_rotations.online`); learned weight clipping
+   (``learn_weight_clipping``, with the weights in the loop) clamps each fused weight's scale
+   groups to the learned range, which the next quantizer's scales then hold
+   (:mod:`~fair_calib_llmc.stage2.learned_rotations.clipping`).
 
 The checkpoint holds ordinary weights plus online R4 transforms, as a plain rotated recipe's:
 no new inference op, nothing of this package needed to load it. A learned R4 costs one dense
@@ -32,13 +35,14 @@ no new inference op, nothing of this package needed to load it. A learned R4 cos
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from typing import Literal
 
 import torch
 from compressed_tensors import TRANSFORM_CONFIG_NAME, match_named_modules
-from compressed_tensors.utils import get_head_dim
+from compressed_tensors.utils import get_head_dim, update_offload_parameter
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.transform.spinquant import SpinQuantModifier
@@ -55,6 +59,11 @@ from fair_calib_llmc.distributed import (
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.models.layers import named_decoder_layers
 from fair_calib_llmc.stage2.learned_rotations.cayley import CayleyAdam, cayley, distance_moved
+from fair_calib_llmc.stage2.learned_rotations.clipping import (
+    clip_weight,
+    initial_clip_factors,
+    project_clip_factors,
+)
 from fair_calib_llmc.stage2.learned_rotations.objectives import (
     layer_mse,
     masked_log_probs,
@@ -235,6 +244,11 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         quantizes the weights afterwards
     :param r4_block_size: block of a learned R4 (default 128; must divide the down-projection
         input width; the inference cost is one ``b x b`` product per ``b`` inputs)
+    :param learn_weight_clipping: also learn one weight clipping factor per output channel of
+        every quantized linear (in ``[0.5, 1]``, from 1, same ``lr``), exported by clamping the
+        fused weights so the next quantizer's scales hold the clipped range; needs
+        ``weights_in_loop`` (unquantized weights give the factors no gradient). No inference
+        cost: the checkpoint holds ordinary weights and scales
     :param gradient_checkpointing: recompute each decoder layer in the backward pass instead
         of storing its activations (memory of one layer instead of all, one more forward)
     """
@@ -245,6 +259,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
     steps: int = Field(100, gt=0)
     lr: float = Field(2e-3, gt=0)
     weights_in_loop: bool = False
+    learn_weight_clipping: bool = False
     gradient_checkpointing: bool = True
 
     _learned: dict = PrivateAttr(default_factory=dict)
@@ -279,6 +294,11 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             raise ValueError(
                 "transform_type random-matrix is not orthogonal, so it cannot start a learned "
                 "rotation; use hadamard or random-hadamard"
+            )
+        if values.get("learn_weight_clipping") and not values.get("weights_in_loop"):
+            raise ValueError(
+                "learn_weight_clipping needs the weights quantized while learning (their "
+                "clipping has no gradient otherwise); set weights_in_loop: true"
             )
         if values.get("r4_transform_type") is not None and "R4" in learn:
             raise ValueError(
@@ -343,17 +363,21 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
                 r4[name] = r4_start.to(device, copy=True).requires_grad_(True)  # one per layer
                 sites.setdefault(module, RotationSites()).q_in = r4[name]
         params = [q for q in [r1, *(r2 or []), *r4.values()] if q is not None]
+        clips = {}
+        if self.learn_weight_clipping:
+            clips = {module: initial_clip_factors(module.weight) for module in quantized}
 
         began = time.monotonic()
         batches = [self._batch(b, device) for b in dataloader]
         with torch.no_grad():  # kept in host memory: every layer of every batch (GBs at 8B)
             targets = [_moved(self._teacher(model, b, spec), "cpu") for b in batches]
         layers = [m for _, m in named_decoder_layers(model)] if self.gradient_checkpointing else []
-        with _training_forwards(quantized, sites), _frozen(model), _checkpointed(layers):
+        training = _training_forwards(quantized, sites, clips)
+        with training, _frozen(model), _checkpointed(layers):
             before = self._objectives_by_weighting(model, batches, targets, spec)
-            self._optimise(model, params, batches, targets, spec)
+            self._optimise(model, params, list(clips.values()), batches, targets, spec)
             after = self._objectives_by_weighting(model, batches, targets, spec)
-        self._learned = {"R1": r1, "R2": r2, "R4": r4}
+        self._learned = {"R1": r1, "R2": r2, "R4": r4, "clip": clips}
         self._report = {
             "objective": self.objective,
             "token_weights": self.token_weights,
@@ -372,6 +396,13 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             },
             "seconds": time.monotonic() - began,  # teacher targets, learning, both reports
         }
+        if clips:
+            factors = torch.cat([f.detach().flatten() for f in clips.values()])
+            self._report["weight_clipping"] = {
+                "mean": float(factors.mean()),
+                "min": float(factors.min()),
+                "clipped_share": float((factors < 1).float().mean()),  # channels below 1
+            }
         logger.info(
             f"learned {'+'.join(self.learn)} ({self.objective}, {self.token_weights} weights, "
             f"{self.steps} steps): objective under frontier weights {before['frontier']:.5g} "
@@ -384,6 +415,10 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
                 fused = RotationSites(None if module in online else where.q_in, where.q_out)
                 fuse_rotation(module, fused)
             self._attach_r4(model, r4)
+            for module, factors in clips.items():  # after fusion: the clip is of the fused weight
+                weight_args = quantized[module][1]
+                clipped = clip_weight(module.weight.float(), factors.detach(), weight_args)
+                update_offload_parameter(module, "weight", clipped.to(module.weight.dtype))
 
     def _attach_r4(self, model: nn.Module, r4: dict[str, torch.Tensor]) -> None:
         """Each layer's learned R4 as its own online transform group, recorded in the
@@ -398,11 +433,14 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         groups = {**config.config_groups, **groups}
         setattr(model, TRANSFORM_CONFIG_NAME, config.model_copy(update={"config_groups": groups}))
 
-    def _optimise(self, model, params: list[torch.Tensor], batches, targets, spec) -> None:
-        """``steps`` Cayley-Adam steps, one calibration batch each (cycling), with a progress
-        bar; under torchrun the gradients are averaged so every rank fuses the same
-        rotations."""
+    def _optimise(
+        self, model, params: list[torch.Tensor], clips: list[torch.Tensor], batches, targets, spec
+    ) -> None:
+        """``steps`` Cayley-Adam steps (plain Adam, projected onto ``[0.5, 1]``, for the
+        clipping factors), one calibration batch each (cycling), with a progress bar; under
+        torchrun the gradients are averaged so every rank fuses the same rotations."""
         optimiser = CayleyAdam(params, lr=self.lr, total_steps=self.steps)
+        clip_optimiser = _cosine_adam(clips, self.lr, self.steps)
         _, world = rank_and_world()
         bar = tqdm(range(self.steps), desc="learning rotations", unit="step")
         for step in bar:
@@ -411,12 +449,18 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
                 loss = self._objective(model, batches[index], targets[index], spec)
                 loss.backward()
             if world > 1:
-                grads = [q.grad for q in params]
+                grads = [q.grad for q in [*params, *clips] if q.grad is not None]
                 all_reduce_sum(grads)
                 for g in grads:
                     g.div_(world)
             optimiser.step()
             optimiser.zero_grad()
+            if clip_optimiser is not None:
+                adam, cosine = clip_optimiser
+                adam.step()
+                adam.zero_grad()
+                cosine.step()
+                project_clip_factors(clips)
             bar.set_postfix(loss=f"{loss.item():.4g}")
 
     @staticmethod
@@ -446,6 +490,12 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
                 raise ValueError(
                     f"{name}: static activation scales are calibrated after learning; learn "
                     "against a scheme with dynamic activations (e.g. W4A4_G128_PACKED)"
+                )
+            if self.learn_weight_clipping and weights is not None and not weights.symmetric:
+                raise ValueError(
+                    f"{name}: learned weight clipping clamps a symmetric range; the weight "
+                    "scheme is asymmetric: use a symmetric scheme (e.g. W4A4_G128_PACKED) or "
+                    "set learn_weight_clipping: false"
                 )
             layers[module] = (acts, weights if self.weights_in_loop else None)
         if not layers:
@@ -532,15 +582,29 @@ class _forwards_replaced:
         return False
 
 
-def _training_forwards(quantized: dict, sites: dict) -> _forwards_replaced:
-    """Every quantized linear's forward swapped for its rotated, fake-quantized training
-    forward (:func:`rotated_forward`)."""
+def _training_forwards(quantized: dict, sites: dict, clips: dict) -> _forwards_replaced:
+    """Every quantized linear's forward swapped for its rotated, fake-quantized (and, with
+    ``clips``, weight-clipped) training forward (:func:`rotated_forward`)."""
     return _forwards_replaced(
         {
-            module: rotated_forward(module, sites.get(module, RotationSites()), acts, weights)
+            module: rotated_forward(
+                module, sites.get(module, RotationSites()), acts, weights, clips.get(module)
+            )
             for module, (acts, weights) in quantized.items()
         }
     )
+
+
+def _cosine_adam(params: list[torch.Tensor], lr: float, steps: int):
+    """Adam with :class:`CayleyAdam`'s cosine decay to 0 over ``steps``: (optimiser,
+    schedule), or ``None`` when there is nothing to learn."""
+    if not params:
+        return None
+    optimiser = torch.optim.Adam(params, lr=lr)
+    cosine = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
+    )
+    return optimiser, cosine
 
 
 def _checkpointed(layers: list[nn.Module]) -> _forwards_replaced:

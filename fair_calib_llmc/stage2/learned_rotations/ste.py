@@ -29,7 +29,13 @@ from compressed_tensors.quantization.utils import (
     generate_gparam,
 )
 
-__all__ = ["ste_quantize", "rtn_qparams", "global_scale_of", "LEARNABLE_STRATEGIES"]
+__all__ = [
+    "ste_quantize",
+    "rtn_qparams",
+    "global_scale_of",
+    "group_absmax",
+    "LEARNABLE_STRATEGIES",
+]
 
 #: strategies whose scales come from the tensor itself, as learning needs
 LEARNABLE_STRATEGIES = (
@@ -61,7 +67,7 @@ def rtn_qparams(
     )
 
 
-def _group_absmax(x: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
+def group_absmax(x: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
     """``|x|``'s maximum over each scale group, broadcast back to ``x``'s shape."""
     if args.strategy == QuantizationStrategy.TENSOR:
         return x.abs().amax().expand_as(x)
@@ -78,6 +84,6 @@ def ste_quantize(module, x: torch.Tensor, args: QuantizationArgs) -> torch.Tenso
         global_scale = global_scale_of(x.detach(), args)
         scale, zero_point = rtn_qparams(module, x.detach(), args, global_scale)
         exact = fake_quantize(x.detach(), scale, zero_point, args, global_scale=global_scale)
-    peak = _group_absmax(x, args).clamp(min=torch.finfo(x.dtype).tiny)
+    peak = group_absmax(x, args).clamp(min=torch.finfo(x.dtype).tiny)
     residual = ((exact - x.detach()) / peak.detach()).detach()
     return exact + (x - x.detach()) + (peak - peak.detach()) * residual
