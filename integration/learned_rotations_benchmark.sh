@@ -34,6 +34,16 @@ variant fair-calib-learned-fw64 fair_calib_learned_w4a4 \
 # the weights' share of the flips after learned rotations: full-precision weights, int4
 # activations (the ceiling of any weight-side method, learnable weight clipping included)
 extra+=(--recipe learned-w16a4=integration/recipes/learned_rotations_w16a4.yaml)
+# learned weight clipping (one factor per output channel, exported through the weight
+# scales); it needs the weights in the loop, so `fair-calib-learned-w4a4-loop` (the same
+# without clipping) isolates it; the GPTQ row exports the clipping exactly (FAIR-Calib's
+# Stage II moves the weights towards its least-squares target before the scales are set)
+variant fair-calib-learned-lwc fair_calib_learned_w4a4 $L.weights_in_loop=true \
+  $L.learn_weight_clipping=true
+variant fair-calib-learned-lwc-uniform fair_calib_learned_w4a4 $L.weights_in_loop=true \
+  $L.learn_weight_clipping=true $L.token_weights=uniform FAIRCalibModifier.use_token_weights=false
+variant learned-mse-frontier-lwc+gptq spinquant_learned_gptq_w4a4 $L.objective=layer_mse \
+  $L.token_weights=frontier $L.weights_in_loop=true $L.learn_weight_clipping=true
 # the learned down-projection transform (R4) in place of the fixed Hadamard, two block sizes
 variant fair-calib-learned-r4 fair_calib_learned_w4a4 "$L.learn=[R1, R2, R4]"
 variant fair-calib-learned-r4-uniform fair_calib_learned_w4a4 "$L.learn=[R1, R2, R4]" \
@@ -57,7 +67,8 @@ methods=(quarot+gptq fair-calib-learned fair-calib-learned-uniform spinquant-lea
   fair-calib-learned-r4 fair-calib-learned-r4-uniform
   fair-calib-learned-r4-512 fair-calib-learned-r4-1024 learned-mse-frontier+gptq learned-mse-uniform+gptq
   learned-kl-frontier+gptq fair-calib-learned-kl fair-calib-learned-r1
-  fair-calib-learned-w4a4-loop)
+  fair-calib-learned-w4a4-loop fair-calib-learned-lwc fair-calib-learned-lwc-uniform
+  learned-mse-frontier-lwc+gptq)
 if [ -n "${METHODS:-}" ]; then read -r -a methods <<< "$METHODS"; fi
 out=$1; shift
 write_variants
