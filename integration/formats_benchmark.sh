@@ -3,6 +3,7 @@
 # GPTQ, FAIR-Calib with uniform weights and FAIR-Calib, one process per seed on one GPU
 # (integration/reference_benchmark.sh: FAMILIES, SEEDS, WORK_DIR, DEADLINE apply).
 #   FORMAT=nvfp4|mxfp4|ag128|ag32|token integration/formats_benchmark.sh OUT_DIR [benchmark args]
+# METHODS (space-separated) runs a subset of the format's rows; a name not among them fails.
 # FP4 formats use no global rotation (their own recipes, fair_calib_nvfp4 / fair_calib_mxfp4)
 # and, as the rotation variant, block Hadamards matched to the group (hadamard16 / hadamard32);
 # int per-group activations (W4A4_G128_AG128/AG32_PACKED) keep QuaRot's rotations. Every
@@ -54,6 +55,16 @@ if [ "$format" = nvfp4 ] || [ "$format" = mxfp4 ]; then  # learned rotations aga
   variant "fair-calib-learned-$format-uniform" fair_calib_learned_w4a4 \
     FAIRCalibModifier.scheme=$scheme $L.token_weights=uniform FAIRCalibModifier.use_token_weights=false
   methods+=("fair-calib-learned-$format" "fair-calib-learned-$format-uniform")
+fi
+if [ -n "${METHODS:-}" ]; then  # a subset, in the order given, of this format's rows only: a
+  # shipped name such as gptq passes the recipe check and would put an int W4A4 row here
+  rows=" ${methods[*]} "
+  read -r -a methods <<< "$METHODS"
+  for m in "${methods[@]}"; do
+    if [[ $rows != *" $m "* ]]; then
+      echo "METHODS: $m is not a row of FORMAT=$format:$rows" >&2; exit 2
+    fi
+  done
 fi
 out=$1; shift
 write_variants

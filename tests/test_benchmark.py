@@ -101,6 +101,76 @@ def test_every_gpu_benchmark_row_has_a_recipe_that_loads(script, env, tmp_path):
     assert "every recipe loads" in done.stdout
 
 
+def _side_by_side(tmp_path, *args, **env):
+    """integration/side_by_side.sh in check mode: no preflight, no training, no model."""
+    root = Path(__file__).resolve().parents[1]
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("METHODS", "METHOD_GROUPS"))},
+        **env,
+        "CHECK_ONLY": "1",
+        "DEVICE": "cpu",
+        "SCRATCH": str(tmp_path / "scratch"),
+        "OUT": str(tmp_path / "out"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    return subprocess.run(
+        ["bash", str(root / "integration" / "side_by_side.sh"), *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+
+
+def test_side_by_side_runs_each_job_on_its_family_with_its_own_rows(tmp_path):
+    """`side_by_side.sh FAMILY [FAMILY:]JOB...`: a plain JOB takes the first family, each job
+    checks the rows METHODS_<family>_<job> names (a learned job without one takes METHODS, as
+    before), and each job's output has its own folder."""
+    done = _side_by_side(
+        tmp_path,
+        "dream",
+        "learned",
+        "llada:ag32",
+        "llada:learned",
+        METHODS="quarot+gptq",
+        METHODS_dream_learned="quarot+gptq quarot+gptq-equivalent",
+        METHODS_llada_ag32="rtn-ag32 gptq-ag32 fair-calib-ag32",
+        METHOD_GROUPS_llada_ag32="2",
+    )
+    log = (tmp_path / "out" / "driver.log").read_text()
+    assert done.returncode == 0, log[-3000:]
+    # the driver's "== <family>-<job> (exit N)" sections hold each job's own log tail
+    tails = {part.split(" ", 1)[0]: part for part in log.split("\n== ")[1:] if "(exit 0)" in part}
+    assert set(tails) == {"dream-learned", "llada-ag32", "llada-learned"}
+    assert "2 methods, every recipe loads" in tails["dream-learned"]
+    assert "3 methods, every recipe loads" in tails["llada-ag32"]
+    assert "1 methods, every recipe loads" in tails["llada-learned"]
+    assert "llada-ag32: METHODS=rtn-ag32 gptq-ag32 fair-calib-ag32 METHOD_GROUPS=2" in log
+    assert "dream-learned: METHODS=quarot+gptq quarot+gptq-equivalent METHOD_GROUPS=1" in log
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "driver.log",
+        "dream-learned",
+        "llada-ag32",
+        "llada-learned",
+    }
+    assert not (tmp_path / "scratch" / "wd" / "preflight.ok").exists()  # no preflight ran
+
+
+def test_side_by_side_rejects_bad_jobs_and_rows_of_another_job(tmp_path):
+    for args, message in [
+        (("dream", "llada:nope"), "unknown JOB llada:nope"),
+        (("dream", "tex:ag32"), "unknown FAMILY in tex:ag32"),
+        (("dream", "learned", "dream:learned"), "dream:learned given twice"),
+    ]:
+        done = _side_by_side(tmp_path, *args)
+        assert done.returncode == 2 and message in done.stderr
+    # a shipped name has a recipe, but it is not a row of the format's table
+    done = _side_by_side(tmp_path, "dream", "nvfp4", METHODS_dream_nvfp4="gptq")
+    assert done.returncode == 1
+    log = (tmp_path / "out" / "driver.log").read_text()
+    assert "gptq is not a row of FORMAT=nvfp4" in log
+
+
 def test_a_benchmark_row_without_a_loadable_recipe_fails_before_any_work(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("quant_stage:\n  quant_modifiers:\n    GPTQModifier:\n      sheme: W4A4\n")
