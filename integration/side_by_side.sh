@@ -11,9 +11,9 @@
 # METHOD_GROUPS_<family>_<job>, else METHOD_GROUPS, splits each seed's methods of that job over
 # processes (reference_benchmark.sh; all jobs' processes together at most the 16 cores).
 # A missing model is trained before any job starts, two families at once. Each job's
-# <family>.tgz lands in $OUT/<family>-<job>/ (at most 8 files come back from a device call:
-# with driver.log, pip.log and preflight.log, 5 jobs); driver.log has the training times,
-# each job's rows and log tail. Exit 1 if a job failed or had no model.
+# <family>.tgz is written to $OUT/<family>-<job>/, and at the end everything under $OUT but
+# driver.log is packed into $OUT/jobs.tgz (a device call returns at most 8 files); driver.log
+# has the training times, each job's rows and log tail. Exit 1 if a job failed or had no model.
 # DEVICE (default cuda) lets it run on a CPU; CHECK_ONLY=1 only checks every job's rows (no
 # preflight, no training, no model needed: tests/test_benchmark.py). SCRATCH (default /tmp)
 # holds the models and the preflight mark (wd/) and each job's work dir (w-<family>-<job>).
@@ -116,5 +116,12 @@ for pair in "${jobs[@]}"; do  # each job's own log (a job that failed early says
 done
 if [ -z "${CHECK_ONLY:-}" ]; then
   nvidia-smi --query-gpu=name,memory.used --format=csv >> "$OUT/driver.log" 2>&1 || true
+fi
+# one file for everything but driver.log: a device call returns at most 8 files, so more than
+# five jobs would otherwise lose some
+packed=()
+for entry in "$OUT"/*; do [ "$(basename "$entry")" = driver.log ] || packed+=("$(basename "$entry")"); done
+if [ ${#packed[@]} -gt 0 ]; then
+  tar czf "$OUT/jobs.tgz" -C "$OUT" "${packed[@]}" && (cd "$OUT" && rm -rf "${packed[@]}")
 fi
 exit $status
