@@ -7,9 +7,9 @@ Importing the package registers, with no further call (:mod:`fair_calib_llmc.reg
   compressed-tensors checkpoint is loaded (:mod:`fair_calib_llmc.formats.transform_loading`);
 * the ``dllm`` model with lm-evaluation-harness, when it is installed (``[eval]`` extra);
 * once llm-compressor is imported (by this package or by the caller, before or after):
-  ``FAIRCalibModifier``, ``ExactSpinQuantModifier`` and ``LearnedSpinQuantModifier`` with
-  ``ModifierFactory`` (so recipes can name them) and the LLaDA / Dream layer mappings with
-  ``SpinQuantModifier``.
+  ``FAIRCalibModifier``, ``ExactSpinQuantModifier``, ``LearnedSpinQuantModifier`` and
+  ``EquivalentRescaleModifier`` with ``ModifierFactory`` (so recipes can name them) and the
+  LLaDA / Dream layer mappings with ``SpinQuantModifier``.
 
 Loading a checkpoint therefore does not import llm-compressor. The public names below are
 imported from their modules on first use (module ``__getattr__``), so ``import
@@ -34,6 +34,7 @@ _LAZY = {
     "LLaDAModelLM": "models",
     "diffusion_spec": "models",
     "DreamSampler": "sampling.samplers",
+    "EquivalentRescaleModifier": "stage2.equivalent_modifier",
     "ExactSpinQuantModifier": "stage2.learned_rotations",
     "FAIRCalibModifier": "stage2.modifier",
     "LLaDASampler": "sampling.samplers",

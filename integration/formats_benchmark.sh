@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One W4A4 format's table on the reference models: RTN, GPTQ, the format's rotation variant +
-# GPTQ, FAIR-Calib with uniform weights and FAIR-Calib, one process per seed on one GPU
+# GPTQ, FAIR-Calib with uniform weights and FAIR-Calib (FP4: and the best baseline's tie-noise
+# control, integration/recipes/*_equivalent.yaml), one process per seed on one GPU
 # (integration/reference_benchmark.sh: FAMILIES, SEEDS, WORK_DIR, DEADLINE apply).
 #   FORMAT=nvfp4|mxfp4|ag128|ag32|token integration/formats_benchmark.sh OUT_DIR [benchmark args]
 # METHODS (space-separated) runs a subset of the format's rows; a name not among them fails.
@@ -48,6 +49,14 @@ if [ "$format" = mxfp4 ]; then  # FAIR-Calib on the block Hadamards too (the bet
     FAIRCalibModifier.use_token_weights=false
   extra+=(--recipe fair_calib_hadamard32_mxfp4=recipes/fair_calib_hadamard32_mxfp4.yaml)
   methods+=(fair_calib_hadamard32_mxfp4 fair_calib_hadamard32_mxfp4-uniform)
+fi
+if [ "$format" = nvfp4 ] || [ "$format" = mxfp4 ]; then
+  # the tie-noise control: the format's best baseline (NVFP4: GPTQ, MXFP4: the block Hadamards
+  # + GPTQ) on an equivalent model, seeded channel scales folded into up/down and v/o
+  # (EquivalentRescaleModifier, no rotation); its flips minus the baseline's are chance
+  best=$([ "$format" = nvfp4 ] && echo "gptq-$format" || echo "$rotated")
+  extra+=(--recipe "$best-equivalent=integration/recipes/${best//-/_}_equivalent.yaml")
+  methods+=("$best-equivalent")
 fi
 if [ "$format" = nvfp4 ] || [ "$format" = mxfp4 ]; then  # learned rotations against FP4, last
   L=LearnedSpinQuantModifier

@@ -2,5 +2,6 @@
 
 :mod:`.modifier` (``FAIRCalibModifier``, GPTQ with weighted FP targets), :mod:`.reconstruction`
 (its maths), :mod:`.rotations` (SpinQuant mappings for LLaDA / Dream), :mod:`.learned_rotations`
-(learned R1 / R2 / R4).
+(learned R1 / R2 / R4), :mod:`.equivalent_modifier` (``EquivalentRescaleModifier``, the
+tie-noise control without rotation) and :mod:`.equivalent` (its maths).
 """

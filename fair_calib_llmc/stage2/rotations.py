@@ -6,6 +6,10 @@ registries and otherwise falls back to Llama names. LLaDA names its layers diffe
 and an LM head also called ``ff_out``), so both families are registered here on import.
 Rotations R1 (residual stream) and R2 (per head, value/output) fuse into weights and therefore
 survive a compressed save and plain ``from_pretrained`` exactly.
+
+SpinQuant's ``mlp_in`` lists the up and the gate projection alike; :data:`MLP_UP_REGISTRY`
+names which of them is the up projection (multiplied, not activated), where the exact-function
+control folds its channel scales (:mod:`fair_calib_llmc.stage2.equivalent_modifier`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,16 @@ from llmcompressor.modifiers.transform.spinquant.norm_mappings import (
 
 from fair_calib_llmc.models.configs import LM_HEAD
 
-__all__ = ["LLADA_SPINQUANT", "DREAM_SPINQUANT", "register_rotation_mappings"]
+__all__ = [
+    "DREAM_SPINQUANT",
+    "LLADA_SPINQUANT",
+    "MLP_UP_REGISTRY",
+    "register_rotation_mappings",
+]
+
+#: each family's MLP up projection, one of its ``mlp_in``: ``down(act(gate(x)) * up(x))``
+LLADA_MLP_UP = "re:.*up_proj$"
+DREAM_MLP_UP = "re:.*up_proj$"
 
 LLADA_SPINQUANT = SpinQuantMapping(
     embedding=r"re:^model\.transformer\.wte$",
@@ -30,7 +43,7 @@ LLADA_SPINQUANT = SpinQuantMapping(
     attn_k="re:.*k_proj$",
     attn_v="re:.*v_proj$",
     attn_o="re:.*attn_out$",
-    mlp_in=["re:.*up_proj$", "re:.*ff_proj$"],
+    mlp_in=[LLADA_MLP_UP, "re:.*ff_proj$"],
     mlp_out=[r"re:.*blocks\.\d+\.ff_out$"],
     lm_head=LM_HEAD,
 )
@@ -46,7 +59,7 @@ DREAM_SPINQUANT = SpinQuantMapping(
     attn_k="re:.*k_proj$",
     attn_v="re:.*v_proj$",
     attn_o="re:.*o_proj$",
-    mlp_in=["re:.*up_proj$", "re:.*gate_proj$"],
+    mlp_in=[DREAM_MLP_UP, "re:.*gate_proj$"],
     mlp_out=["re:.*down_proj$"],
     lm_head="lm_head",
 )
@@ -59,6 +72,10 @@ DREAM_NORMS = [
     ),
     NormMapping(norm="model.norm", linears=["lm_head"]),
 ]
+
+
+#: model class name -> its MLP up projection (the class names of the SpinQuant registries)
+MLP_UP_REGISTRY: dict[str, str] = {"LLaDAModelLM": LLADA_MLP_UP, "DreamModel": DREAM_MLP_UP}
 
 
 def register_rotation_mappings() -> None:
