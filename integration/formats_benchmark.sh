@@ -57,8 +57,7 @@ if [ "$format" = nvfp4 ] || [ "$format" = mxfp4 ]; then
   best=$([ "$format" = nvfp4 ] && echo "gptq-$format" || echo "$rotated")
   extra+=(--recipe "$best-equivalent=integration/recipes/${best//-/_}_equivalent.yaml")
   methods+=("$best-equivalent")
-fi
-if [ "$format" = nvfp4 ] || [ "$format" = mxfp4 ]; then  # learned rotations against FP4, last
+  # learned rotations against FP4, last
   L=LearnedSpinQuantModifier
   variant "fair-calib-learned-$format" fair_calib_learned_w4a4 FAIRCalibModifier.scheme=$scheme
   variant "fair-calib-learned-$format-uniform" fair_calib_learned_w4a4 \
