@@ -35,7 +35,6 @@ no new inference op, nothing of this package needed to load it. A learned R4 cos
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from typing import Literal
@@ -58,7 +57,12 @@ from fair_calib_llmc.distributed import (
 )
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.models.layers import named_decoder_layers
-from fair_calib_llmc.stage2.learned_rotations.cayley import CayleyAdam, cayley, distance_moved
+from fair_calib_llmc.stage2.learned_rotations.cayley import (
+    CayleyAdam,
+    cayley,
+    cosine_decay,
+    distance_moved,
+)
 from fair_calib_llmc.stage2.learned_rotations.clipping import (
     clip_weight,
     initial_clip_factors,
@@ -601,9 +605,7 @@ def _cosine_adam(params: list[torch.Tensor], lr: float, steps: int):
     if not params:
         return None
     optimiser = torch.optim.Adam(params, lr=lr)
-    cosine = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
-    )
+    cosine = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: cosine_decay(step, steps))
     return optimiser, cosine
 
 

@@ -18,13 +18,18 @@ import math
 
 import torch
 
-__all__ = ["CayleyAdam", "cayley", "distance_moved", "orthogonality_error"]
+__all__ = ["CayleyAdam", "cayley", "cosine_decay", "distance_moved", "orthogonality_error"]
 
 
 def cayley(skew: torch.Tensor) -> torch.Tensor:
     """``(I - X/2)^-1 (I + X/2)``: the orthogonal matrix of the skew matrix ``X``."""
     eye = torch.eye(skew.shape[0], dtype=skew.dtype, device=skew.device)
     return torch.linalg.solve(eye - skew / 2, eye + skew / 2)
+
+
+def cosine_decay(step: int, total_steps: int) -> float:
+    """The learning-rate factor at ``step``: a cosine from 1 to 0 over ``total_steps``."""
+    return 0.5 * (1 + math.cos(math.pi * step / total_steps))
 
 
 def orthogonality_error(q: torch.Tensor) -> float:
@@ -67,7 +72,7 @@ class CayleyAdam:
             p.grad = None
 
     def current_lr(self) -> float:
-        return self.lr * 0.5 * (1 + math.cos(math.pi * self.step_count / self.total_steps))
+        return self.lr * cosine_decay(self.step_count, self.total_steps)
 
     @torch.no_grad()
     def step(self) -> None:
