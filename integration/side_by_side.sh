@@ -11,8 +11,8 @@
 # METHOD_GROUPS_<family>_<job>, else METHOD_GROUPS, splits each seed's methods of that job over
 # processes (reference_benchmark.sh; all jobs' processes together at most the 16 cores).
 # A missing model is trained before any job starts. Each job's
-# <family>.tgz is written to $OUT/<family>-<job>/, and at the end everything under $OUT but
-# driver.log is packed into $OUT/jobs.tgz (a device call returns at most 8 files); driver.log
+# <family>.tgz is written to $OUT/<family>-<job>/, and at the end those folders, pip.log and
+# preflight.log are packed into $OUT/jobs.tgz (a device call returns at most 8 files); driver.log
 # has the training times, each job's rows and log tail. Exit 1 if a job failed or had no model.
 # DEVICE (default cuda) lets it run on a CPU; CHECK_ONLY=1 only checks every job's rows (no
 # preflight, no training, no model needed: tests/test_benchmark.py). SCRATCH (default /tmp)
@@ -116,8 +116,10 @@ if [ -z "${CHECK_ONLY:-}" ]; then
 fi
 # one file for everything but driver.log: a device call returns at most 8 files, so more than
 # five jobs would otherwise lose some
+# (only what this script wrote: anything else already in $OUT stays where it is)
 packed=()
-for entry in "$OUT"/*; do [ "$(basename "$entry")" = driver.log ] || packed+=("$(basename "$entry")"); done
+for name in pip.log preflight.log; do [ -f "$OUT/$name" ] && packed+=("$name"); done
+for pair in "${jobs[@]}"; do name=${pair/ /-}; [ -d "$OUT/$name" ] && packed+=("$name"); done
 if [ ${#packed[@]} -gt 0 ]; then
   tar czf "$OUT/jobs.tgz" -C "$OUT" "${packed[@]}" && (cd "$OUT" && rm -rf "${packed[@]}")
 fi

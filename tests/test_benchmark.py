@@ -128,6 +128,8 @@ def test_side_by_side_runs_each_job_on_its_family_with_its_own_rows(tmp_path):
     """`side_by_side.sh FAMILY [FAMILY:]JOB...`: a plain JOB takes the first family, each job
     checks the rows METHODS_<family>_<job> names (a learned job without one takes METHODS, as
     before), and each job's output has its own folder."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("the user's")  # not the script's: stays
     done = _side_by_side(
         tmp_path,
         "dream",
@@ -149,8 +151,9 @@ def test_side_by_side_runs_each_job_on_its_family_with_its_own_rows(tmp_path):
     assert "1 methods, every recipe loads" in tails["llada-learned"]
     assert "llada-ag32: METHODS=rtn-ag32 gptq-ag32 fair-calib-ag32 METHOD_GROUPS=2" in log
     assert "dream-learned: METHODS=quarot+gptq quarot+gptq-equivalent METHOD_GROUPS=1" in log
-    # everything but driver.log is packed into one file (a device call returns at most 8)
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"driver.log", "jobs.tgz"}
+    # the jobs' folders are packed into one file (a device call returns at most 8)
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"driver.log", "jobs.tgz", "notes.txt"}
+    assert (tmp_path / "out" / "notes.txt").read_text() == "the user's"
     with tarfile.open(tmp_path / "out" / "jobs.tgz") as packed:
         folders = {name.split("/")[0] for name in packed.getnames()}
     assert folders == {"dream-learned", "llada-ag32", "llada-learned"}
