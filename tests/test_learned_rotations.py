@@ -280,6 +280,7 @@ def test_learned_rotation_checkpoint_reloads_exactly(dllm, tokenizer, calibratio
     learner = recipe.modifiers[0]
     report = learner.learning_report
     assert report["after"]["frontier"] < report["before"]["frontier"]  # it lowers its objective
+    assert report["steps"] == 6 and 0 < report["optimise_seconds"] < report["seconds"]
     r1, r2 = learner._learned["R1"], learner._learned["R2"]
     assert len(r2) == model.config.num_hidden_layers
     for q in [r1, *r2]:

@@ -379,7 +379,9 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         training = _training_forwards(quantized, sites, clips)
         with training, _frozen(model), _checkpointed(layers):
             before = self._objectives_by_weighting(model, batches, targets, spec)
+            optimise_began = time.monotonic()
             self._optimise(model, params, list(clips.values()), batches, targets, spec)
+            optimise_seconds = time.monotonic() - optimise_began
             after = self._objectives_by_weighting(model, batches, targets, spec)
         self._learned = {"R1": r1, "R2": r2, "R4": r4, "clip": clips}
         self._report = {
@@ -399,6 +401,9 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
                 if qs
             },
             "seconds": time.monotonic() - began,  # teacher targets, learning, both reports
+            # the optimiser's steps alone: what grows with `steps` (cost at other settings)
+            "steps": self.steps,
+            "optimise_seconds": optimise_seconds,
         }
         if clips:
             factors = torch.cat([f.detach().flatten() for f in clips.values()])
