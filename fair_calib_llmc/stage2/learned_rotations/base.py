@@ -555,8 +555,9 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
 
     @property
     def learning_report(self) -> dict:
-        """What learning did: both weightings' objective before and after, and how far the
-        rotations moved from the Hadamard start (empty before learning)."""
+        """What learning did: both weightings' objective before and after, how far the
+        rotations moved from the Hadamard start, and its seconds, all and the steps' alone
+        (empty before learning)."""
         return dict(self._report)
 
 
