@@ -161,3 +161,23 @@ def test_a_block_that_does_not_divide_the_width_fails_before_learning(
     recipe = load_recipe(_flat_recipe(block_size=48))
     with pytest.raises(ValueError, match=r"block_size 48 does not divide the width 128"):
         quantize(model, tokenizer, recipe, calibration_texts, max_prompts=2)
+
+
+@pytest.mark.integration
+def test_activation_clipping_learns_a_ratio_and_is_not_written(
+    llada, tokenizer, calibration_texts, tmp_path
+):
+    """The diagnostic: ratios below 1 are learned and reported, the written layer's objective
+    (without them) is reported beside, and the checkpoint still reloads exactly."""
+    model = saved(llada, tokenizer, tmp_path / "fp")
+    recipe = load_recipe(_flat_recipe(activation_clipping="true", lr=0.01))
+    result = quantize(
+        model, tokenizer, recipe, calibration_texts, max_prompts=4, output_dir=tmp_path / "q"
+    )
+    layer = recipe.modifiers[0].learning_report["layers"][0]
+    assert set(layer["activation_clip"]) == {"attn", "mlp", "down"}
+    assert all(0 < r < 1 for r in layer["activation_clip"].values())
+    assert layer["written"]["train"] != layer["after"]["train"]
+    expected = _probe(result.model)
+    reloaded = AutoModel.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    assert torch.equal(_probe(reloaded), expected)

@@ -18,8 +18,10 @@ code, then every decoder layer in turn (:mod:`~fair_calib_llmc.stage2.flatquant.
    model's ``transform_config``. Learned weight clipping clamps the written weights, so the
    next quantizer's scales hold it.
 
-Activation clipping (FlatQuant's per-quantizer clipping ratio) is not offered: dynamic
+Activation clipping (FlatQuant's per-quantizer clipping ratio) cannot be exported: dynamic
 activation scales have no field that could carry it in a compressed-tensors checkpoint.
+``activation_clipping: true`` learns with it as a diagnostic (the written model quantizes
+unclipped, and the report gives the objective both ways); no shipped recipe sets it.
 The quantization modifier after this one (GPTQ or RTN) then quantizes the transformed
 weights, with the online transforms in front of its activations.
 """
@@ -96,6 +98,8 @@ class FlatQuantModifier(ExactSpinQuantModifier):
     :param learn_vo: learn the per-head value / output transforms (fused, free)
     :param learn_weight_clipping: learn one clipping factor per output channel, exported by
         clamping the transformed weights (needs a symmetric weight scheme)
+    :param activation_clipping: learn a clipping ratio per site's activations while learning
+        only (a diagnostic: it is not exported, see the module docstring)
     :param token_weights: ``frontier`` weighs each token by Stage I's ``loss_mask`` (the
         paper's Stage II), ``uniform`` weighs all alike (FlatQuant)
     :param inputs: what a layer learns on: ``fp`` the full-precision stream (FlatQuant),
@@ -112,6 +116,7 @@ class FlatQuantModifier(ExactSpinQuantModifier):
     smooth: bool = True
     learn_vo: bool = True
     learn_weight_clipping: bool = False
+    activation_clipping: bool = False
     token_weights: Literal["frontier", "uniform"] = "uniform"
     inputs: Literal["fp", "quantized"] = "fp"
     epochs: int = Field(15, ge=0)
@@ -257,6 +262,7 @@ class FlatQuantModifier(ExactSpinQuantModifier):
             down_block=self._down_block(),
             smooth=tuple(site for site in sites.norms if self.smooth),
             learn_vo=self.learn_vo,
+            activation_clipping=self.activation_clipping,
         )
 
     def _write_layer(

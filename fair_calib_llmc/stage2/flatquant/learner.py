@@ -126,7 +126,9 @@ def learn_layer(
     clip_lr: float,
 ) -> dict:
     """Learn ``transforms`` (and the clipping factors ``clips``) of ``layer``, whose linears
-    already compute their transformed forward; returns the layer's report."""
+    already compute their transformed forward; returns the layer's report. Learned
+    activation clipping is dropped at the end (it cannot be written): the report's
+    ``written`` objective is the layer as written, without it."""
     before = {"train": objective(layer, data, train), "heldout": objective(layer, data, held)}
     began = time.monotonic()
     steps = epochs * len(train)
@@ -149,9 +151,18 @@ def learn_layer(
                 if clips:
                     project_clip_factors(clips)
     after = {"train": objective(layer, data, train), "heldout": objective(layer, data, held)}
+    report = {"before": before, "after": after}
+    if transforms.clip_logits is not None:
+        report["activation_clip"] = {
+            site: float(torch.sigmoid(logit)) for site, logit in transforms.clip_logits.items()
+        }
+        transforms.clip_logits = None
+        report["written"] = {
+            "train": objective(layer, data, train),
+            "heldout": objective(layer, data, held),
+        }
     return {
-        "before": before,
-        "after": after,
+        **report,
         "steps": steps,
         "seconds": time.monotonic() - began,
     }

@@ -41,7 +41,11 @@ from fair_calib_llmc.stage2.learned_rotations.clipping import clip_weight
 from fair_calib_llmc.stage2.learned_rotations.rotated_linear import rotate
 from fair_calib_llmc.stage2.learned_rotations.ste import ste_quantize
 
+#: the sites of one layer whose inputs carry a learned block
+SITES = ("attn", "mlp", "down")
+
 __all__ = [
+    "SITES",
     "LayerTransforms",
     "SiteRole",
     "per_head",
@@ -71,6 +75,8 @@ class LayerTransforms(nn.Module):
     :param smooth: the sites (``attn``, ``mlp``) whose per-channel smoothing scales are
         learned (fused into the norm before them)
     :param learn_vo: learn the per-head value / output transforms
+    :param activation_clipping: learn one clipping ratio per site's activation quantizer
+        (FlatQuant's), applied while learning only (see :func:`transformed_forward`)
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class LayerTransforms(nn.Module):
         down_block: int,
         smooth: tuple[str, ...] = ("attn", "mlp"),
         learn_vo: bool = True,
+        activation_clipping: bool = False,
     ):
         super().__init__()
         self.attn = nn.Parameter(torch.eye(block))
@@ -91,11 +98,23 @@ class LayerTransforms(nn.Module):
         self.attn_log_scale = nn.Parameter(torch.zeros(hidden)) if "attn" in smooth else None
         self.mlp_log_scale = nn.Parameter(torch.zeros(hidden)) if "mlp" in smooth else None
         self.vo = nn.Parameter(torch.eye(head_dim).repeat(kv_heads, 1, 1)) if learn_vo else None
+        # sigmoid(4) = 0.98: FlatQuant's start, next to no clipping
+        self.clip_logits = (
+            nn.ParameterDict({site: nn.Parameter(torch.tensor(4.0)) for site in SITES})
+            if activation_clipping
+            else None
+        )
 
     def site(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(P, s)`` of site ``attn``, ``mlp`` or ``down`` (``s`` None: no smoothing)."""
         scale = getattr(self, f"{name}_log_scale", None)
         return getattr(self, name), (scale.exp() if scale is not None else None)
+
+    def activation_clip(self, name: str | None) -> torch.Tensor | None:
+        """The learned clipping ratio of site ``name``'s activations (None: not learned)."""
+        if self.clip_logits is None or name is None:
+            return None
+        return torch.sigmoid(self.clip_logits[name])
 
 
 @dataclass(frozen=True)
@@ -157,12 +176,21 @@ def transformed_forward(
     clip: torch.Tensor | None = None,
 ):
     """The forward of ``module`` as the transformed, fake-quantized layer computes it, in
-    float32, with gradients to the transforms (and the clipping factors ``clip``)."""
+    float32, with gradients to the transforms (and the clipping factors ``clip``).
+
+    A learned activation clipping ratio ``r`` clamps each token to ``r`` times its absolute
+    maximum before the dynamic quantizer, which then takes that as its range. No
+    compressed-tensors field carries a ratio for dynamic activations, so the written model
+    quantizes unclipped: learning with it is a diagnostic of what the ratio would buy."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x32 = transformed_input(x.float(), role, transforms)
         bias = module.bias.float() if module.bias is not None else None
         weight, bias = _weight_and_bias(module.weight.float(), bias, role, transforms)
+        ratio = transforms.activation_clip(role.reads)
+        if ratio is not None and act_args is not None:
+            bound = ratio * x32.detach().abs().amax(-1, keepdim=True)
+            x32 = torch.maximum(torch.minimum(x32, bound), -bound)
         if act_args is not None:
             x32 = ste_quantize(module, x32, act_args)
         if weight_args is not None:
