@@ -154,7 +154,8 @@ def learn_layer(
     report = {"before": before, "after": after}
     if transforms.clip_logits is not None:
         report["activation_clip"] = {
-            site: float(torch.sigmoid(logit)) for site, logit in transforms.clip_logits.items()
+            site: float(torch.sigmoid(logit.detach()))
+            for site, logit in transforms.clip_logits.items()
         }
         transforms.clip_logits = None
         report["written"] = {
