@@ -5,8 +5,10 @@ MSE; FlatQuant itself (uniform weights) is its strongest baseline. Both are this
 ``token_weights: frontier`` reads Stage I's per-token ``loss_mask``, ``uniform`` ignores it.
 
 It extends :class:`~fair_calib_llmc.stage2.learned_rotations.base.ExactSpinQuantModifier`:
-the recipe's Hadamard rotations (R1, R2 fused, R4 online) are applied first by upstream's
-code, then every decoder layer in turn (:mod:`~fair_calib_llmc.stage2.flatquant.learner`):
+the recipe's Hadamard rotations (R1, R2, fused) are applied first by upstream's code, then
+every decoder layer in turn (:mod:`~fair_calib_llmc.stage2.flatquant.learner`). The
+down-projection input gets no fixed R4: its learned block starts at a Hadamard block, so each
+linear has one online transform (what vLLM applies):
 
 1. the full-precision layer runs on the full-precision stream (the target);
 2. the layer's linears compute their transformed, fake-quantized forward with the scheme the
@@ -38,7 +40,7 @@ from compressed_tensors.utils import update_offload_parameter
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.factory import ModifierFactory
 from loguru import logger
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -64,14 +66,16 @@ from fair_calib_llmc.stage2.learned_rotations.base import (
     _frozen,
 )
 from fair_calib_llmc.stage2.learned_rotations.clipping import clip_weight, initial_clip_factors
-from fair_calib_llmc.stage2.learned_rotations.online import attach_online_transform
+from fair_calib_llmc.stage2.learned_rotations.online import (
+    attach_online_transform,
+    hadamard_start,
+)
 from fair_calib_llmc.stage2.learned_rotations.ste import learnable_linears
 
 __all__ = ["FlatQuantModifier"]
 
-#: transform group names: transformers writes a config's keys sorted and a reload attaches
-#: the groups in that order, so a learned down-projection block must sort after R4 (its
-#: input is R4's output); lower case sorts after upper case
+#: transform group name prefix: one group per layer and site (engines share one tensor per
+#: group, and vLLM wants q / k / v, and gate / up, in one apply entry of one group)
 GROUP_PREFIX = "flatquant_"
 
 
@@ -83,7 +87,7 @@ class FlatQuantModifier(ExactSpinQuantModifier):
         flat_stage:
           flat_modifiers:
             FlatQuantModifier:
-              rotations: [R1, R2, R4]
+              rotations: [R1, R2]
               transform_type: random-hadamard
               block_size: 128
               token_weights: frontier
@@ -127,6 +131,15 @@ class FlatQuantModifier(ExactSpinQuantModifier):
     _report: dict = PrivateAttr(default_factory=dict)
     #: the run's spec, handed over by fair_calib_llmc.quantize (else read off the model)
     _diffusion_spec: DiffusionLMSpec | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _no_fixed_r4(self):
+        if "R4" in self.rotations:
+            raise ValueError(
+                "FlatQuantModifier learns the down-projection input transform itself (from a "
+                "Hadamard block); drop R4 from rotations"
+            )
+        return self
 
     # --- lifecycle ------------------------------------------------------------------------
     def on_initialize(self, state: State, **kwargs) -> bool:
@@ -260,6 +273,7 @@ class FlatQuantModifier(ExactSpinQuantModifier):
             kv_heads=sites.kv_heads,
             block=self.block_size,
             down_block=self._down_block(),
+            down_start=hadamard_start(self._down_block(), self.transform_type).float(),
             smooth=tuple(site for site in sites.norms if self.smooth),
             learn_vo=self.learn_vo,
             activation_clipping=self.activation_clipping,

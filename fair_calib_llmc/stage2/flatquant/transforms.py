@@ -20,8 +20,9 @@ Where ``M`` and ``s`` act (the sites of one layer):
 
 * ``attn``: the q / k / v input (after the attention norm, smoothing on);
 * ``mlp``: the gate / up input (after the MLP norm, smoothing on);
-* ``down``: the down-projection input, behind the elementwise product, after R4 if any
-  (no norm before it: no smoothing).
+* ``down``: the down-projection input, behind the elementwise product (no norm before it:
+  no smoothing). No fused rotation reaches it, so its block starts at a Hadamard block (the
+  blocked R4 of QuaRot) rather than at the identity.
 
 While learning, every linear of the layer computes :func:`transformed_forward`, the fused
 layer's forward with the deployed fake quantization; :func:`fused_weights` writes the same
@@ -63,8 +64,9 @@ def per_head(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 
 class LayerTransforms(nn.Module):
-    """The learnable transforms of one decoder layer (all start at the identity, so step 0
-    is the rotated model the recipe's Hadamards give, quantized).
+    """The learnable transforms of one decoder layer. ``attn`` / ``mlp`` / ``vo`` start at the
+    identity (the fused R1 / R2 Hadamards already flatten those inputs) and ``down`` at
+    ``down_start``, so step 0 is the Hadamard-rotated model, quantized.
 
     :param hidden: the residual width (the q / k / v and gate / up input)
     :param intermediate: the down projection's input width
@@ -72,6 +74,7 @@ class LayerTransforms(nn.Module):
     :param kv_heads: key / value heads (one ``T`` each)
     :param block: ``b``, the repeated block of ``attn`` / ``mlp`` (divides ``hidden``)
     :param down_block: the repeated block of ``down`` (divides ``intermediate``)
+    :param down_start: the ``down`` block's start (default: the identity)
     :param smooth: the sites (``attn``, ``mlp``) whose per-channel smoothing scales are
         learned (fused into the norm before them)
     :param learn_vo: learn the per-head value / output transforms
@@ -87,6 +90,7 @@ class LayerTransforms(nn.Module):
         kv_heads: int,
         block: int,
         down_block: int,
+        down_start: torch.Tensor | None = None,
         smooth: tuple[str, ...] = ("attn", "mlp"),
         learn_vo: bool = True,
         activation_clipping: bool = False,
@@ -94,7 +98,8 @@ class LayerTransforms(nn.Module):
         super().__init__()
         self.attn = nn.Parameter(torch.eye(block))
         self.mlp = nn.Parameter(torch.eye(block))
-        self.down = nn.Parameter(torch.eye(down_block))
+        start = down_start if down_start is not None else torch.eye(down_block)
+        self.down = nn.Parameter(start.detach().to(torch.float32).clone())
         self.attn_log_scale = nn.Parameter(torch.zeros(hidden)) if "attn" in smooth else None
         self.mlp_log_scale = nn.Parameter(torch.zeros(hidden)) if "mlp" in smooth else None
         self.vo = nn.Parameter(torch.eye(head_dim).repeat(kv_heads, 1, 1)) if learn_vo else None
