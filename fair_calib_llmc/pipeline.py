@@ -42,7 +42,7 @@ from fair_calib_llmc.io.loading import load_model
 from fair_calib_llmc.io.reload import restore_decompressed
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.recipe import RecipeError, load_recipe_and_stage1
-from fair_calib_llmc.stage1.prior import PositionPrior
+from fair_calib_llmc.stage1.sources import WeightSource
 from fair_calib_llmc.stage1.states import (
     Stage1Settings,
     WeightStats,
@@ -65,7 +65,8 @@ __all__ = [
 class QuantizeResult:
     model: object
     calibration: Dataset
-    prior: PositionPrior
+    #: Stage I's weight source and its estimate (:mod:`fair_calib_llmc.stage1.sources`)
+    prior: WeightSource
     weight_stats: WeightStats
     stage1_seconds: float
     stage2_seconds: float
@@ -106,13 +107,9 @@ def stage1_settings(
             stage1 = fair.stage1
         else:
             stage1 = Stage1Settings()
-    stage1 = Stage1Settings.model_validate(
-        stage1.model_dump() if isinstance(stage1, Stage1Settings) else stage1
-    )
+    stage1 = Stage1Settings.parse(stage1)
     if prompt_length is not None:
-        stage1 = Stage1Settings.model_validate(
-            {**stage1.model_dump(), "prompt_length": prompt_length}
-        )
+        stage1 = Stage1Settings.parse({**stage1.model_dump(), "prompt_length": prompt_length})
     return stage1
 
 
@@ -285,6 +282,7 @@ def quantize(
     spec = diffusion_spec(model, tokenizer)
     check_finite_weights(model)
     stage1 = stage1_settings(recipe, stage1, recipe_level, prompt_length)
+    stage1.sampler_for(spec)  # the settings against this model, before any work
     model_dir = model_directory(model)
     with _claimed_output_dir(model, model_dir, output_dir, overwrite) as output_dir:
         fair = next((m for m in recipe.modifiers if isinstance(m, FAIRCalibModifier)), None)
