@@ -1,7 +1,8 @@
 """One call from raw text to a compressed-tensors checkpoint: :func:`quantize`.
 
-``quantize`` checks everything cheap first (recipe shape, model family, mask token, data),
-runs Stage I (teacher rollouts -> masked-stage states with frontier weights), hands the states
+``quantize`` checks everything cheap first (recipe shape, model family, mask token, Stage I
+settings against the model, data), runs Stage I (teacher rollouts -> masked-stage states, or
+clean text, with per-token weights from one source), hands the rows
 to the real ``llmcompressor.oneshot`` with ``use_loss_mask=True``, and writes the checkpoint
 atomically (:mod:`fair_calib_llmc.io.checkpoint`). The output directory is checked before Stage I,
 so a path that cannot or must not be written fails in seconds, not after calibration.

@@ -253,3 +253,36 @@ def test_too_short_texts_for_a_text_row_name_the_fix(llada, tokenizer):
     spec = diffusion_spec(llada, tokenizer)
     with pytest.raises(ValueError, match=r"a row is stage1.prompt_length \(8\) \+ the sampler"):
         build_calibration_dataset(llada, tokenizer, ["a few words"], _settings(spec))
+
+
+def test_probe_totals_are_summed_over_ranks(llada, tokenizer):
+    """``reduce`` gets the probe totals and counts: two ranks holding the same probes give
+    the one-rank vector from twice the probes."""
+    spec = diffusion_spec(llada, tokenizer)
+    sampler = default_sampler(spec, gen_length=ANSWER)
+    prompts = [torch.arange(3, 3 + PROMPT) + i for i in range(2)]
+
+    def two_equal_ranks(tensors):
+        for tensor in tensors:
+            tensor.mul_(2)
+
+    alone = estimate_position_prior(llada, sampler, prompts, PositionSettings(), spec)
+    summed = estimate_position_prior(
+        llada, sampler, prompts, PositionSettings(), spec, reduce=two_equal_ranks
+    )
+    assert (alone.probes, summed.probes) == (2, 4)
+    torch.testing.assert_close(summed.per_position, alone.per_position)
+
+
+def test_uniform_clean_text_needs_no_rollout(llada, tokenizer, calibration_texts, monkeypatch):
+    def no_rollout(*args, **kwargs):
+        raise AssertionError("a rollout ran")
+
+    monkeypatch.setattr("fair_calib_llmc.stage1.states.teacher_traces", no_rollout)
+    monkeypatch.setattr("fair_calib_llmc.stage1.states.estimate_position_prior", no_rollout)
+    spec = diffusion_spec(llada, tokenizer)
+    settings = _settings(spec, source="uniform")
+    dataset, _, _ = build_calibration_dataset(
+        llada, tokenizer, calibration_texts, settings, max_prompts=2
+    )
+    assert torch.tensor(dataset["loss_mask"]).eq(1.0).all()

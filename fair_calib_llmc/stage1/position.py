@@ -29,6 +29,15 @@ window`` positions (answer indices ``gen_length - K .. gen_length - 1``, positio
 answer always at column ``prompt_length + i``, before Dream's one-column shift) and weight 0
 elsewhere, which Stage I's joint normalisation turns into the floor ``prior.min_weight``.
 
+What shapes the vector: under a uniform random order (one block, ``block_length =
+gen_length``, or Dream ``origin``) every answer position's commit step has the same
+distribution, so ``lambda0``, whatever its schedule, adds the same expected weight to every
+position: the frontier-hit term then only dilutes the masked-stage term (and adds finite-probe
+noise), and ``early`` against ``late`` differs by noise alone. The schedule gives the vector a
+position profile only through the sampler's semi-autoregressive blocks (``block_length <
+gen_length``: a later block commits later). The masked-stage term carries the teacher's own
+profile (how confident it is at each position while it is still masked).
+
 The paper gives neither ``lambda0``'s formula, ``lambda1`` nor the floor: the defaults below
 are a starting point, to be chosen on the development seed only (never on the benchmark's
 seeds). Ablations: ``masked_weight: 0`` (the frontier-hit term only), ``commit_weight: 0`` (the

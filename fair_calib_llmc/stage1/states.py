@@ -139,7 +139,10 @@ class Stage1Settings(BaseModel):
 
 @dataclass(frozen=True)
 class WeightStats:
-    """Where Stage I put the loss mass: read this to see whether the weighting can matter."""
+    """Where Stage I put the loss mass: read this to see whether the weighting can matter.
+
+    Clean-text rows (``inputs: text``) have no frontier: the three frontier fields are 0.
+    """
 
     max_over_mean: float
     frontier_token_share: float  # fraction of tokens committed at their state's step
