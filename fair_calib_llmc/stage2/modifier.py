@@ -1,7 +1,7 @@
 """``FAIRCalibModifier``: FAIR-Calib Stage II inside llm-compressor's sequential pipeline.
 
 At W4A4 most frontier decision flips come from the 4-bit activations, not from weight rounding
-(the README's diagnosis table). Plain GPTQ cannot see them: it fits the weights to the
+(docs/results.md, the activation floor). Plain GPTQ cannot see them: it fits the weights to the
 layer's full-precision activations of the model it is quantizing. FAIR-Calib Stage II fits
 every linear layer to what the deployed model computes instead
 (:mod:`fair_calib_llmc.stage2.reconstruction`):
@@ -92,9 +92,8 @@ class FAIRCalibModifier(GPTQModifier):
         the target is the full-precision weight on the quantized model's input
     :param target_strength: how far to move towards the least-squares target ``W*``
         (0 = GPTQ on the weighted Hessian of the quantized inputs). The full step (1.0)
-        over-fits the calibration states: on both reference models it raised flips by 16-36%
-        over QuaRot + GPTQ, while 0.25 (GPTAQ's own default) lowered them (a development
-        seed, 100, kept apart from the benchmark's seeds; see the README)
+        over-fits a few hundred calibration states; 0.25 is GPTAQ's own default, chosen on a
+        development seed kept apart from the benchmark's (docs/results.md, development sweep)
     :param use_token_weights: weight tokens by the Stage I ``loss_mask``; off = uniform weights
         (the ablation that isolates what the frontier prior adds)
     :param require_token_weights: with ``use_token_weights``, refuse to run without weights
