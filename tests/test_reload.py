@@ -17,6 +17,7 @@ from fair_calib_llmc.io.checkpoint import save_atomically
 from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.default_model import load_default_model
 from fair_calib_llmc.io.reload import load_quantized, probe_logits
+from fair_calib_llmc.models.configs import LM_HEAD
 from integration.reload_exactness import (
     ReloadMismatchError,
     bake_quantized_weights,
@@ -26,7 +27,7 @@ from integration.reload_exactness import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
-IGNORE = [r"re:^model\.transformer\.ff_out$"]
+IGNORE = [LM_HEAD]
 
 
 def _rtn(scheme: str, dtype: torch.dtype):
