@@ -19,9 +19,9 @@ from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR, load_default_model
 from fair_calib_llmc.models import LLaDAModelLM
 from fair_calib_llmc.models.configs import LM_HEADS
-from integration.reload_exactness import save_and_verify
 
 from .helpers import llada_config, save_with_tokenizer
+from .reload_exactness import save_and_verify
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 

@@ -33,7 +33,7 @@ CPU (seen on an H200: every benchmark row failed with CPU/CUDA device errors).
 result is a plain module again.
 
 The checks that bake, save, reload and compare (``save_and_verify``, ``reload_logit_difference``)
-live with the tests and integration scripts that use them: ``integration/reload_exactness.py``.
+live with the tests and integration scripts that use them: ``tests/reload_exactness.py``.
 """
 
 from __future__ import annotations
