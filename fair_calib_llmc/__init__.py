@@ -49,6 +49,7 @@ _LAZY = {
     "quantize": "pipeline",
     "save_atomically": "io.checkpoint",
     "shipped_recipes": "recipe",
+    "with_overrides": "recipe",
 }
 
 

@@ -42,6 +42,7 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from fair_calib_llmc.distributed import all_reduce_sum
 from fair_calib_llmc.formats.schemes import check_scheme_name
+from fair_calib_llmc.models.configs import LM_HEADS
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.models.layers import named_decoder_layers
 from fair_calib_llmc.stage1.states import Stage1Settings
@@ -83,7 +84,6 @@ class FAIRCalibModifier(GPTQModifier):
             FAIRCalibModifier:
               scheme: W4A4_G128_PACKED
               targets: [Linear]
-              ignore: ["re:^model\\.transformer\\.ff_out$", "lm_head"]
               stage1: {prior: {frontier_weight: 4.0}, states_per_prompt: 4}
 
     :param stage1: Stage I settings (rollout sampler, prompts, prior), read by
@@ -115,6 +115,17 @@ class FAIRCalibModifier(GPTQModifier):
     _sqrt_weights: dict = PrivateAttr(default_factory=dict)
     #: the run's spec, handed over by fair_calib_llmc.quantize (else read off the model)
     _diffusion_spec: DiffusionLMSpec | None = PrivateAttr(default=None)
+
+    #: validated even when a recipe leaves it out, so the heads are always added
+    ignore: list[str] = Field(default_factory=list, validate_default=True)
+
+    @field_validator("ignore", mode="after")
+    @classmethod
+    def _lm_heads_stay_unquantized(cls, value: list[str]) -> list[str]:
+        """Both families' LM heads join ``ignore``, as the recipe loader adds them for every
+        quantizer: recipes do not spell a family's head, and this modifier keeps it in full
+        precision under plain ``oneshot`` too."""
+        return [*value, *(head for head in LM_HEADS if head not in value)]
 
     @field_validator("scheme", mode="before")
     @classmethod
