@@ -50,6 +50,7 @@ _LAZY = {
     "quantize": "pipeline",
     "save_atomically": "io.checkpoint",
     "shipped_recipes": "recipe",
+    "with_overrides": "recipe",
 }
 
 

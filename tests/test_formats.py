@@ -83,7 +83,6 @@ gptq_stage:
     GPTQModifier:
       scheme: W4A4_G128_PACKED
       targets: [Linear]
-      ignore: ["lm_head", "re:^model\\\\.transformer\\\\.ff_out$"]
 """
 
 

@@ -78,7 +78,8 @@ def run_demo(args: Namespace) -> None:
 
 
 def run_quantize(args: Namespace) -> None:
-    recipe = load_recipe(args.recipe, scheme=args.scheme)  # a bad recipe or scheme fails first
+    # a bad recipe, scheme or --set fails first
+    recipe = load_recipe(args.recipe, scheme=args.scheme, overrides=dict(args.overrides))
     texts = (
         load_texts(args.dataset, args.text_column) if args.dataset else shipped_texts("calibration")
     )

@@ -24,8 +24,8 @@ ignored.
   decisions was (the margin at the step it was written), so the weight lands on this state's
   actual frontier;
 * ``"table"``: the ``(position, stage)`` averages above, the same for every state of a stage.
-  Averaging over all steps of a stage and all rollouts spreads the weight thinly: measured on
-  the built-in model, the committed token was the top-weighted one in only 16% of states;
+  Averaging over all steps of a stage and all rollouts spreads the weight thinly, so the
+  committed token is often not the top-weighted one of its state (docs/results.md);
 * ``"sensitivity"``: the state's frontier decisions (weighted as in ``"state"``) are traced
   back to the hidden states that make them, with one teacher backward pass
   (:mod:`fair_calib_llmc.stage1.sensitivity`): a token weighs

@@ -4,7 +4,7 @@
 full-precision model computes what the original computes. Upstream always mean-centres the
 embedding rows before it rotates, which keeps the function only under LayerNorm (which
 subtracts the mean anyway); LLaDA and Dream use RMSNorm, where centring changes every hidden
-state (the built-in model's fp32 logits moved by up to 1.3). Here the embeddings are centred
+state (and the logits with it). Here the embeddings are centred
 only when a fused norm is a LayerNorm.
 
 ``LearnedSpinQuantModifier`` learns R1 (the residual stream) and a per-layer R2 (each head's

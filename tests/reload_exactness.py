@@ -1,6 +1,7 @@
-"""Reload exactness checks used by the tests and ``integration/check_reload.py`` (not part of
-the package: a user's checkpoint is saved by :func:`fair_calib_llmc.io.checkpoint.save_atomically`
-and loaded by :func:`fair_calib_llmc.io.reload.load_quantized`).
+"""Reload exactness checks used by the tests and ``integration/check_reload.py``; not part of
+the package, so they live with the tests (a user's checkpoint is saved by
+:func:`fair_calib_llmc.io.checkpoint.save_atomically` and loaded by
+:func:`fair_calib_llmc.io.reload.load_quantized`).
 
 :func:`bake_quantized_weights` writes the fp32 fake-quantized weights into the model once
 (:mod:`fair_calib_llmc.io.reload`, cause 1); :func:`save_and_verify` does bake -> save ->
