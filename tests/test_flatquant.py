@@ -24,8 +24,6 @@ from .helpers import saved
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LM_HEADS = '["lm_head", "re:^model\\\\.transformer\\\\.ff_out$"]'
-
 
 def _probe(model) -> torch.Tensor:
     x = torch.arange(3, 40)[None] % model.config.vocab_size
@@ -66,7 +64,6 @@ quant_stage:
     GPTQModifier:
       scheme: W4A4_G128_PACKED
       targets: [Linear]
-      ignore: {LM_HEADS}
 """
 
 
