@@ -57,9 +57,9 @@ def build(tokenizer, layers: int, config_dir: Path) -> LLaDAModelLM:
 
 
 def _learning_cost(modifiers) -> dict:
-    """The learned-rotation modifier's seconds: all of its work, and the optimiser's steps
-    alone, which is the part that grows with `steps` (a run with fewer steps than a recipe's
-    gives its per-step cost)."""
+    """A learning modifier's seconds: all of its work, and (learned rotations) the optimiser's
+    steps alone, which is the part that grows with `steps` (a run with fewer steps than a
+    recipe's gives its per-step cost); a FlatQuant-class learner reports its seconds only."""
     report = next((m.learning_report for m in modifiers if hasattr(m, "learning_report")), {})
     return {
         "learning_seconds": report.get("seconds"),
@@ -129,14 +129,15 @@ def main(argv=None) -> None:
     ]
     for r in rows:
         learned = r["learning_seconds"] is not None
+        stepped = learned and r["learning_steps"] and r["optimise_seconds"] is not None
         lines.append(
             f"| {r['method']} | {r['seconds']:.0f} | {r['stage1_seconds']:.1f} | "
             f"{r['stage2_seconds']:.0f} | "
+            + (f"{r['learning_seconds']:.0f} | " if learned else "- | ")
             + (
-                f"{r['learning_seconds']:.0f} | {r['learning_steps']} | "
-                f"{r['optimise_seconds'] / r['learning_steps']:.2f} | "
-                if learned
-                else "- | - | - | "
+                f"{r['learning_steps']} | {r['optimise_seconds'] / r['learning_steps']:.2f} | "
+                if stepped
+                else "- | - | "
             )
             + f"{r['model_gib']:.1f} | {r['peak_gpu_gib']:.1f} | {r['resident_gib_before']:.2f} |"
         )

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 def _results(path, flips: dict[str, list[float]], extra_rows=()):
     rows = [{"name": "fp (bfloat16)", "seed": None, "frontier_flip_rate": 0.0}]
     rows += [
-        {"name": name, "seed": seed, "frontier_flip_rate": value}
+        {"name": name, "seed": seed, "frontier_flip_rate": value, "kl_frontier": value / 2}
         for name, values in flips.items()
         for seed, value in enumerate(values)
     ]
@@ -42,6 +42,9 @@ def test_the_best_baseline_is_the_lowest_measured_and_pairs_are_per_seed(tmp_pat
     assert "**gptq**" in text
     assert "| fair | -0.0500 | 0.0500 | -0.1000, +0.0000 | 0.762 |" in text
     assert "| fair / uniform | 0.800 | 0.500, 1.100 | -0.1000, +0.0200 |" in text
+    # frontier KL first (the primary metric), flips beside it
+    kl_pair = "| fair / uniform | 0.800 | 0.500, 1.100 | -0.0500, +0.0100 |"
+    assert kl_pair in text and text.index("(kl_frontier)") < text.index("(frontier_flip_rate)")
     assert "- rtn-x: 0.5000" in text  # an inexact reload is listed, never the reference
 
 
