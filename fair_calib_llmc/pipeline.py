@@ -55,6 +55,7 @@ __all__ = [
     "quantize",
     "QuantizeResult",
     "refuse_quantized_model",
+    "kept_dtype",
     "restore_model_dtype",
     "session_released",
     "stage1_settings",
@@ -175,30 +176,45 @@ def session_released(recipe: Recipe) -> Iterator[None]:
         active_session().lifecycle.recipe = Recipe.create_instance(recipe.yaml())
 
 
+def kept_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``module``'s own floating tensors keep after :func:`quantize`: an online
+    transform's (SpinQuant / QuIP R3, R4: a compressed-tensors transform module applied at run
+    time) is its scheme's ``precision`` (float64 unless the recipe says otherwise, and so it is
+    saved); every other tensor's is the model's ``dtype``."""
+    args, scheme = getattr(module, "args", None), getattr(module, "scheme", None)
+    is_online = getattr(args, "is_online", None)
+    if scheme is not None and callable(is_online) and is_online():
+        return scheme.precision
+    return dtype
+
+
 @torch.no_grad()
 def restore_model_dtype(model, dtype: torch.dtype) -> int:
-    """Cast back the floating parameters and buffers ``oneshot`` left in another dtype.
+    """Give every floating parameter and buffer ``oneshot`` left in another dtype the one it
+    keeps (:func:`kept_dtype`): the model's ``dtype``, or an online transform's precision.
 
-    auto-round optimises in bfloat16 and leaves the weights, norms, scales and the online
-    Hadamards of a float32 model in bfloat16: its forward then fails (``float !=
-    BFloat16``); only the compressed save hid it. Tensors already in ``dtype``, integer ones
-    (zero points, packed weights) and wider floating ones (SpinQuant's float64 online
-    Hadamards, kept for precision) stay. Each tensor is replaced through its module's
-    (offload) dict, as compressed-tensors' update would copy into the old dtype; a tensor
-    shared by several modules stays shared. Returns the tensors cast.
+    auto-round optimises in bfloat16 where the CPU or GPU has it (its ``amp``) and casts the
+    whole model, online Hadamards included: a float32 model's forward then fails (``float !=
+    BFloat16``), and the transforms came back float32 on such a machine but float64 on one
+    without bfloat16. Casting a Hadamard (entries +-1) back to float64 is exact. Wider
+    floating tensors that are not transforms stay; integer ones (zero points, packed weights)
+    are never touched. Each tensor is replaced through its module's (offload) dict, as
+    compressed-tensors' update would copy into the old dtype; a tensor shared by several
+    modules stays shared. Returns the tensors cast.
     """
-    bits = torch.finfo(dtype).bits
     cast: dict[int, torch.Tensor] = {}
     for module in model.modules():
+        target = kept_dtype(module, dtype)
+        bits = torch.finfo(target).bits
         for tensors in (module._parameters, module._buffers):
             for name in list(tensors):
                 tensor = tensors[name]
-                if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+                if tensor is None or not tensor.is_floating_point() or tensor.dtype == target:
                     continue
-                if torch.finfo(tensor.dtype).bits > bits:
+                if target == dtype and torch.finfo(tensor.dtype).bits > bits:
                     continue
                 if id(tensor) not in cast:
-                    data = tensor.data.to(dtype)
+                    data = tensor.data.to(target)
                     cast[id(tensor)] = (
                         torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
                         if isinstance(tensor, torch.nn.Parameter)
