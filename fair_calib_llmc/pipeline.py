@@ -27,6 +27,7 @@ from llmcompressor import oneshot
 from llmcompressor.core import active_session, reset_session
 from llmcompressor.recipe import Recipe
 from loguru import logger
+from pydantic import ValidationError
 
 from fair_calib_llmc.distributed import on_source_rank
 from fair_calib_llmc.fx_registry_leak import release_traced_model
@@ -107,14 +108,22 @@ def stage1_settings(
             stage1 = fair.stage1
         else:
             stage1 = Stage1Settings()
-    stage1 = Stage1Settings.model_validate(
-        stage1.model_dump() if isinstance(stage1, Stage1Settings) else stage1
-    )
-    if prompt_length is not None:
-        stage1 = Stage1Settings.model_validate(
-            {**stage1.model_dump(), "prompt_length": prompt_length}
+    fields = stage1.model_dump() if isinstance(stage1, Stage1Settings) else stage1
+    if not isinstance(fields, dict):
+        raise RecipeError(
+            f"stage1 must be Stage1Settings or a mapping of its fields, got {type(fields).__name__}"
         )
-    return stage1
+    if prompt_length is not None:
+        fields = {**fields, "prompt_length": prompt_length}
+    try:
+        return Stage1Settings.model_validate(fields)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'stage1'}: {e['msg']}" for e in err.errors()
+        )
+        raise RecipeError(
+            f"Stage I settings: {problems} (fields: {', '.join(Stage1Settings.model_fields)})"
+        ) from None
 
 
 @contextmanager
@@ -248,6 +257,21 @@ def _claimed_output_dir(model, model_dir, output_dir, overwrite) -> Iterator[Pat
         )
 
 
+def _check_arguments(model, *, seed, batch_size) -> None:
+    """One line for arguments that would otherwise fail deep inside a run (``model=None`` an
+    AttributeError, ``seed='x'`` a torch error, ``batch_size=0`` after Stage I)."""
+    if model is None or not (isinstance(model, (str, os.PathLike, torch.nn.Module))):
+        raise TypeError(
+            f"quantize() needs a model (a LLaDA / Dream torch module, or its checkpoint "
+            f"directory), got {type(model).__name__}"
+        )
+    for name, value in (("seed", seed), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+
+
 def quantize(
     model,
     tokenizer,
@@ -284,6 +308,7 @@ def quantize(
         ``W4A4_G128_AG128_PACKED``; see :func:`fair_calib_llmc.recipe.with_scheme`)
     """
     check_prompt_count(max_prompts)
+    _check_arguments(model, seed=seed, batch_size=batch_size)
     recipe, recipe_level = load_recipe_and_stage1(recipe, scheme=scheme)
     if isinstance(model, (str, os.PathLike)):
         if output_dir is not None:  # before loading, which takes minutes at 8B size

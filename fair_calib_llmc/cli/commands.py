@@ -21,8 +21,8 @@ from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.data import load_texts
 from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR
 from fair_calib_llmc.io.loading import load_model, resolve_device, resolve_dtype
-from fair_calib_llmc.pipeline import quantize
-from fair_calib_llmc.recipe import load_recipe
+from fair_calib_llmc.pipeline import quantize, stage1_settings
+from fair_calib_llmc.recipe import load_recipe_and_stage1
 
 __all__ = ["configure_logging", "run_demo", "run_quantize"]
 
@@ -72,13 +72,17 @@ def run_demo(args: Namespace) -> None:
         args.out,
         settings,
         overwrite=args.overwrite,
+        model_dir=model_path,
     )
     print((Path(args.out) / "results.md").read_text())
     print(f"checkpoints, results.json, results.md and flips.png are in {args.out}")
 
 
 def run_quantize(args: Namespace) -> None:
-    recipe = load_recipe(args.recipe, scheme=args.scheme)  # a bad recipe or scheme fails first
+    # a bad recipe, scheme or Stage I setting fails first; quantize() then reads the recipe
+    # itself (as from Python), so its top-level stage1: is honoured the same way
+    recipe, recipe_level = load_recipe_and_stage1(args.recipe, scheme=args.scheme)
+    stage1_settings(recipe, None, recipe_level, args.prompt_length)
     texts = (
         load_texts(args.dataset, args.text_column) if args.dataset else shipped_texts("calibration")
     )
@@ -98,8 +102,9 @@ def run_quantize(args: Namespace) -> None:
         result = quantize(
             model,
             tokenizer,
-            recipe,
+            args.recipe,
             texts,
+            scheme=args.scheme,
             output_dir=args.output_dir,
             overwrite=args.overwrite,
             max_prompts=args.max_prompts,
