@@ -22,6 +22,8 @@ METHODS = (
     "spinquant-learned+gptq, fair-calib-learned"
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: intra-op CPU threads of every command (0: torch's default); see commands.set_threads
+THREADS_ENV = "FAIR_CALIB_LLMC_THREADS"
 
 
 def positive_int(text: str) -> int:
@@ -236,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         from fair_calib_llmc.cli import commands
 
         commands.configure_logging(verbose=args.verbose)
+        commands.set_threads(os.environ.get(THREADS_ENV))
         _command(args)(args)
     except KeyboardInterrupt:
         print("fair-calib-llmc: interrupted", file=sys.stderr)

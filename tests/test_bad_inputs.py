@@ -230,3 +230,24 @@ def test_a_missing_recipe_fails_before_the_heavy_imports(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# --- item 8: the commands' CPU threads --------------------------------------------------------
+
+
+def test_the_commands_run_one_thread_on_a_small_machine_unless_told(monkeypatch):
+    from fair_calib_llmc.cli.commands import set_threads
+
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setattr("os.cpu_count", lambda: 2)
+        assert set_threads(None) == 1
+        assert set_threads("3") == 3
+        for bad in ("x", "-1"):
+            with pytest.raises(ValueError, match="FAIR_CALIB_LLMC_THREADS"):
+                set_threads(bad)
+        torch.set_num_threads(5)
+        monkeypatch.setattr("os.cpu_count", lambda: 64)
+        assert set_threads(None) == 5  # torch's own setting stays on a larger machine
+    finally:
+        torch.set_num_threads(threads)
