@@ -252,7 +252,9 @@ def save_atomically(
         output_dir,
         model_dir=model_dir,
         overwrite=overwrite,
-        expected_bytes=expected_checkpoint_bytes(model),
+        expected_bytes=(
+            expected_checkpoint_bytes(model) if isinstance(model, torch.nn.Module) else None
+        ),
     )
     with output_lock(target):
         try:
