@@ -37,6 +37,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def recipe_override(text: str) -> tuple[str, object]:
+    """An argparse type for ``--set Modifier.field=value``: the value is read as YAML (``3``,
+    ``true``, ``[R1, R2]``, ``table``), as a recipe file would hold it."""
+    import yaml
+
+    path, sep, raw = text.partition("=")
+    if not sep or "." not in path:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not Modifier.field=value (e.g. FAIRCalibModifier.target_strength=0.5)"
+        )
+    try:
+        return path.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML") from None
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends ``(default: X)`` to an option's help, except where the help already names its
     default or there is none to show (``None``, a flag's ``False``)."""
@@ -120,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the recipe's quantization scheme: a compressed-tensors preset such as "
         "NVFP4, MXFP4, W4A4_G128_PACKED (int4 per-token activations), W4A4_G128_AG128_PACKED "
         "or W4A4_G128_AG32_PACKED (int4 per-group activations)",
+    )
+    quant.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="MODIFIER.FIELD=VALUE",
+        type=recipe_override,
+        action="append",
+        default=[],
+        help="set one field of the recipe's modifiers (repeatable), e.g. "
+        "LearnedSpinQuantModifier.steps=50; an unknown modifier or field fails at once",
     )
     quant.add_argument(
         "--dataset",

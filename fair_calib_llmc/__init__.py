@@ -7,9 +7,9 @@ Importing the package registers, with no further call (:mod:`fair_calib_llmc.reg
   compressed-tensors checkpoint is loaded (:mod:`fair_calib_llmc.formats.transform_loading`);
 * the ``dllm`` model with lm-evaluation-harness, when it is installed (``[eval]`` extra);
 * once llm-compressor is imported (by this package or by the caller, before or after):
-  ``FAIRCalibModifier``, ``ExactSpinQuantModifier``, ``LearnedSpinQuantModifier`` and
-  ``EquivalentRescaleModifier`` with ``ModifierFactory`` (so recipes can name them) and the
-  LLaDA / Dream layer mappings with ``SpinQuantModifier``.
+  ``FAIRCalibModifier``, ``ExactSpinQuantModifier``, ``LearnedSpinQuantModifier``,
+  ``FlatQuantModifier`` and ``EquivalentRescaleModifier`` with ``ModifierFactory`` (so
+  recipes can name them) and the LLaDA / Dream layer mappings with ``SpinQuantModifier``.
 
 Loading a checkpoint therefore does not import llm-compressor. The public names below are
 imported from their modules on first use (module ``__getattr__``), so ``import
@@ -37,6 +37,7 @@ _LAZY = {
     "EquivalentRescaleModifier": "stage2.equivalent_modifier",
     "ExactSpinQuantModifier": "stage2.learned_rotations",
     "FAIRCalibModifier": "stage2.modifier",
+    "FlatQuantModifier": "stage2.flatquant",
     "LLaDASampler": "sampling.samplers",
     "LearnedSpinQuantModifier": "stage2.learned_rotations",
     "PriorSettings": "stage1.prior",
@@ -49,6 +50,7 @@ _LAZY = {
     "quantize": "pipeline",
     "save_atomically": "io.checkpoint",
     "shipped_recipes": "recipe",
+    "with_overrides": "recipe",
 }
 
 

@@ -23,8 +23,9 @@ def release_traced_model(model) -> None:
     module's globals with ``self`` set to the model and registers the rewritten helpers with
     ``torch.fx.wrap``; the traced subgraphs register them again from their own generated code.
     ``torch.fx`` keeps every registering namespace in a process-wide dict forever, so every
-    model traced by ``oneshot`` stays in (GPU) memory until the process ends (15 GiB per run
-    at 8B size). The tracing is over when ``oneshot`` returns, so this model's entries go.
+    model traced by ``oneshot`` stays in (GPU) memory until the process ends (a whole model
+    per run; docs/results.md, cost at 8B size). The tracing is over when ``oneshot`` returns,
+    so this model's entries go.
     """
     modules = {id(m) for m in model.modules()}
 

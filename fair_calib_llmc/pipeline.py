@@ -1,7 +1,8 @@
 """One call from raw text to a compressed-tensors checkpoint: :func:`quantize`.
 
-``quantize`` checks everything cheap first (recipe shape, model family, mask token, data),
-runs Stage I (teacher rollouts -> masked-stage states with frontier weights), hands the states
+``quantize`` checks everything cheap first (recipe shape, model family, mask token, Stage I
+settings against the model, data), runs Stage I (teacher rollouts -> masked-stage states, or
+clean text, with per-token weights from one source), hands the rows
 to the real ``llmcompressor.oneshot`` with ``use_loss_mask=True``, and writes the checkpoint
 atomically (:mod:`fair_calib_llmc.io.checkpoint`). The output directory is checked before Stage I,
 so a path that cannot or must not be written fails in seconds, not after calibration.
@@ -27,7 +28,6 @@ from llmcompressor import oneshot
 from llmcompressor.core import active_session, reset_session
 from llmcompressor.recipe import Recipe
 from loguru import logger
-from pydantic import ValidationError
 
 from fair_calib_llmc.distributed import on_source_rank
 from fair_calib_llmc.fx_registry_leak import release_traced_model
@@ -43,7 +43,7 @@ from fair_calib_llmc.io.loading import load_model
 from fair_calib_llmc.io.reload import restore_decompressed
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.recipe import RecipeError, load_recipe_and_stage1
-from fair_calib_llmc.stage1.prior import PositionPrior
+from fair_calib_llmc.stage1.sources import WeightSource
 from fair_calib_llmc.stage1.states import (
     Stage1Settings,
     WeightStats,
@@ -67,7 +67,8 @@ __all__ = [
 class QuantizeResult:
     model: object
     calibration: Dataset
-    prior: PositionPrior
+    #: Stage I's weight source and its estimate (:mod:`fair_calib_llmc.stage1.sources`)
+    prior: WeightSource
     weight_stats: WeightStats
     stage1_seconds: float
     stage2_seconds: float
@@ -108,22 +109,10 @@ def stage1_settings(
             stage1 = fair.stage1
         else:
             stage1 = Stage1Settings()
-    fields = stage1.model_dump() if isinstance(stage1, Stage1Settings) else stage1
-    if not isinstance(fields, dict):
-        raise RecipeError(
-            f"stage1 must be Stage1Settings or a mapping of its fields, got {type(fields).__name__}"
-        )
+    stage1 = Stage1Settings.parse(stage1)
     if prompt_length is not None:
-        fields = {**fields, "prompt_length": prompt_length}
-    try:
-        return Stage1Settings.model_validate(fields)
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'stage1'}: {e['msg']}" for e in err.errors()
-        )
-        raise RecipeError(
-            f"Stage I settings: {problems} (fields: {', '.join(Stage1Settings.model_fields)})"
-        ) from None
+        stage1 = Stage1Settings.parse({**stage1.model_dump(), "prompt_length": prompt_length})
+    return stage1
 
 
 @contextmanager
@@ -326,6 +315,7 @@ def quantize(
     spec = diffusion_spec(model, tokenizer)
     check_finite_weights(model)
     stage1 = stage1_settings(recipe, stage1, recipe_level, prompt_length)
+    stage1.sampler_for(spec)  # the settings against this model, before any work
     model_dir = model_directory(model)
     with _claimed_output_dir(model, model_dir, output_dir, overwrite) as output_dir:
         fair = next((m for m in recipe.modifiers if isinstance(m, FAIRCalibModifier)), None)

@@ -9,13 +9,20 @@ wheel.
 system: text has a line break or a ``key: value`` colon, a path ends in ``.yaml`` / ``.yml``
 or names a directory, anything else is a shipped recipe's name. Errors name the file (and line)
 they come from, on one line.
+
+Two rewrites run on every recipe this module loads, so recipes and callers need not spell
+them: :func:`with_lm_heads` leaves the LM heads of every model family unquantized (recipes do
+not name a family's head), and :func:`with_overrides` sets any modifier field by
+``"Modifier.field"`` (``--set`` on the command line, ``--scheme`` through :func:`with_scheme`).
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import sys
+from collections.abc import Mapping
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +36,8 @@ if TYPE_CHECKING:
 # missing or unreadable recipe, and scripts that only write recipes, fail or finish in a
 # fraction of a second instead of after seconds of imports.
 
+from fair_calib_llmc.models.configs import LM_HEADS
+
 __all__ = [
     "RecipeError",
     "check_recipe_shape",
@@ -36,6 +45,8 @@ __all__ = [
     "load_recipe_and_stage1",
     "read_recipe",
     "shipped_recipes",
+    "with_lm_heads",
+    "with_overrides",
     "with_scheme",
 ]
 
@@ -145,11 +156,83 @@ def check_recipe_shape(recipe: dict, source: str = "the recipe") -> None:
         raise RecipeError(f"{source}: the recipe declares no modifier; use the shape {_SHAPE}")
 
 
+def _modifiers(data: dict):
+    """``(class name, fields)`` of every modifier of a shape-checked recipe mapping."""
+    for stage_key, stage in data.items():
+        if stage_key in ("args", STAGE1_KEY) or not isinstance(stage, dict):
+            continue
+        for group in stage.values():
+            yield from group.items()
+
+
+def _modifier_fields(name: str) -> set[str] | None:
+    """The fields llm-compressor accepts for modifier class ``name`` (ours included), or
+    ``None`` where the class is unknown here (llm-compressor then rejects it itself)."""
+    from llmcompressor.modifiers import ModifierFactory
+
+    if not ModifierFactory._loaded:  # as llm-compressor's own Recipe.create_instance does
+        ModifierFactory.refresh()
+    for registry in (
+        ModifierFactory._registered_registry,
+        ModifierFactory._main_registry,
+        ModifierFactory._experimental_registry,
+    ):
+        if name in registry:
+            return set(registry[name].model_fields)
+    return None
+
+
+def with_overrides(
+    recipe: dict | str | os.PathLike, overrides: Mapping[str, object], source: str | None = None
+) -> dict:
+    """A copy of ``recipe`` (a parsed mapping, or a shipped name, path or YAML text) with
+    fields set by ``{"Modifier.field": value}``: the one way to vary a recipe, for ablation
+    rows, tests and ``--set``. ``Modifier`` is a modifier class in the recipe (every modifier
+    of that class is changed); ``field`` is one of that class's fields, set even where the
+    recipe leaves it at its default; a dotted tail (``FAIRCalibModifier.stage1.prior.source``)
+    reaches into a mapping field. An unknown modifier or field fails here, listing the valid
+    names, so a typo cannot silently leave the recipe unchanged."""
+    if isinstance(recipe, dict):
+        data, source = copy.deepcopy(recipe), source or "the recipe"
+    else:
+        data, source = _parse(recipe)
+    check_recipe_shape(data, source)
+    for path, value in overrides.items():
+        name, _, field_path = str(path).partition(".")
+        targets = [fields for modifier, fields in _modifiers(data) if modifier == name]
+        if not targets:
+            present = sorted({modifier for modifier, _ in _modifiers(data)})
+            raise RecipeError(
+                f"{source}: override {path!r}: no modifier {name!r} in the recipe; "
+                f"use one of {', '.join(present)}"
+            )
+        if not field_path:
+            raise RecipeError(f"{source}: override {path!r} names no field; write {name}.FIELD")
+        keys = field_path.split(".")
+        valid = _modifier_fields(name)
+        if valid is not None and keys[0] not in valid:
+            raise RecipeError(
+                f"{source}: override {path!r}: {name} has no field {keys[0]!r}; "
+                f"valid fields: {', '.join(sorted(valid))}"
+            )
+        for fields in targets:
+            node = fields
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+                if not isinstance(node, dict):
+                    raise RecipeError(
+                        f"{source}: override {path!r}: {key!r} is not a mapping in the recipe"
+                    )
+            node[keys[-1]] = copy.deepcopy(value)
+    return data
+
+
 def with_scheme(data: dict, scheme: str, source: str = "the recipe") -> dict:
     """``data`` (a parsed recipe) with every quantizing modifier's ``scheme`` set to
     ``scheme``, a compressed-tensors preset name (ours included): one recipe serves every
-    format. A modifier that spells out ``config_groups`` cannot be re-schemed, and a recipe
-    without any ``scheme`` field has nothing to change; both fail here, before any work."""
+    format; :func:`with_overrides` of every modifier's ``scheme``. A modifier that spells out
+    ``config_groups`` cannot be re-schemed, and a recipe without any ``scheme`` field has
+    nothing to change; both fail here, before any work."""
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
     import fair_calib_llmc.formats.schemes  # noqa: F401 - registers our presets
@@ -157,44 +240,39 @@ def with_scheme(data: dict, scheme: str, source: str = "the recipe") -> dict:
     name = scheme.upper()
     if name not in PRESET_SCHEMES:
         raise RecipeError(f"unknown scheme {scheme!r}; use one of {', '.join(PRESET_SCHEMES)}")
-    changed = []
-    for stage_key, stage in data.items():
-        if stage_key == "args":
-            continue
-        for group in stage.values():
-            for modifier, fields in group.items():
-                if "config_groups" in fields:
-                    raise RecipeError(
-                        f"{source}: {modifier} spells out config_groups, so --scheme cannot "
-                        "replace its scheme; edit the recipe or use one with a scheme: field"
-                    )
-                if "scheme" in fields:
-                    fields["scheme"] = name
-                    changed.append(modifier)
+    changed = {}
+    for modifier, fields in _modifiers(data):
+        if "config_groups" in fields:
+            raise RecipeError(
+                f"{source}: {modifier} spells out config_groups, so --scheme cannot "
+                "replace its scheme; edit the recipe or use one with a scheme: field"
+            )
+        if "scheme" in fields:
+            changed[f"{modifier}.scheme"] = name
     if not changed:
         raise RecipeError(f"{source}: no modifier has a scheme: field for --scheme {name} to set")
+    return with_overrides(data, changed, source)
+
+
+def with_lm_heads(data: dict) -> dict:
+    """``data`` with every model family's LM head (:data:`~fair_calib_llmc.models.configs.LM_HEADS`)
+    added to the ``ignore`` of every modifier that has one (the quantizers, QuIP's block
+    rotations): a W4A4 recipe leaves the head in full precision, and since LLaDA's head shares
+    its leaf name with every down projection, a recipe spelling it per family would be easy to
+    get wrong. Names already listed are kept once."""
+    data = copy.deepcopy(data)
+    for modifier, fields in _modifiers(data):
+        valid = _modifier_fields(modifier)
+        if valid is None or "ignore" not in valid:
+            continue
+        ignore = fields.get("ignore", [])
+        ignore = [ignore] if isinstance(ignore, str) else list(ignore)
+        fields["ignore"] = ignore + [head for head in LM_HEADS if head not in ignore]
     return data
 
 
-def load_recipe(recipe: str | os.PathLike | Recipe, scheme: str | None = None) -> Recipe:
-    """Parse a shipped name, a file or YAML text into an llmcompressor ``Recipe``, after
-    :func:`check_recipe_shape`; every error names the source. ``scheme`` replaces the
-    quantization scheme of every quantizing modifier (:func:`with_scheme`)."""
-    return load_recipe_and_stage1(recipe, scheme)[0]
-
-
-def load_recipe_and_stage1(
-    recipe: str | os.PathLike | Recipe, scheme: str | None = None
-) -> tuple[Recipe, dict | None]:
-    """:func:`load_recipe`, and the recipe's top-level ``stage1:`` mapping (Stage I settings
-    any recipe may carry, read by :func:`fair_calib_llmc.quantize`, not by llm-compressor),
-    from one read of the recipe; ``None`` where none is set or ``recipe`` is a parsed
-    ``Recipe`` (which holds only modifiers)."""
-    parsed = sys.modules.get("llmcompressor.recipe")  # a Recipe object exists only after it
-    if parsed is not None and isinstance(recipe, parsed.Recipe):
-        if scheme is not None:
-            raise RecipeError("scheme= needs a recipe name, path or text, not a Recipe object")
-        return recipe, None
+def _parse(recipe: str | os.PathLike) -> tuple[dict, str]:
+    """The parsed mapping and source of a shipped name, file or YAML text, shape-checked."""
     text, source = read_recipe(recipe)
     try:
         data = yaml.safe_load(text)
@@ -204,11 +282,51 @@ def load_recipe_and_stage1(
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise RecipeError(f"{source}{where}: invalid YAML: {problem}") from None
     check_recipe_shape(data, source)
+    return data, source
+
+
+def load_recipe(
+    recipe: str | os.PathLike | dict | Recipe,
+    scheme: str | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Recipe:
+    """Parse a shipped name, a file, YAML text or a parsed mapping into an llmcompressor
+    ``Recipe``, after :func:`check_recipe_shape`; every error names the source. ``scheme``
+    replaces the quantization scheme of every quantizing modifier (:func:`with_scheme`),
+    ``overrides`` sets fields (:func:`with_overrides`), and the LM heads are left unquantized
+    (:func:`with_lm_heads`)."""
+    return load_recipe_and_stage1(recipe, scheme, overrides)[0]
+
+
+def load_recipe_and_stage1(
+    recipe: str | os.PathLike | dict | Recipe,
+    scheme: str | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> tuple[Recipe, dict | None]:
+    """:func:`load_recipe`, and the recipe's top-level ``stage1:`` mapping (Stage I settings
+    any recipe may carry, read by :func:`fair_calib_llmc.quantize`, not by llm-compressor),
+    from one read of the recipe; ``None`` where none is set or ``recipe`` is a parsed
+    ``Recipe`` (which holds only modifiers, taken as they are)."""
+    parsed = sys.modules.get("llmcompressor.recipe")  # a Recipe object exists only after it
+    if parsed is not None and isinstance(recipe, parsed.Recipe):
+        if scheme is not None or overrides:
+            raise RecipeError(
+                "scheme= and overrides= need a recipe name, path, text or mapping, not a "
+                "Recipe object"
+            )
+        return recipe, None
+    if isinstance(recipe, dict):
+        data, source = copy.deepcopy(recipe), "<recipe mapping>"
+        check_recipe_shape(data, source)
+    else:
+        data, source = _parse(recipe)
     stage1 = data.get(STAGE1_KEY)
-    if scheme is not None or stage1 is not None:
-        data = {k: v for k, v in data.items() if k != STAGE1_KEY}  # not llm-compressor's
-        data = with_scheme(data, scheme, source) if scheme is not None else data
-        text = yaml.safe_dump(data, sort_keys=False)
+    data = {k: v for k, v in data.items() if k != STAGE1_KEY}  # not llm-compressor's
+    if overrides:
+        data = with_overrides(data, overrides, source)
+    if scheme is not None:
+        data = with_scheme(data, scheme, source)
+    text = yaml.safe_dump(with_lm_heads(data), sort_keys=False)
     from llmcompressor.recipe import Recipe
     from pydantic import ValidationError
 

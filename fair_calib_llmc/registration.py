@@ -137,14 +137,15 @@ def _quiet_device_warning(_logger_module) -> None:
 
 def _register_llmcompressor(_llmcompressor) -> None:
     """After llm-compressor imported: register ``FAIRCalibModifier``, the rotation modifiers,
-    ``EquivalentRescaleModifier`` and the SpinQuant mappings, then restore llm-compressor's
-    logging as it configured it."""
+    ``FlatQuantModifier``, ``EquivalentRescaleModifier`` and the SpinQuant mappings, then
+    restore llm-compressor's logging as it configured it."""
     try:
         # by module, not by name: fair_calib_llmc.stage2.modifier may itself be importing
         # llmcompressor. These import SpinQuant, which asks for the device too: still muted.
         importlib.import_module("fair_calib_llmc.stage2.modifier")
         importlib.import_module("fair_calib_llmc.stage2.rotations")
         importlib.import_module("fair_calib_llmc.stage2.learned_rotations")
+        importlib.import_module("fair_calib_llmc.stage2.flatquant")
         importlib.import_module("fair_calib_llmc.stage2.equivalent_modifier")
     finally:
         config = sys.modules["llmcompressor.logger"].LOGGER_CONFIG  # .logger: loguru's logger

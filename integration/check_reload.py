@@ -5,7 +5,7 @@ For each scheme (W4A4_G128_PACKED, W4A4_CHANNEL_PACKED, W4A4, NVFP4) x method (R
 compressed checkpoint and reloads it twice:
 
 * ``raw``: no baking, plain ``AutoModel.from_pretrained`` (what transformers users get);
-* ``fixed``: :func:`reload_exactness.bake_quantized_weights` before saving and
+* ``fixed``: :func:`tests.reload_exactness.bake_quantized_weights` before saving and
   :func:`fair_calib_llmc.io.reload.load_quantized` after (what fair_calib_llmc does).
 
 It prints the max abs logit difference of each reload against the in-memory model and exits
@@ -30,7 +30,6 @@ from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
-from reload_exactness import bake_quantized_weights  # integration/, beside this script
 from transformers import AutoModel
 
 from fair_calib_llmc.io.checkpoint import save_atomically
@@ -39,6 +38,9 @@ from fair_calib_llmc.io.default_model import load_default_model
 from fair_calib_llmc.io.loading import default_device
 from fair_calib_llmc.io.reload import load_quantized, probe_logits
 from fair_calib_llmc.models import LM_HEAD
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: tests/
+from tests.reload_exactness import bake_quantized_weights  # noqa: E402
 
 SCHEMES = ["W4A4_G128_PACKED", "W4A4_CHANNEL_PACKED", "W4A4", "NVFP4"]
 METHODS = {"rtn": QuantizationModifier, "gptq": GPTQModifier}

@@ -11,7 +11,7 @@ Several files may be combined (rows of one model measured by two device calls): 
 seed) measured twice must have the same frontier flip rate to the last digit (the GPU runs are
 deterministic), which proves the two calls measured the same model on the same prompts;
 otherwise the script refuses. Rows the benchmark marked ``error`` only because the in-memory
-model and its checkpoint differ (RTN in bf16 on CUDA, README "Exact reload", cause 1) still
+model and its checkpoint differ (RTN in bf16 on CUDA, docs/formats.md "Exact reload", cause 1) still
 hold the checkpoint's measured flips; they are listed apart, never used as the reference.
 """
 
@@ -120,7 +120,7 @@ def report(
         lines += [
             "",
             "Checkpoints whose reload differs from the in-memory model (flips measured "
-            'on the reloaded checkpoint; README "Exact reload", cause 1):',
+            'on the reloaded checkpoint; docs/formats.md "Exact reload", cause 1):',
             "",
         ]
         for entry in summarise(

@@ -3,8 +3,10 @@
     python integration/recipe_variant.py recipes/fair_calib_w4a4.yaml out.yaml \\
         FAIRCalibModifier.target_strength=0.25 FAIRCalibModifier.stage1.prior.source=table
 
-Each override is ``<ModifierClass>.<field path>=<YAML value>``; a path that does not exist in
-the recipe is an error (a typo must not silently produce the unchanged recipe).
+Each override is ``<ModifierClass>.<field path>=<YAML value>``, applied by
+:func:`fair_calib_llmc.recipe.with_overrides` (the one way to vary a recipe, also behind
+``fair-calib-llmc quantize --set``): an unknown modifier or field is an error naming the valid
+ones (a typo must not silently produce the unchanged recipe).
 """
 
 from __future__ import annotations
@@ -14,36 +16,22 @@ from pathlib import Path
 
 import yaml
 
-from fair_calib_llmc.recipe import check_recipe_shape
+from fair_calib_llmc.recipe import RecipeError, with_overrides
 
 
-def apply_override(recipe: dict, override: str) -> None:
-    path, _, raw = override.partition("=")
-    modifier, *fields = path.split(".")
-    found = [
-        group[modifier]
-        for stage in recipe.values()
-        if isinstance(stage, dict)
-        for group in stage.values()
-        if isinstance(group, dict) and modifier in group
-    ]
-    if not found or not fields:
-        raise SystemExit(f"{override!r}: no modifier {modifier!r} (or no field) in the recipe")
-    node = found[0]
-    for key in fields[:-1]:
-        if not isinstance(node.get(key), dict):
-            raise SystemExit(f"{override!r}: {key!r} is not a mapping in the recipe")
-        node = node[key]
-    if fields[-1] not in node:
-        raise SystemExit(f"{override!r}: field {fields[-1]!r} is not set in the recipe")
-    node[fields[-1]] = yaml.safe_load(raw)
+def parse_override(override: str) -> tuple[str, object]:
+    """``"Modifier.field=value"`` -> ``("Modifier.field", value read as YAML)``."""
+    path, sep, raw = override.partition("=")
+    if not sep:
+        raise SystemExit(f"{override!r}: write Modifier.field=value")
+    return path, yaml.safe_load(raw)
 
 
 def write_variant(parent: str, out: str, overrides: list[str]) -> None:
-    recipe = yaml.safe_load(Path(parent).read_text())
-    for override in overrides:
-        apply_override(recipe, override)
-    check_recipe_shape(recipe)
+    try:
+        recipe = with_overrides(parent, dict(parse_override(o) for o in overrides))
+    except RecipeError as err:
+        raise SystemExit(str(err)) from None
     Path(out).write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 

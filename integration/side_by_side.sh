@@ -4,7 +4,8 @@
 # benchmark jobs side by side on the one GPU, all capped to finish BUDGET seconds after the start.
 #   BUDGET=560 [METHODS_<family>_<job>=...] bash integration/side_by_side.sh FAMILY [FAMILY:]JOB...
 # e.g. `side_by_side.sh dream learned llada:ag128 llada:ag32`. FAMILY (llada or dream) is the
-# family of each JOB written without one. JOB: `learned` (learned_rotations_benchmark.sh) or a
+# family of each JOB written without one. JOB: `learned` (learned_rotations_benchmark.sh), `flat`
+# (flatquant_benchmark.sh) or a
 # FORMAT of formats_benchmark.sh (nvfp4, mxfp4, ag128, ag32, token). METHODS_<family>_<job>
 # (space-separated, e.g. METHODS_dream_learned) picks that job's rows; without it a learned job
 # takes METHODS (so old command lines keep their meaning) and a format job all its rows.
@@ -28,8 +29,8 @@ jobs=()  # "family job" pairs, in the order given
 for spec in "$@"; do
   family=$default job=$spec
   if [[ $spec == *:* ]]; then family=${spec%%:*} job=${spec#*:}; fi
-  case $job in learned | nvfp4 | mxfp4 | ag128 | ag32 | token) ;;
-    *) echo "unknown JOB $spec (learned, nvfp4, mxfp4, ag128, ag32, token)" >&2; exit 2 ;; esac
+  case $job in learned | flat | nvfp4 | mxfp4 | ag128 | ag32 | token) ;;
+    *) echo "unknown JOB $spec (learned, flat, nvfp4, mxfp4, ag128, ag32, token)" >&2; exit 2 ;; esac
   if [ -z "${presets[$family]:-}" ]; then
     echo "unknown FAMILY in $spec (llada, dream)" >&2; exit 2
   fi
@@ -85,8 +86,11 @@ for pair in "${jobs[@]}"; do
   fi
   rm -rf "$work"; mkdir -p "$work"
   ln -s "$model" "$work/model-$family"; cp "$wd/train-$family.log" "$work/" 2>/dev/null
-  if [ "$job" = learned ]; then script=integration/learned_rotations_benchmark.sh
-  else script=integration/formats_benchmark.sh; fi
+  case $job in
+    learned) script=integration/learned_rotations_benchmark.sh ;;
+    flat) script=integration/flatquant_benchmark.sh ;;
+    *) script=integration/formats_benchmark.sh ;;
+  esac
   # this job's rows and groups; the plain METHODS names learned rows (format jobs would fail it)
   methods_var=METHODS_${family}_$job groups_var=METHOD_GROUPS_${family}_$job
   methods=${!methods_var:-}

@@ -139,26 +139,3 @@ def output_locked_by_another_process(target: Path):
     finally:
         proc.stdin.close()
         proc.wait(timeout=60)
-
-
-def shipped_recipe_with(name: str, **fields) -> str:
-    """A shipped recipe as YAML text with some of one modifier's fields changed
-    (``LearnedSpinQuantModifier__steps=3``): a test runs the shipped recipe, cheaper. A field
-    the recipe does not set fails, so a renamed field cannot leave the override unused."""
-    import yaml
-
-    from fair_calib_llmc.recipe import shipped_recipes
-
-    data = yaml.safe_load(shipped_recipes()[name])
-    for path, value in fields.items():
-        modifier, field = path.split("__")
-        found = [
-            group[modifier]
-            for stage in data.values()
-            if isinstance(stage, dict)
-            for group in stage.values()
-            if isinstance(group, dict) and modifier in group
-        ]
-        assert found and field in found[0], f"{name} sets no {modifier}.{field}"
-        found[0][field] = value
-    return yaml.safe_dump(data, sort_keys=False)

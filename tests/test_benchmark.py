@@ -72,6 +72,7 @@ def test_unknown_method_and_used_output_fail_before_loading(tmp_path):
 #: and re-schemed int recipes)
 GPU_SCRIPTS = [
     ("learned_rotations_benchmark.sh", {}),
+    ("flatquant_benchmark.sh", {}),
     ("formats_benchmark.sh", {"FORMAT": "nvfp4"}),
     ("formats_benchmark.sh", {"FORMAT": "mxfp4"}),
     ("formats_benchmark.sh", {"FORMAT": "ag32"}),

@@ -98,6 +98,8 @@ def test_user_errors_are_one_line_naming_the_fix(capsys, tmp_path, jsonl_without
         (["--recipe", "rtn_w4a4", "--device", "cuda:7"], "--device cpu"),
         (["--recipe", "rtn_w4a4", "--dataset", str(tmp_path)], "is a directory"),
         (["--recipe", "rtn_w4a4", "--prompt-length", "4096"], "--prompt-length"),
+        (["--recipe", "rtn_w4a4", "--set", "GPTQModifier.block_size=64"], "QuantizationModifier"),
+        (["--recipe", "rtn_w4a4", "--set", "QuantizationModifier.nope=1"], "valid fields: "),
     ]
     for args, expected in cases:
         assert expected in _error(capsys, "quantize", *args, *out)
@@ -189,10 +191,14 @@ def test_quantize_by_recipe_name_from_another_directory(capsys, tmp_path, monkey
     data.write_text("\n".join(json.dumps({"body": t}) for t in shipped_texts("calibration")[:4]))
     monkeypatch.chdir(tmp_path)
     argv = ["quantize", "--recipe", "fair_calib_w4a4", "--output-dir", "q", "--max-prompts", "2"]
+    argv += ["--set", "FAIRCalibModifier.target_strength=0.5"]
     assert cli.main([*argv, "--dataset", str(data), "--text-column", "body"]) == 0
     assert "saved compressed checkpoint to" in capsys.readouterr().out
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
+    # no shipped recipe names the LM head; the loader's ignore keeps it in full precision
+    assert "model.transformer.ff_out" in config["quantization_config"]["ignore"]
+    assert "target_strength: 0.5" in (tmp_path / "q" / "recipe.yaml").read_text()
     assert sorted(os.listdir(tmp_path)) == ["calib.jsonl", "q"]
 
 

@@ -25,7 +25,6 @@ fair_stage:
     FAIRCalibModifier:
       scheme: W4A4_G128_PACKED
       targets: [Linear]
-      ignore: [lm_head, 're:^model\.transformer\.ff_out$']
 """
 # the rotations of fair_calib_w4a4 / fair_calib_learned_w4a4 (a few learning steps): fused
 # into weights all ranks share, once (they were fused once per rank: E R1 R1 with two)

@@ -14,6 +14,7 @@ from llmcompressor.modifiers.transform import QuIPModifier
 
 from fair_calib_llmc.io.loading import load_model
 from fair_calib_llmc.io.reload import load_quantized, probe_logits
+from fair_calib_llmc.models.configs import LM_HEAD
 from fair_calib_llmc.pipeline import quantize
 from fair_calib_llmc.recipe import RecipeError, load_recipe, read_recipe
 from fair_calib_llmc.stage2.equivalent import channel_scales, reader_scales, rescale_pair
@@ -120,7 +121,7 @@ def test_the_rescale_runs_once_before_an_rtn_quantizer_observes(
     weight scales are those of the model rescaled once, beforehand, by hand."""
     model = saved(llada, tokenizer, tmp_path / "fp")
     dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=2)
-    quantizer = dict(scheme=scheme, targets=["Linear"], ignore=[r"re:^model\.transformer\.ff_out$"])
+    quantizer = dict(scheme=scheme, targets=["Linear"], ignore=[LM_HEAD])
     together = copy.deepcopy(model)
     oneshot(
         model=together,

@@ -18,9 +18,10 @@ from fair_calib_llmc.io.checkpoint import OutputDirError
 from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR, load_default_model
 from fair_calib_llmc.models import LLaDAModelLM
-from integration.reload_exactness import save_and_verify
+from fair_calib_llmc.models.configs import LM_HEADS
 
 from .helpers import llada_config, save_with_tokenizer
+from .reload_exactness import save_and_verify
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
@@ -40,7 +41,7 @@ def rtn_w4a4(tmp_path_factory):
     recipe = QuantizationModifier(
         scheme="W4A4_G128_PACKED",
         targets=["Linear"],
-        ignore=["lm_head", r"re:^model\.transformer\.ff_out$"],
+        ignore=list(LM_HEADS),
     )
     model = oneshot(model=model, recipe=recipe)
     return save_and_verify(model, tokenizer, tmp_path_factory.mktemp("rtn") / "w4a4")

@@ -11,7 +11,7 @@ from fair_calib_llmc.io.reload import load_quantized, probe_logits
 from fair_calib_llmc.pipeline import quantize
 from fair_calib_llmc.recipe import RecipeError, load_recipe
 
-from .helpers import saved, shipped_recipe_with
+from .helpers import saved
 
 #: (recipe, --scheme): the FP4 recipes as shipped, int per-group activations through --scheme
 FORMAT_RUNS = [
@@ -25,11 +25,18 @@ FORMAT_RUNS = [
     # learned rotations against FP4 (NVFP4's global scale in the loop, MXFP4's E8M0 blocks)
     ("fair_calib_learned_w4a4", "NVFP4"),
     ("fair_calib_learned_w4a4", "MXFP4"),
+    # FlatQuant-class transforms against FP4 (the published FAIR-Calib recipe)
+    ("fair_calib_flatquant_w4a4", "NVFP4"),
+    ("flatquant_w4a4", "MXFP4"),
 ]
 
 #: fields a row runs with instead of the shipped ones: what is tested is the format's round
 #: trip, which a few learning steps exercise as well as the shipped hundred
-CHEAPER = {"fair_calib_learned_w4a4": {"LearnedSpinQuantModifier__steps": 3}}
+CHEAPER = {
+    "fair_calib_learned_w4a4": {"LearnedSpinQuantModifier.steps": 3},
+    "fair_calib_flatquant_w4a4": {"FlatQuantModifier.epochs": 1},
+    "flatquant_w4a4": {"FlatQuantModifier.epochs": 1},
+}
 
 
 @pytest.mark.integration
@@ -43,14 +50,15 @@ def test_every_format_reloads_with_identical_logits(
     result = quantize(
         model,
         tokenizer,
-        shipped_recipe_with(recipe, **CHEAPER.get(recipe, {})),
+        recipe,
         calibration_texts,
         max_prompts=2,
         scheme=scheme,
+        overrides=CHEAPER.get(recipe),
         output_dir=tmp_path / "q",
     )
     for path, value in CHEAPER.get(recipe, {}).items():
-        modifier, field = path.split("__")
+        modifier, field = path.split(".")
         ran = [m for m in result.modifiers if type(m).__name__ == modifier]
         assert [getattr(m, field) for m in ran] == [value]
     quantized = [m for m in result.model.modules() if hasattr(m, "quantization_scheme")]
@@ -91,7 +99,6 @@ gptq_stage:
     GPTQModifier:
       scheme: W4A4_G128_PACKED
       targets: [Linear]
-      ignore: ["lm_head", "re:^model\\\\.transformer\\\\.ff_out$"]
 """
 
 

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from compressed_tensors.quantization import QuantizationArgs
 from datasets import Dataset
 from llmcompressor import oneshot
@@ -14,8 +15,9 @@ from pydantic import ValidationError
 from transformers import AutoModel
 
 from fair_calib_llmc.models import DiffusionLMSpec
+from fair_calib_llmc.models.configs import LM_HEAD
 from fair_calib_llmc.pipeline import quantize
-from fair_calib_llmc.recipe import load_recipe
+from fair_calib_llmc.recipe import load_recipe, shipped_recipes, with_overrides
 from fair_calib_llmc.stage2.learned_rotations import (
     ExactSpinQuantModifier,
     LearnedSpinQuantModifier,
@@ -42,8 +44,6 @@ INT4_TOKEN = QuantizationArgs(
     num_bits=4, type="int", symmetric=True, strategy="token", dynamic=True
 )
 INT4_G16 = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=16)
-LM_HEADS = '["lm_head", "re:^model\\\\.transformer\\\\.ff_out$"]'
-LM_HEAD = r"re:^model\.transformer\.ff_out$"
 
 
 def _orthogonal(n: int, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -57,23 +57,19 @@ def _probe(model) -> torch.Tensor:
         return model(x).logits
 
 
-def _learned_recipe(quantizer: str = "GPTQModifier", **learn) -> str:
+def _learned_recipe(quantizer: str = "GPTQModifier", **learn) -> dict:
+    """``spinquant_learned_gptq_w4a4`` learning for a few steps on the frontier-weighted layer
+    MSE, varied by ``learn`` (LearnedSpinQuantModifier fields); ``QuantizationModifier`` puts
+    ``rtn_w4a4``'s RTN stage in place of GPTQ."""
     fields = {"steps": 5, "objective": "layer_mse", "token_weights": "frontier", **learn}
-    lines = "\n".join(f"      {k}: {v}" for k, v in fields.items())
-    return f"""
-rotate_stage:
-  rotate_modifiers:
-    LearnedSpinQuantModifier:
-      rotations: [R1, R2, R4]
-      transform_type: random-hadamard
-{lines}
-quant_stage:
-  quant_modifiers:
-    {quantizer}:
-      scheme: W4A4_G128_PACKED
-      targets: [Linear]
-      ignore: {LM_HEADS}
-"""
+    data = with_overrides(
+        "spinquant_learned_gptq_w4a4",
+        {f"LearnedSpinQuantModifier.{key}": value for key, value in fields.items()},
+    )
+    if quantizer == "QuantizationModifier":
+        del data["gptq_stage"]
+        data["rtn_stage"] = yaml.safe_load(shipped_recipes()["rtn_w4a4"])["rtn_stage"]
+    return data
 
 
 def _learned_on_a_copy(model, tokenizer, recipe: str, dataset, **oneshot_args) -> dict:
@@ -324,7 +320,7 @@ def test_learned_r4_checkpoint_reloads_exactly(dllm, tokenizer, calibration_text
     """Learned R1 + R2 + a per-layer R4 block: each layer's R4 is its own online transform
     group, orthogonal, moved from its start, and the checkpoint reloads with equal logits."""
     model = saved(dllm, tokenizer, tmp_path / "fp")
-    recipe = load_recipe(_learned_recipe(steps=6, learn="[R1, R2, R4]", r4_block_size=32))
+    recipe = load_recipe(_learned_recipe(steps=6, learn=["R1", "R2", "R4"], r4_block_size=32))
     result = quantize(
         model, tokenizer, recipe, calibration_texts, max_prompts=4, output_dir=tmp_path / "q"
     )
@@ -351,7 +347,7 @@ def test_gradient_checkpointing_learns_the_same_rotations(
     dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=2)
 
     def learned(checkpointing: bool) -> torch.Tensor:
-        recipe = _learned_recipe(steps=3, learn="[R1, R4]", gradient_checkpointing=checkpointing)
+        recipe = _learned_recipe(steps=3, learn=["R1", "R4"], gradient_checkpointing=checkpointing)
         learned = _learned_on_a_copy(model, tokenizer, recipe, dataset)
         return torch.cat(
             [learned["R1"].detach().flatten()]
@@ -367,9 +363,9 @@ def test_an_r4_block_that_does_not_divide_the_width_fails_before_work(
 ):
     model = saved(llada, tokenizer, tmp_path / "fp")
     dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=2)
-    recipe = _learned_recipe(learn="[R1, R4]", r4_block_size=96)
+    recipe = _learned_recipe(learn=["R1", "R4"], r4_block_size=96)
     with pytest.raises(ValueError, match="r4_block_size 96 does not divide"):
-        oneshot(model=model, processor=tokenizer, recipe=recipe, dataset=dataset)
+        oneshot(model=model, processor=tokenizer, recipe=load_recipe(recipe), dataset=dataset)
 
 
 @pytest.mark.integration
@@ -389,7 +385,7 @@ def test_learned_weight_clipping_is_bounded_exported_and_reloads_exactly(
 
     monkeypatch.setattr(base, "clip_weight", recording_clip)
     model = saved(llada, tokenizer, tmp_path / "fp")
-    fields = dict(steps=8, lr=0.02, weights_in_loop="true", learn_weight_clipping="true")
+    fields = dict(steps=8, lr=0.02, weights_in_loop=True, learn_weight_clipping=True)
     recipe = load_recipe(_learned_recipe("QuantizationModifier", **fields))
     result = quantize(
         model, tokenizer, recipe, calibration_texts, max_prompts=4, output_dir=tmp_path / "q"
@@ -463,7 +459,12 @@ def test_learning_without_stage1_weights_or_a_quantizer_fails_before_work(
     dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=2)
     unweighted = dataset.remove_columns("loss_mask")
     with pytest.raises(ValueError, match="no Stage I weights"):
-        oneshot(model=model, processor=tokenizer, recipe=_learned_recipe(), dataset=unweighted)
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            recipe=load_recipe(_learned_recipe()),
+            dataset=unweighted,
+        )
     alone = [LearnedSpinQuantModifier(rotations=["R1", "R2"], learn=["R1"], steps=2)]
     with pytest.raises(ValueError, match="found no quantized layers"):
         oneshot(model=model, processor=tokenizer, recipe=alone, dataset=dataset)

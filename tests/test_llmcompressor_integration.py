@@ -12,19 +12,20 @@ from transformers import AutoModel
 
 from fair_calib_llmc.io.checkpoint import save_atomically
 from fair_calib_llmc.models import diffusion_spec
+from fair_calib_llmc.models.configs import LM_HEADS
 from fair_calib_llmc.recipe import shipped_recipes
 
 from .helpers import masked_states, saved
 
 pytestmark = pytest.mark.integration
 
-GPTQ_W4A16 = """
+GPTQ_W4A16 = f"""
 gptq_stage:
   gptq_modifiers:
     GPTQModifier:
       scheme: W4A16
       targets: [Linear]
-      ignore: ["lm_head", "re:^model\\\\.transformer\\\\.ff_out$"]
+      ignore: {json.dumps(list(LM_HEADS))}
 """
 
 

@@ -26,6 +26,7 @@ from fair_calib_llmc.evaluation.harness import (  # noqa: E402
     masked_diffusion_loglikelihood,
 )
 from fair_calib_llmc.models import DreamModel, LLaDAModelLM, diffusion_spec  # noqa: E402
+from fair_calib_llmc.models.configs import LM_HEAD, LM_HEADS  # noqa: E402
 from fair_calib_llmc.sampling.samplers import sampler_for  # noqa: E402
 
 from .helpers import dream_config, llada_config, save_with_tokenizer, sharpen  # noqa: E402
@@ -56,7 +57,7 @@ def checkpoints(tokenizer, tmp_path_factory):
             recipe=QuantizationModifier(
                 scheme="W4A4_G128_PACKED",
                 targets=["Linear"],
-                ignore=["lm_head", r"re:^model\.transformer\.ff_out$"],
+                ignore=list(LM_HEADS),
             ),
         )
         q_dir = root / f"{family}-w4a4"
@@ -302,9 +303,7 @@ def test_nvfp4_fp32_checkpoint_scores_like_the_model_that_was_saved(tokenizer, t
         processor=tokenizer,
         dataset=Dataset.from_dict({"text": texts}),
         max_seq_length=32,
-        recipe=QuantizationModifier(
-            scheme="NVFP4", targets=["Linear"], ignore=[r"re:^model\.transformer\.ff_out$"]
-        ),
+        recipe=QuantizationModifier(scheme="NVFP4", targets=["Linear"], ignore=[LM_HEAD]),
     )
     context, continuation = [5, 9, 31, 7], [40, 41, 42]
     # batch_size=1 as the harness: another batching sums the same float64 terms in another

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from transformers import AutoModel
 
 from fair_calib_llmc import FAIRCalibModifier, quantize
+from fair_calib_llmc.models.configs import LM_HEAD
 
 from .helpers import masked_states, saved
 
@@ -184,9 +185,7 @@ def test_fp_stream_is_the_full_precision_models_hidden_states(
     dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=2)
     model.config._attn_implementation = "eager"  # the pipeline calibrates with eager attention
     reference = _fp_states(model, dataset, batch_size)
-    modifier = FAIRCalibModifier(
-        scheme="W4A4_G128_PACKED", ignore=[r"re:^model\.transformer\.ff_out$"]
-    )
+    modifier = FAIRCalibModifier(scheme="W4A4_G128_PACKED", ignore=[LM_HEAD])
     seen = {}
     original = modifier._run_full_precision_layer
 
@@ -262,9 +261,7 @@ def test_propagation_feeds_layer_two_what_the_w4a4_model_computes(
     seen = []
     block = model.model.transformer.blocks[1]
     handle = block.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    modifier = FAIRCalibModifier(
-        scheme="W4A4_G128_PACKED", ignore=[r"re:^model\.transformer\.ff_out$"]
-    )
+    modifier = FAIRCalibModifier(scheme="W4A4_G128_PACKED", ignore=[LM_HEAD])
     model = oneshot(
         model=model,
         processor=tokenizer,

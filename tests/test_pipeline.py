@@ -196,11 +196,10 @@ def test_an_autoround_result_runs_in_the_models_dtype(
     from auto_round.utils.device_manager import CpuARDevice
     from safetensors import safe_open
 
-    from fair_calib_llmc.recipe import shipped_recipes
+    from fair_calib_llmc.recipe import with_overrides
 
     monkeypatch.setattr(CpuARDevice, "supports_bf16", lambda self: cpu_bf16)
-    recipe = shipped_recipes()["quarot_autoround_w4a4"].replace("iters: 200", "iters: 2")
-    assert "iters: 2\n" in recipe
+    recipe = with_overrides("quarot_autoround_w4a4", {"AutoRoundModifier.iters": 2})
     output_dir = tmp_path / "q" if save else None
     result = quantize(
         llada, tokenizer, recipe, calibration_texts, output_dir=output_dir, max_prompts=2
@@ -267,3 +266,34 @@ def test_a_mask_token_from_the_tokenizer_is_saved_not_written_into_the_config(
     saved_config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert saved_config["mask_token_id"] == tokenizer.mask_token_id
     assert AutoModel.from_pretrained(tmp_path / "q").config.mask_token_id == tokenizer.mask_token_id
+
+
+def test_quantize_the_built_in_model_on_clean_text_with_the_position_prior(tmp_path):
+    """The paper's Stage I (clean text, static position prior) ends in a checkpoint that
+    reloads exactly."""
+    from fair_calib_llmc.io.corpus import shipped_texts
+    from fair_calib_llmc.io.default_model import load_default_model
+    from fair_calib_llmc.stage1.position import StaticPositionPrior
+
+    model, tokenizer = load_default_model()
+    stage1 = {
+        "sampler": {"family": "llada", "steps": 16, "gen_length": 16, "block_length": 16},
+        "prompt_length": 8,
+        "inputs": "text",
+        "prior": {"source": "position"},
+    }
+    result = quantize(
+        model,
+        tokenizer,
+        "fair_calib_w4a4",
+        shipped_texts("calibration"),
+        output_dir=tmp_path / "q",
+        max_prompts=2,
+        stage1=stage1,
+    )
+    assert isinstance(result.prior, StaticPositionPrior)
+    ids = torch.tensor(result.calibration["input_ids"])
+    assert ids.shape == (2, 8 + 16) and not (ids == model.config.mask_token_id).any()
+    reloaded = AutoModel.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, result.model(ids).logits)

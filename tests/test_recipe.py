@@ -5,14 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from llmcompressor.recipe import Recipe
 
+from fair_calib_llmc.models.configs import LM_HEAD, LM_HEADS
 from fair_calib_llmc.recipe import (
     RecipeError,
     check_recipe_shape,
     load_recipe,
+    load_recipe_and_stage1,
     read_recipe,
     shipped_recipes,
+    with_overrides,
+    with_scheme,
 )
 
 pytestmark = pytest.mark.unit
@@ -127,3 +132,75 @@ def test_shipped_names_work_from_a_source_checkout_on_pythonpath(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "'fair_calib_w4a4'" in out.stdout and "'rtn_w4a4'" in out.stdout
+
+
+def test_no_shipped_recipe_names_a_family_head():
+    for name, text in shipped_recipes().items():
+        assert "ff_out" not in text and "lm_head" not in text, name
+
+
+def test_the_loader_leaves_every_family_head_unquantized():
+    """Every modifier with an ``ignore`` (quantizers, QuIP's block rotations) gets both heads,
+    once, beside what the recipe lists; modifiers without one are left alone."""
+    for name in shipped_recipes():
+        for modifier in load_recipe(name).modifiers:
+            ignore = getattr(modifier, "ignore", None)
+            if "ignore" not in type(modifier).model_fields:
+                continue
+            ignore = [ignore] if isinstance(ignore, str) else ignore
+            assert all(ignore.count(head) == 1 for head in LM_HEADS), (name, modifier, ignore)
+    text = (
+        "q_stage:\n  q_modifiers:\n    QuantizationModifier:\n      scheme: W4A4\n"
+        "      targets: [Linear]\n      ignore: [lm_head, 're:.*blocks\\.0\\..*']\n"
+    )
+    (modifier,) = load_recipe(text).modifiers
+    assert modifier.ignore == ["lm_head", r"re:.*blocks\.0\..*", LM_HEAD]
+
+
+def test_overrides_set_fields_the_recipe_leaves_at_their_default():
+    data = with_overrides(
+        "fair_calib_learned_w4a4",
+        {
+            "LearnedSpinQuantModifier.steps": 3,
+            "LearnedSpinQuantModifier.r4_block_size": 32,
+            "FAIRCalibModifier.stage1.prior.source": "table",
+        },
+    )
+    rotate = data["rotate_stage"]["rotate_modifiers"]["LearnedSpinQuantModifier"]
+    assert rotate["steps"] == 3 and rotate["r4_block_size"] == 32
+    fair = data["fair_stage"]["fair_modifiers"]["FAIRCalibModifier"]
+    assert fair["stage1"]["prior"]["source"] == "table"
+    recipe = load_recipe(data)
+    assert recipe.modifiers[0].steps == 3 and recipe.modifiers[0].r4_block_size == 32
+    # the shipped recipe itself is untouched
+    assert load_recipe("fair_calib_learned_w4a4").modifiers[0].steps == 100
+
+
+def test_load_recipe_takes_overrides_and_keeps_the_top_level_stage1():
+    text = (
+        "stage1: {prompt_length: 16}\n"
+        "gptq_stage:\n  gptq_modifiers:\n    GPTQModifier: {scheme: W4A4, targets: [Linear]}\n"
+    )
+    recipe, stage1 = load_recipe_and_stage1(text, overrides={"GPTQModifier.block_size": 64})
+    assert stage1 == {"prompt_length": 16}
+    assert recipe.modifiers[0].block_size == 64
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("GPTQModifer.block_size", "no modifier 'GPTQModifer'.*use one of .*GPTQModifier"),
+        ("GPTQModifier.blocksize", "no field 'blocksize'; valid fields: .*block_size"),
+        ("GPTQModifier", "names no field"),
+    ],
+)
+def test_unknown_modifier_or_field_is_one_line_listing_the_valid_names(override, message):
+    with pytest.raises(RecipeError, match=message) as err:
+        with_overrides("quarot_gptq_w4a4", {override: 64})
+    assert str(err.value).startswith("shipped recipe 'quarot_gptq_w4a4': ")
+    assert "\n" not in str(err.value)
+
+
+def test_with_scheme_is_an_override_of_every_scheme_field():
+    data = yaml.safe_load(shipped_recipes()["quarot_gptq_w4a4"])
+    assert with_scheme(data, "nvfp4") == with_overrides(data, {"GPTQModifier.scheme": "NVFP4"})

@@ -17,7 +17,9 @@ from fair_calib_llmc.io.checkpoint import save_atomically
 from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.default_model import load_default_model
 from fair_calib_llmc.io.reload import load_quantized, probe_logits
-from integration.reload_exactness import (
+from fair_calib_llmc.models.configs import LM_HEAD
+
+from .reload_exactness import (
     ReloadMismatchError,
     bake_quantized_weights,
     reload_logit_difference,
@@ -26,7 +28,7 @@ from integration.reload_exactness import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
-IGNORE = [r"re:^model\.transformer\.ff_out$"]
+IGNORE = [LM_HEAD]
 
 
 def _rtn(scheme: str, dtype: torch.dtype):
@@ -120,7 +122,7 @@ def test_bf16_rtn_reload_differs_as_on_cuda_unless_baked(save_quantizes_like_cud
 
 
 def test_a_mismatch_fails_loudly(save_quantizes_like_cuda, monkeypatch, tmp_path):
-    import integration.reload_exactness as reload_exactness
+    from . import reload_exactness
 
     model, tokenizer = _rtn("W4A4_G128_PACKED", torch.bfloat16)
     monkeypatch.setattr(reload_exactness, "bake_quantized_weights", lambda model: 0)

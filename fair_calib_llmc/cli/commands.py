@@ -113,9 +113,12 @@ def run_demo(args: Namespace) -> None:
 
 
 def run_quantize(args: Namespace) -> None:
-    # a bad recipe, scheme or Stage I setting fails first; quantize() then reads the recipe
-    # itself (as from Python), so its top-level stage1: is honoured the same way
-    recipe, recipe_level = load_recipe_and_stage1(args.recipe, scheme=args.scheme)
+    # a bad recipe, scheme, --set or Stage I setting fails first; quantize() then reads the
+    # recipe itself (as from Python), so its top-level stage1: is honoured the same way
+    overrides = dict(args.overrides)
+    recipe, recipe_level = load_recipe_and_stage1(
+        args.recipe, scheme=args.scheme, overrides=overrides
+    )
     stage1_settings(recipe, None, recipe_level, args.prompt_length)
     texts = (
         load_texts(args.dataset, args.text_column) if args.dataset else shipped_texts("calibration")
@@ -139,6 +142,7 @@ def run_quantize(args: Namespace) -> None:
             args.recipe,
             texts,
             scheme=args.scheme,
+            overrides=overrides,
             output_dir=args.output_dir,
             overwrite=args.overwrite,
             max_prompts=args.max_prompts,

@@ -46,6 +46,8 @@ METHOD_RECIPES = {
     "fair-calib": "fair_calib_w4a4",
     "spinquant-learned+gptq": "spinquant_learned_gptq_w4a4",
     "fair-calib-learned": "fair_calib_learned_w4a4",
+    "flatquant": "flatquant_w4a4",
+    "fair-calib-flat": "fair_calib_flatquant_w4a4",
 }
 
 

@@ -158,10 +158,19 @@ def leading_tokens(tokenizer, text: str, count: int) -> list[int]:
 
 
 def prompts_from_texts(
-    texts: Sequence[str], tokenizer, prompt_length: int, max_prompts: int | None = None
+    texts: Sequence[str],
+    tokenizer,
+    prompt_length: int,
+    max_prompts: int | None = None,
+    *,
+    need: str | None = None,
 ) -> list[torch.Tensor]:
     """The first ``prompt_length`` tokens of every text that has that many (one prompt per
-    text); fewer than ``max_prompts`` are logged with the reason."""
+    text); fewer than ``max_prompts`` are logged with the reason.
+
+    :param need: why the cut is ``prompt_length`` tokens long and how to shorten it, named
+        in the error when no text is long enough (default: the rollout prompt's settings)
+    """
     check_prompt_count(max_prompts)
     prompts, short = [], 0
     for text in texts:
@@ -175,8 +184,12 @@ def prompts_from_texts(
     if not prompts:
         raise ValueError(
             f"the calibration set is empty or too short: none of its {len(texts)} texts has "
-            f"{prompt_length} tokens. Pass longer texts or a shorter prompt (--prompt-length, "
-            "prompt_length= in quantize(), or FAIRCalibModifier.stage1.prompt_length)."
+            f"{prompt_length} tokens. "
+            + (
+                need
+                or "Pass longer texts or a shorter prompt (--prompt-length, prompt_length= in "
+                "quantize(), or FAIRCalibModifier.stage1.prompt_length)."
+            )
         )
     if max_prompts is not None and len(prompts) < max_prompts:
         logger.warning(

@@ -8,22 +8,22 @@ checkpoint exist with compressed-tensors 0.19.0, and this module removes both:
    dtype (``x / scale`` in bf16). ``save_pretrained(save_compressed=True)`` quantizes the same
    weight through compressed-tensors' ``_quantize`` dispatch, which on CUDA picks a Triton
    kernel that divides in fp32. In bf16 the two quotients round differently near a half-step
-   (0.6% of the int4 codes of the default model), so the checkpoint holds other integers than
+   (a fraction of a percent of the int4 codes), so the checkpoint holds other integers than
    the model that was evaluated. GPTQ-style modifiers write already-quantized weights (codes
    times scale), for which both divisions agree, so only RTN (``QuantizationModifier``) rows
-   differed (H100 reference run: max abs logit difference 6.23 on every RTN W4A4 row; reproduced
-   on CPU by emulating the fp32 division: 6.56). Writing ``fake_quantize`` computed in fp32
-   into the weights once after calibration (``bake_quantized_weights`` in
-   ``integration/reload_exactness.py``, a test and integration helper) makes both divisions
-   land on the same codes on every device, the accurate fp32 ones.
+   differed (on an H100, and on CPU by emulating the fp32 division; docs/formats.md).
+   Writing ``fake_quantize`` computed in fp32 into the weights once after calibration
+   (``bake_quantized_weights`` in ``tests/reload_exactness.py``, a test and integration
+   helper) makes both divisions land on the same codes on every device, the accurate fp32
+   ones.
 2. **FP4 weights decompress to bf16.** compressed-tensors' NVFP4 decompressor unpacks FP4 to
    bf16 whatever the model's dtype (upstream: vllm-project/compressed-tensors #839, reverted in
    #858), so an fp32 model reloaded with plain ``from_pretrained`` fails on its first forward
-   (dtype mismatch), and a cast alone is off by bf16 rounding (max abs logit difference 2.2 on
-   the default model). :func:`load_quantized` decompresses eagerly and re-quantizes such weights
-   in the model's dtype with compressed-tensors' own ``fake_quantize``; the bf16 values are
-   within 2**-9 of the FP4 grid point, so this recovers the exact codes and the exact fp32
-   product. In bf16 plain ``from_pretrained`` is already exact.
+   (dtype mismatch), and a cast alone is off by bf16 rounding. :func:`load_quantized`
+   decompresses eagerly and re-quantizes such weights in the model's dtype with
+   compressed-tensors' own ``fake_quantize``; the bf16 values are within 2**-9 of the FP4 grid
+   point, so this recovers the exact codes and the exact fp32 product. In bf16 plain
+   ``from_pretrained`` is already exact.
 
 Decompressing also converts the model to compressed-tensors offloading (``decompress_model``
 calls ``from_accelerate``), whose caches keep every tensor on the device it was on and move
@@ -33,7 +33,7 @@ CPU (seen on an H200: every benchmark row failed with CPU/CUDA device errors).
 result is a plain module again.
 
 The checks that bake, save, reload and compare (``save_and_verify``, ``reload_logit_difference``)
-live with the tests and integration scripts that use them: ``integration/reload_exactness.py``.
+live with the tests and integration scripts that use them: ``tests/reload_exactness.py``.
 """
 
 from __future__ import annotations

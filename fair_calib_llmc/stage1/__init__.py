@@ -1,5 +1,6 @@
-"""Stage I: full-precision rollouts -> frontier prior -> weighted masked-stage states.
+"""Stage I: calibration rows (masked-stage states or clean text) weighed by one source.
 
-:mod:`.states` (settings and the calibration dataset), :mod:`.prior` (the position prior),
-:mod:`.sensitivity` (per-layer output sensitivity).
+:mod:`.states` (settings and the calibration dataset), :mod:`.sources` (the weight-source
+contract), :mod:`.prior` (the frontier prior), :mod:`.position` (the paper's static position
+prior), :mod:`.sensitivity` (per-layer output sensitivity).
 """

@@ -24,15 +24,21 @@ ignored.
   decisions was (the margin at the step it was written), so the weight lands on this state's
   actual frontier;
 * ``"table"``: the ``(position, stage)`` averages above, the same for every state of a stage.
-  Averaging over all steps of a stage and all rollouts spreads the weight thinly: measured on
-  the built-in model, the committed token was the top-weighted one in only 16% of states;
+  Averaging over all steps of a stage and all rollouts spreads the weight thinly, so the
+  committed token is often not the top-weighted one of its state (docs/results.md);
 * ``"sensitivity"``: the state's frontier decisions (weighted as in ``"state"``) are traced
   back to the hidden states that make them, with one teacher backward pass
   (:mod:`fair_calib_llmc.stage1.sensitivity`): a token weighs
   ``1 + frontier_weight * s_t / max_t s_t`` with ``s_t`` its decision sensitivity, so the
   context a decision reads (its keys and values, the tokens written just before) is weighted,
   not only the decided token. Stage I computes it (:meth:`PositionPrior.decision_weights`
-  gives the per-position decision weights it starts from).
+  gives the per-position decision weights it starts from);
+* ``"position"``: the paper's static position prior, one weight per answer position index
+  from random-order probe rollouts (:mod:`fair_calib_llmc.stage1.position`, settings in
+  ``position:``); the only source that also weighs clean text (``stage1.inputs: text``);
+* ``"uniform"``: every token weighs the same (no rollout is needed for clean text).
+
+Every source answers the one contract of :mod:`fair_calib_llmc.stage1.sources`.
 """
 
 from __future__ import annotations
@@ -45,12 +51,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fair_calib_llmc.sampling.samplers import DiffusionTrace
+from fair_calib_llmc.stage1.position import PositionSettings
+from fair_calib_llmc.stage1.sources import CalibrationRows, to_deciding_columns
 
 __all__ = ["PriorSettings", "PositionPrior", "estimate_prior", "normalise_weights"]
 
 
 class PriorSettings(BaseModel):
-    """Coefficients of the Stage I prior (all documented in the module docstring)."""
+    """Coefficients of the Stage I prior (all documented in the module docstring).
+
+    ``frontier_weight`` .. ``margin_mix`` shape the frontier prior (``state``, ``table``,
+    ``sensitivity``), ``position`` the static position prior; ``min_weight`` floors every
+    source's normalised weights (the position prior's "small floor" outside its window).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -62,10 +75,15 @@ class PriorSettings(BaseModel):
     num_stages: int = Field(4, ge=1, description="masking-ratio buckets")
     margin_mix: float = Field(0.5, ge=0.0, le=1.0, description="margin vs agreement in instability")
     min_weight: float = Field(0.1, gt=0.0, le=1.0, description="floor of a normalised weight")
-    source: Literal["state", "table", "sensitivity"] = Field(
+    source: Literal["state", "table", "sensitivity", "position", "uniform"] = Field(
         "state",
-        description="weights from each state's own rollout, the averaged table, or the "
-        "teacher's sensitivity of the state's frontier decisions to each hidden state",
+        description="weights from each state's own rollout, the averaged table, the "
+        "teacher's sensitivity of the state's frontier decisions to each hidden state, the "
+        "static position prior of random-order probes, or uniform",
+    )
+    position: PositionSettings = Field(
+        default_factory=PositionSettings,
+        description="the static position prior (source: position)",
     )
 
 
@@ -94,6 +112,18 @@ class PositionPrior:
         answer = 1 + s.frontier_weight * hits * (1 + s.instability_weight * unstable)
         prompt = torch.ones(answer.shape[0], trace.prompt_length)
         return torch.cat([prompt, answer], dim=1)
+
+    def row_weights(self, rows: CalibrationRows) -> torch.Tensor:
+        """The weight-source contract (:mod:`fair_calib_llmc.stage1.sources`): each group of
+        state rows weighed by :meth:`raw_weights`, moved to the deciding columns (Dream's last
+        column weighs as a prompt token)."""
+        if not rows.states:
+            raise ValueError(
+                f"the {self.settings.source} prior weighs masked-stage states, not clean text; "
+                "set stage1.prior.source: position (or uniform), or stage1.inputs: states"
+            )
+        raw = torch.cat([self.raw_weights(trace, step) for trace, step in rows.states])
+        return to_deciding_columns(raw, rows.spec, fill=1.0)
 
     def decision_weights(self, trace: DiffusionTrace, step: int) -> torch.Tensor:
         """``(B, L)`` weight of the decision at each position of the state before ``step``:

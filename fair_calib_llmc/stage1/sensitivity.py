@@ -18,13 +18,49 @@ token serves every layer, as ``loss_mask`` does).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from fair_calib_llmc.models.family import DiffusionLMSpec, align_logits
 from fair_calib_llmc.models.layers import named_decoder_layers
+from fair_calib_llmc.stage1.prior import PositionPrior
+from fair_calib_llmc.stage1.sources import CalibrationRows
 
-__all__ = ["layer_sensitivity"]
+__all__ = ["SensitivityWeights", "layer_sensitivity"]
+
+
+@dataclass
+class SensitivityWeights:
+    """The ``sensitivity`` weight source (:mod:`fair_calib_llmc.stage1.sources`): a token
+    weighs ``1 + frontier_weight * s_t / max_t s_t`` in its state, ``s_t`` its sensitivity
+    (module docstring) to the state's frontier decisions, which ``frontier`` weighs
+    (:meth:`PositionPrior.decision_weights`). The gradients already sit on the deciding
+    columns, so no shift is applied.
+
+    :param frontier: the frontier prior of the states' rollouts
+    :param model: the full-precision teacher that takes the backward passes
+    """
+
+    frontier: PositionPrior
+    model: nn.Module
+
+    def row_weights(self, rows: CalibrationRows) -> torch.Tensor:
+        if not rows.states:
+            raise ValueError(
+                "the sensitivity prior weighs masked-stage states, not clean text; set "
+                "stage1.prior.source: position (or uniform), or stage1.inputs: states"
+            )
+        decided = torch.cat([trace.sequences.cpu() for trace, _ in rows.states])
+        decisions = torch.cat(
+            [self.frontier.decision_weights(trace, step) for trace, step in rows.states]
+        )
+        sensitivity = layer_sensitivity(
+            self.model, rows.input_ids, decided, decisions, rows.spec
+        ).mean(0)  # one weight per token serves every layer
+        peak = sensitivity.amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        return 1 + self.frontier.settings.frontier_weight * sensitivity / peak
 
 
 def layer_sensitivity(

@@ -1,51 +1,53 @@
-"""Diffusion-aware calibration data: masked-stage states with per-token frontier weights.
+"""Diffusion-aware calibration data: masked-stage states (or clean text) with per-token weights.
 
 A causal LM is calibrated on text; a dLLM never sees clean text at inference, only partially
-masked answers. This module turns raw calibration text into exactly those inputs:
+masked answers. With ``stage1.inputs: states`` (the default) this module turns raw
+calibration text into exactly those inputs:
 
 1. cut a prompt of ``prompt_length`` tokens from each text;
 2. run the full-precision teacher with its real sampler on the prompts (Stage I rollouts);
-3. estimate the :class:`~fair_calib_llmc.stage1.prior.PositionPrior` from the traces;
-4. emit ``states_per_prompt`` masked-stage states per rollout (``input_ids`` with mask tokens
-   where the answer is still masked at that step) with the prior's per-token weight as a float
-   ``loss_mask``.
+3. emit ``states_per_prompt`` masked-stage states per rollout (``input_ids`` with mask tokens
+   where the answer is still masked at that step).
 
-The result is an ordinary ``datasets.Dataset`` (``input_ids``, ``attention_mask``,
-``loss_mask``) for ``llmcompressor.oneshot(dataset=..., use_loss_mask=True)``. The FP
-hidden-state targets are the teacher's own activations on these ``input_ids``, which the
-sequential pipeline computes layer by layer. For Dream, whose logit column ``i - 1``
-predicts position ``i``, weights move one column left so they land on the hidden state that
-makes the decision.
+With ``stage1.inputs: text`` (the paper's teacher-forced calibration) every row is instead
+``prompt_length + gen_length`` tokens of the calibration text itself, fully observed (no mask
+token), the last ``gen_length`` of them standing where an answer would.
+
+Either way ONE weight source (:mod:`fair_calib_llmc.stage1.sources`; ``stage1.prior.source``)
+weighs the rows, and the weights are normalised jointly and floored. The result is an ordinary
+``datasets.Dataset`` (``input_ids``, ``attention_mask``, ``loss_mask``) for
+``llmcompressor.oneshot(dataset=..., use_loss_mask=True)``. The FP hidden-state targets are
+the teacher's own activations on these ``input_ids``, which the sequential pipeline computes
+layer by layer. For Dream, whose logit column ``i - 1`` predicts position ``i``, weights move
+one column left so they land on the hidden state that makes the decision.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from datasets import Dataset
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fair_calib_llmc.distributed import all_reduce_sum, my_share
+from fair_calib_llmc.distributed import all_reduce_sum, my_share, rank_and_world
 from fair_calib_llmc.io.data import check_prompt_count, prompts_from_texts
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.sampling.samplers import (
+    DiffusionTrace,
     DreamSampler,
     LLaDASampler,
     SamplerBase,
     default_sampler,
     teacher_traces,
 )
-from fair_calib_llmc.stage1.prior import (
-    PositionPrior,
-    PriorSettings,
-    estimate_prior,
-    normalise_weights,
-)
-from fair_calib_llmc.stage1.sensitivity import layer_sensitivity
+from fair_calib_llmc.stage1.position import estimate_position_prior
+from fair_calib_llmc.stage1.prior import PriorSettings, estimate_prior, normalise_weights
+from fair_calib_llmc.stage1.sensitivity import SensitivityWeights
+from fair_calib_llmc.stage1.sources import CalibrationRows, UniformWeights, WeightSource
 
 __all__ = [
     "Stage1Settings",
@@ -53,20 +55,31 @@ __all__ = [
     "check_prompt_count",
     "prompts_from_texts",
     "build_calibration_dataset",
+    "weight_source",
 ]
 
 #: A family's own sampler, told apart by its ``family`` field (``llada`` or ``dream``).
 SamplerSettings = Annotated[LLaDASampler | DreamSampler, Field(discriminator="family")]
 
+#: Sources that weigh masked-stage states from their own rollouts (no clean text).
+STATE_SOURCES = ("state", "table", "sensitivity")
+
 
 class Stage1Settings(BaseModel):
-    """How Stage I turns calibration text into weighted masked-stage states.
+    """How Stage I turns calibration text into weighted calibration rows (the one home of
+    Stage I's settings).
 
-    :param prior: coefficients of the frontier prior (:class:`PriorSettings`)
+    :param prior: the weight source and its coefficients (:class:`PriorSettings`)
     :param sampler: the rollout sampler, e.g. ``{family: llada, steps: 32, gen_length: 32,
-        block_length: 32}``; ``None`` = one commit per step over a 32-token answer
-    :param prompt_length: tokens of calibration text used as the rollout prompt
-    :param states_per_prompt: masked-stage states kept per rollout (evenly spaced steps)
+        block_length: 32}``; ``None`` = one commit per step over a 32-token answer. Its
+        ``gen_length`` is the answer length of every row, text rows included
+    :param prompt_length: tokens of calibration text used as the rollout prompt (with
+        ``inputs: text``, the row's leading part)
+    :param states_per_prompt: masked-stage states kept per rollout (evenly spaced steps;
+        ``inputs: states`` only)
+    :param inputs: ``states``: masked-stage states of the teacher's rollouts; ``text``: fully
+        observed calibration text of ``prompt_length + gen_length`` tokens (teacher forcing,
+        the paper's Stage II input), weighed by ``prior.source: position`` or ``uniform``
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -75,22 +88,61 @@ class Stage1Settings(BaseModel):
     sampler: SamplerSettings | None = None
     prompt_length: int = Field(32, gt=0)
     states_per_prompt: int = Field(4, gt=0)
+    inputs: Literal["states", "text"] = "states"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Stage1Settings:
+        if self.inputs == "text" and self.prior.source in STATE_SOURCES:
+            raise ValueError(
+                f"stage1.inputs: text has no masked-stage states for prior.source: "
+                f"{self.prior.source}; set prior.source: position (the paper's prior for clean "
+                "text) or uniform, or inputs: states"
+            )
+        if self.sampler is not None:
+            self.prior.position.check_window(self.sampler.gen_length)
+        return self
+
+    @classmethod
+    def parse(cls, value: Stage1Settings | dict | None) -> Stage1Settings:
+        """``value`` as settings (``None``: the defaults), or a ``ValueError`` on one line
+        naming every bad field (``stage1.<field>: <what is wrong>``)."""
+        if isinstance(value, Stage1Settings):
+            value = value.model_dump()
+        try:
+            return cls.model_validate(value or {})
+        except ValidationError as err:
+            problems = "; ".join(
+                f"stage1.{'.'.join(str(p) for p in e['loc'])}: " * bool(e["loc"])
+                + e["msg"].removeprefix("Value error, ")
+                + ("" if e["type"] == "value_error" else f" (got {e.get('input')!r})")
+                for e in err.errors()
+            )
+            raise ValueError(f"bad Stage I settings: {problems}") from None
 
     def sampler_for(self, spec: DiffusionLMSpec) -> SamplerBase:
-        """The configured sampler, checked against the model family, or the default one."""
-        if self.sampler is None:
-            return default_sampler(spec)
-        if self.sampler.family != spec.family:
+        """The configured sampler, checked against the model family and the position prior's
+        window, or the default one."""
+        sampler = self.sampler if self.sampler is not None else default_sampler(spec)
+        if sampler.family != spec.family:
             raise ValueError(
-                f"stage1.sampler is a {self.sampler.family} sampler but the model is a "
+                f"stage1.sampler is a {sampler.family} sampler but the model is a "
                 f"{spec.family} dLLM; set stage1.sampler.family: {spec.family}"
             )
-        return self.sampler
+        self.prior.position.check_window(sampler.gen_length)
+        if self.inputs == "states" and self.states_per_prompt > sampler.steps:
+            raise ValueError(
+                f"states_per_prompt ({self.states_per_prompt}) exceeds the sampler's steps "
+                f"({sampler.steps}); lower stage1.states_per_prompt or raise the sampler's steps"
+            )
+        return sampler
 
 
 @dataclass(frozen=True)
 class WeightStats:
-    """Where Stage I put the loss mass: read this to see whether the weighting can matter."""
+    """Where Stage I put the loss mass: read this to see whether the weighting can matter.
+
+    Clean-text rows (``inputs: text``) have no frontier: the three frontier fields are 0.
+    """
 
     max_over_mean: float
     frontier_token_share: float  # fraction of tokens committed at their state's step
@@ -107,8 +159,13 @@ def build_calibration_dataset(
     max_prompts: int | None = None,
     seed: int = 0,
     spec: DiffusionLMSpec | None = None,
-) -> tuple[Dataset, PositionPrior, WeightStats]:
-    """Stage I: teacher rollouts -> position prior -> weighted masked-stage states.
+) -> tuple[Dataset, WeightSource, WeightStats]:
+    """Stage I: calibration rows (masked-stage states or clean text) weighed by one source.
+
+    Returns the dataset, the weight source (its estimate: the frontier tables of
+    :class:`~fair_calib_llmc.stage1.prior.PositionPrior`, the vector of
+    :class:`~fair_calib_llmc.stage1.position.StaticPositionPrior`, ...) and where the weight
+    went (:class:`WeightStats`).
 
     :param spec: the run's :class:`~fair_calib_llmc.models.family.DiffusionLMSpec`
         (:func:`fair_calib_llmc.quantize` passes its own); called on its own, this reads it
@@ -117,72 +174,109 @@ def build_calibration_dataset(
     settings = settings or Stage1Settings()
     if spec is None:  # called on its own (an entry point, as in the examples)
         spec = diffusion_spec(model, tokenizer)
-    sampler = settings.sampler_for(spec)
-    # under torchrun each process rolls out its share; the prior and the normalisation are
+    sampler = settings.sampler_for(spec)  # every setting checked before any rollout
+    text = settings.inputs == "text"
+    length = settings.prompt_length + (sampler.gen_length if text else 0)
+    need = (
+        f"with stage1.inputs: text a row is stage1.prompt_length ({settings.prompt_length}) + "
+        f"the sampler's gen_length ({sampler.gen_length}) tokens; pass longer texts or lower "
+        "either"
+        if text
+        else None
+    )
+    # under torchrun each process takes its share; the prior and the normalisation are
     # summed over processes (fair_calib_llmc.distributed)
-    prompts = my_share(prompts_from_texts(texts, tokenizer, settings.prompt_length, max_prompts))
-    if settings.states_per_prompt > sampler.steps:
-        raise ValueError(
-            f"states_per_prompt ({settings.states_per_prompt}) exceeds the sampler's steps "
-            f"({sampler.steps}); lower stage1.states_per_prompt or raise the sampler's steps"
-        )
-    logger.info(f"Stage I: {len(prompts)} teacher rollouts, {sampler!r}")
-    rollouts = teacher_traces(model, sampler, prompts, seed=seed, spec=spec)
-    prior = estimate_prior([trace for _, trace in rollouts], settings.prior, all_reduce_sum)
-
-    picks = torch.linspace(0, sampler.steps - 1, settings.states_per_prompt).round().long()
-    by_sensitivity = settings.prior.source == "sensitivity"
-    input_ids, weights, frontier, decided = [], [], [], []
-    for _, trace in rollouts:
-        trace = trace.to("cpu")
-        states = trace.states(spec.mask_token_id)
-        for step in picks.unique().tolist():
-            committed = trace.committed[step]
-            if by_sensitivity:
-                raw = prior.decision_weights(trace, step)  # per decided position, see below
-                decided.extend(trace.sequences)
-            else:
-                raw = prior.raw_weights(trace, step)
-            if spec.shift_logits:  # column i-1 decides position i
-                committed = torch.cat([committed[:, 1:], committed[:, :1] & False], dim=1)
-                if not by_sensitivity:  # sensitivities already sit on the deciding columns
-                    raw = torch.cat([raw[:, 1:], torch.ones_like(raw[:, :1])], dim=1)
-            input_ids.extend(states[step])
-            weights.extend(raw)
-            frontier.extend(committed)
-    if by_sensitivity:
-        weights = list(
-            sensitivity_weights(
-                model, input_ids, decided, weights, spec, settings.prior.frontier_weight
-            )
-        )
-    weights = normalise_weights(weights, settings.prior.min_weight, all_reduce_sum)
-    stats = weight_stats(weights, frontier)
+    cut = my_share(prompts_from_texts(texts, tokenizer, length, max_prompts, need=need))
+    prompts = [row[: settings.prompt_length] for row in cut]
+    if text:
+        rows, rollouts = text_rows(cut, settings.prompt_length, spec), []
+    else:
+        logger.info(f"Stage I: {len(prompts)} teacher rollouts, {sampler!r}")
+        rollouts = [
+            trace.to("cpu")
+            for _, trace in teacher_traces(model, sampler, prompts, seed=seed, spec=spec)
+        ]
+        rows = state_rows(rollouts, sampler.steps, settings.states_per_prompt, spec)
+    source = weight_source(model, settings, sampler, prompts, rollouts, spec, seed=seed)
+    raw = source.row_weights(rows)
+    weights = normalise_weights(list(raw), settings.prior.min_weight, all_reduce_sum)
+    stats = weight_stats(weights, list(rows.frontier()))
     logger.info(
-        f"Stage I: {len(input_ids)} masked-stage states; weight max/mean "
-        f"{stats.max_over_mean:.2f}, frontier tokens {stats.frontier_token_share:.1%} of "
-        f"tokens carry {stats.frontier_mass_share:.1%} of the weight"
+        f"Stage I: {len(weights)} {'clean-text rows' if text else 'masked-stage states'}, "
+        f"{settings.prior.source} weights; weight max/mean {stats.max_over_mean:.2f}, frontier "
+        f"tokens {stats.frontier_token_share:.1%} of tokens carry "
+        f"{stats.frontier_mass_share:.1%} of the weight"
     )
     dataset = Dataset.from_dict(
         {
-            "input_ids": [x.tolist() for x in input_ids],
-            "attention_mask": [[1] * len(x) for x in input_ids],
+            "input_ids": rows.input_ids.tolist(),
+            "attention_mask": torch.ones_like(rows.input_ids).tolist(),
             "loss_mask": [w.tolist() for w in weights],
         }
     )
-    return dataset, prior, stats
+    return dataset, source, stats
 
 
-def sensitivity_weights(
-    model, states, decided, decision_weights, spec, frontier_weight: float
-) -> torch.Tensor:
-    """``(N, L)`` raw token weights ``1 + frontier_weight * s_t / max_t s_t`` from the
-    teacher's decision sensitivity (:mod:`fair_calib_llmc.stage1.sensitivity`), per state."""
-    sensitivity = layer_sensitivity(
-        model, torch.stack(states), torch.stack(decided), torch.stack(decision_weights), spec
-    ).mean(0)  # one weight per token serves every layer
-    peak = sensitivity.amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    return 1 + frontier_weight * sensitivity / peak
+def weight_source(
+    model: torch.nn.Module,
+    settings: Stage1Settings,
+    sampler: SamplerBase,
+    prompts: Sequence[torch.Tensor],
+    rollouts: list[DiffusionTrace],
+    spec: DiffusionLMSpec,
+    *,
+    seed: int = 0,
+) -> WeightSource:
+    """The one place Stage I branches on ``stage1.prior.source``: the source, estimated.
+
+    :param prompts: this rank's calibration prompts (the position prior's probes decode them)
+    :param rollouts: this rank's rollouts of ``sampler`` (masked-stage states; empty for text)
+    """
+    prior = settings.prior
+    if prior.source == "uniform":
+        return UniformWeights()
+    if prior.source == "position":
+        rank, world = rank_and_world()
+        return estimate_position_prior(
+            model,
+            sampler,
+            prompts,
+            prior.position,
+            spec,
+            seed=seed,
+            rank=rank,
+            world=world,
+            reduce=all_reduce_sum,
+        )
+    frontier = estimate_prior(rollouts, prior, all_reduce_sum)
+    if prior.source == "sensitivity":
+        return SensitivityWeights(frontier, model)
+    return frontier
+
+
+def state_rows(
+    rollouts: list[DiffusionTrace], steps: int, states_per_prompt: int, spec: DiffusionLMSpec
+) -> CalibrationRows:
+    """``states_per_prompt`` masked-stage states of every rollout, at evenly spaced steps."""
+    picks = torch.linspace(0, steps - 1, states_per_prompt).round().long().unique().tolist()
+    groups = [(trace, step) for trace in rollouts for step in picks]
+    input_ids = torch.cat([trace.states(spec.mask_token_id)[step] for trace, step in groups])
+    return CalibrationRows(input_ids, rollouts[0].prompt_length, spec, groups)
+
+
+def text_rows(
+    cut: Sequence[torch.Tensor], prompt_length: int, spec: DiffusionLMSpec
+) -> CalibrationRows:
+    """Clean-text rows (teacher forcing): the cut texts as they are, refused if one holds the
+    mask token (a clean row has none)."""
+    input_ids = torch.stack(list(cut))
+    holding = int((input_ids == spec.mask_token_id).any(dim=1).sum())
+    if holding:
+        raise ValueError(
+            f"{holding} calibration text(s) hold the mask token ({spec.mask_token_id}), which "
+            "clean-text rows (stage1.inputs: text) must not; remove it from the calibration text"
+        )
+    return CalibrationRows(input_ids, prompt_length, spec)
 
 
 def weight_stats(weights: list[torch.Tensor], frontier: list[torch.Tensor]) -> WeightStats:

@@ -87,9 +87,9 @@ class EquivalentRescaleModifier(Modifier):
 
     :param eps: the scales' relative spread, ``s = 1 + eps z`` (``z`` standard Gaussian);
         the full-precision function does not depend on it, the rounding decisions do. The
-        default 0.01 re-rolls about 4.6% of the down projection's NVFP4 weight codes on the
-        built-in model (``integration/equivalent_reroll.py``), as many as the rotation control
-        at 0.001 there; 0.001 is below bf16's resolution (bf16 weights keep their codes)
+        default re-rolls about as many weight codes as the rotation control's default
+        (``integration/equivalent_reroll.py`` measures it; docs/results.md); much smaller eps
+        fall below bf16's resolution, where bf16 weights keep their codes
     :param seed: the seed of ``z`` (one generator, drawn pair by pair in layer order)
     """
 

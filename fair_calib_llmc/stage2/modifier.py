@@ -1,7 +1,7 @@
 """``FAIRCalibModifier``: FAIR-Calib Stage II inside llm-compressor's sequential pipeline.
 
 At W4A4 most frontier decision flips come from the 4-bit activations, not from weight rounding
-(the README's diagnosis table). Plain GPTQ cannot see them: it fits the weights to the
+(docs/results.md, the activation floor). Plain GPTQ cannot see them: it fits the weights to the
 layer's full-precision activations of the model it is quantizing. FAIR-Calib Stage II fits
 every linear layer to what the deployed model computes instead
 (:mod:`fair_calib_llmc.stage2.reconstruction`):
@@ -42,6 +42,7 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from fair_calib_llmc.distributed import all_reduce_sum
 from fair_calib_llmc.formats.schemes import check_scheme_name
+from fair_calib_llmc.models.configs import LM_HEADS
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.models.layers import named_decoder_layers
 from fair_calib_llmc.stage1.states import Stage1Settings
@@ -83,7 +84,6 @@ class FAIRCalibModifier(GPTQModifier):
             FAIRCalibModifier:
               scheme: W4A4_G128_PACKED
               targets: [Linear]
-              ignore: ["re:^model\\.transformer\\.ff_out$", "lm_head"]
               stage1: {prior: {frontier_weight: 4.0}, states_per_prompt: 4}
 
     :param stage1: Stage I settings (rollout sampler, prompts, prior), read by
@@ -92,9 +92,8 @@ class FAIRCalibModifier(GPTQModifier):
         the target is the full-precision weight on the quantized model's input
     :param target_strength: how far to move towards the least-squares target ``W*``
         (0 = GPTQ on the weighted Hessian of the quantized inputs). The full step (1.0)
-        over-fits the calibration states: on both reference models it raised flips by 16-36%
-        over QuaRot + GPTQ, while 0.25 (GPTAQ's own default) lowered them (a development
-        seed, 100, kept apart from the benchmark's seeds; see the README)
+        over-fits a few hundred calibration states; 0.25 is GPTAQ's own default, chosen on a
+        development seed kept apart from the benchmark's (docs/results.md, development sweep)
     :param use_token_weights: weight tokens by the Stage I ``loss_mask``; off = uniform weights
         (the ablation that isolates what the frontier prior adds)
     :param require_token_weights: with ``use_token_weights``, refuse to run without weights
@@ -116,6 +115,17 @@ class FAIRCalibModifier(GPTQModifier):
     _sqrt_weights: dict = PrivateAttr(default_factory=dict)
     #: the run's spec, handed over by fair_calib_llmc.quantize (else read off the model)
     _diffusion_spec: DiffusionLMSpec | None = PrivateAttr(default=None)
+
+    #: validated even when a recipe leaves it out, so the heads are always added
+    ignore: list[str] = Field(default_factory=list, validate_default=True)
+
+    @field_validator("ignore", mode="after")
+    @classmethod
+    def _lm_heads_stay_unquantized(cls, value: list[str]) -> list[str]:
+        """Both families' LM heads join ``ignore``, as the recipe loader adds them for every
+        quantizer: recipes do not spell a family's head, and this modifier keeps it in full
+        precision under plain ``oneshot`` too."""
+        return [*value, *(head for head in LM_HEADS if head not in value)]
 
     @field_validator("scheme", mode="before")
     @classmethod

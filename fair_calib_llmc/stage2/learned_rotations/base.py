@@ -4,7 +4,7 @@
 full-precision model computes what the original computes. Upstream always mean-centres the
 embedding rows before it rotates, which keeps the function only under LayerNorm (which
 subtracts the mean anyway); LLaDA and Dream use RMSNorm, where centring changes every hidden
-state (the built-in model's fp32 logits moved by up to 1.3). Here the embeddings are centred
+state (and the logits with it). Here the embeddings are centred
 only when a fused norm is a LayerNorm.
 
 ``LearnedSpinQuantModifier`` learns R1 (the residual stream) and a per-layer R2 (each head's
@@ -79,7 +79,7 @@ from fair_calib_llmc.stage2.learned_rotations.rotated_linear import (
     fuse_rotation,
     rotated_forward,
 )
-from fair_calib_llmc.stage2.learned_rotations.ste import LEARNABLE_STRATEGIES
+from fair_calib_llmc.stage2.learned_rotations.ste import learnable_linears
 
 __all__ = ["ExactSpinQuantModifier", "LearnedSpinQuantModifier", "rotation_sites"]
 
@@ -482,38 +482,12 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
 
     def _quantized_linears(self, model: nn.Module) -> dict[nn.Module, tuple]:
         """Each quantized linear layer's (activation args, weight args) to learn against."""
-        layers = {}
-        for name, module in model.named_modules():
-            scheme = getattr(module, "quantization_scheme", None)
-            if not isinstance(module, nn.Linear) or scheme is None:
-                continue
-            acts, weights = scheme.input_activations, scheme.weights
-            for kind, args in (("activation", acts), ("weight", weights)):
-                if args is not None and args.strategy not in LEARNABLE_STRATEGIES:
-                    raise ValueError(
-                        f"{name}: {kind} strategy {args.strategy} cannot be learned against "
-                        f"(learning supports {[s.value for s in LEARNABLE_STRATEGIES]}, e.g. "
-                        "W4A4_G128_PACKED)"
-                    )
-            if acts is not None and not acts.dynamic:
-                raise ValueError(
-                    f"{name}: static activation scales are calibrated after learning; learn "
-                    "against a scheme with dynamic activations (e.g. W4A4_G128_PACKED)"
-                )
-            if self.learn_weight_clipping and weights is not None and not weights.symmetric:
-                raise ValueError(
-                    f"{name}: learned weight clipping clamps a symmetric range; the weight "
-                    "scheme is asymmetric: use a symmetric scheme (e.g. W4A4_G128_PACKED) or "
-                    "set learn_weight_clipping: false"
-                )
-            layers[module] = (acts, weights if self.weights_in_loop else None)
-        if not layers:
-            raise ValueError(
-                "LearnedSpinQuantModifier found no quantized layers to learn against: put a "
-                "quantization stage (FAIRCalibModifier, GPTQModifier, QuantizationModifier) "
-                "after it in the same recipe"
-            )
-        return layers
+        return learnable_linears(
+            model,
+            "LearnedSpinQuantModifier",
+            weights_in_loop=self.weights_in_loop,
+            symmetric_weights=self.learn_weight_clipping,
+        )
 
     def _weights(self, batch: dict, token_weights: str | None = None) -> torch.Tensor:
         if (token_weights or self.token_weights) == "uniform" or "loss_mask" not in batch:

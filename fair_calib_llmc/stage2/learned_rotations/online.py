@@ -29,7 +29,7 @@ from compressed_tensors.transform.utils.hadamard import (
 )
 from torch import nn
 
-__all__ = ["SAVED_TYPE", "hadamard_start", "attach_online_rotation"]
+__all__ = ["SAVED_TYPE", "hadamard_start", "attach_online_rotation", "attach_online_transform"]
 
 #: the transform type a learned online rotation is saved as (see the module docstring)
 SAVED_TYPE = "random-hadamard"
@@ -71,4 +71,32 @@ def attach_online_rotation(
     factory.apply_to_model(model, use_tqdm=False)  # the weight side fuses in float64
     transform = getattr(module, f"{group}_input")
     transform.weight = nn.Parameter(stored.to(precision), requires_grad=False)
+    return scheme
+
+
+@torch.no_grad()
+def attach_online_transform(
+    model: nn.Module, names: list[str], p: torch.Tensor, group: str, precision: torch.dtype
+) -> TransformScheme:
+    """Attach ``x -> x blockdiag(p)`` to the inputs of the linear layers ``names`` (one
+    weight shared by all of them), as the transform group ``group``, for any invertible
+    ``p``. Unlike :func:`attach_online_rotation` nothing is fused here: compressed-tensors'
+    weight-side inverse is the transpose, right only for a rotation, so the caller has
+    already written ``W p^-T`` into the weights (in float64). Returns the scheme to record in
+    the model's ``transform_config``; a reload rebuilds the transform and loads ``p``."""
+    modules = [model.get_submodule(name) for name in names]
+    size = p.shape[0]
+    widths = {module.in_features for module in modules}
+    if len(widths) != 1:
+        raise ValueError(f"{names} have different input widths {sorted(widths)}")
+    scheme = TransformScheme(
+        type=SAVED_TYPE,
+        precision=precision,
+        head_dim=size if size != widths.pop() else None,
+        apply=[TransformArgs(targets=list(names), location="input")],
+    )
+    factory = TransformFactory.from_scheme(scheme, name=group)
+    stored = p.detach().to(modules[0].weight.device, torch.float64) * size**0.5
+    factory.weights[(size,)] = nn.Parameter(stored.to(precision), requires_grad=False)
+    factory.apply_to_model(model, use_tqdm=False)
     return scheme

@@ -1,0 +1,10 @@
+"""FlatQuant-class Stage II: per-layer learned affine transforms, trained block by block.
+
+:mod:`.base` holds the modifier (lifecycle); :mod:`.learner` the per-layer training loop;
+:mod:`.transforms` the maths of a transformed linear layer; :mod:`.sites` which modules of
+a decoder layer each transform touches.
+"""
+
+from fair_calib_llmc.stage2.flatquant.base import FlatQuantModifier
+
+__all__ = ["FlatQuantModifier"]
