@@ -17,7 +17,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +275,7 @@ def quantize(
     batch_size: int = 16,
     prompt_length: int | None = None,
     scheme: str | None = None,
+    overrides: Mapping[str, object] | None = None,
     stage1: Stage1Settings | dict | None = None,
 ) -> QuantizeResult:
     """Stage I + ``oneshot`` + atomic compressed save. See the module docstring.
@@ -295,10 +296,12 @@ def quantize(
     :param scheme: replace the quantization scheme of the recipe's quantizing modifiers (a
         compressed-tensors preset name such as ``NVFP4``, ``MXFP4`` or
         ``W4A4_G128_AG128_PACKED``; see :func:`fair_calib_llmc.recipe.with_scheme`)
+    :param overrides: recipe fields to set, ``{"Modifier.field": value}``
+        (:func:`fair_calib_llmc.recipe.with_overrides`; ``--set`` on the command line)
     """
     check_prompt_count(max_prompts)
     _check_arguments(model, seed=seed, batch_size=batch_size)
-    recipe, recipe_level = load_recipe_and_stage1(recipe, scheme=scheme)
+    recipe, recipe_level = load_recipe_and_stage1(recipe, scheme=scheme, overrides=overrides)
     if isinstance(model, (str, os.PathLike)):
         if output_dir is not None:  # before loading, which takes minutes at 8B size
             check_output_dir(output_dir, model_dir=Path(model).expanduser(), overwrite=overwrite)
