@@ -109,9 +109,12 @@ def stage1_settings(
             stage1 = fair.stage1
         else:
             stage1 = Stage1Settings()
-    stage1 = Stage1Settings.parse(stage1)
-    if prompt_length is not None:
-        stage1 = Stage1Settings.parse({**stage1.model_dump(), "prompt_length": prompt_length})
+    try:
+        stage1 = Stage1Settings.parse(stage1)
+        if prompt_length is not None:
+            stage1 = Stage1Settings.parse({**stage1.model_dump(), "prompt_length": prompt_length})
+    except ValueError as err:  # a recipe's (or stage1=) settings: a recipe error, one line
+        raise RecipeError(str(err)) from None
     return stage1
 
 
