@@ -396,3 +396,23 @@ def test_statistics_come_from_the_deployed_layer(
     # the first layer's o_proj already sees another input when q/k/v are still unquantized
     hessian, _ = one_pass["0.attn_out"]["used"]
     assert not _close(hessian, one_pass["0.attn_out"]["deployed"][0], rtol=1e-2)
+
+
+@pytest.mark.integration
+def test_two_layers_in_one_subgraph_fail_with_the_fix(
+    llada, tokenizer, calibration_texts, tmp_path
+):
+    model = saved(llada, tokenizer, tmp_path / "fp")
+    dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=1)
+    with pytest.raises(ValueError, match="sequential_targets_per_subgraph=1"):
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            recipe=FAIRCalibModifier(
+                scheme="W4A4_G128_PACKED", ignore=[r"re:^model\.transformer\.ff_out$"]
+            ),
+            dataset=dataset,
+            use_loss_mask=True,
+            num_calibration_samples=len(dataset),
+            sequential_targets_per_subgraph=2,
+        )

@@ -208,10 +208,16 @@ class FAIRCalibModifier(GPTQModifier):
         return handle
 
     def on_sequential_epoch_end(self, state: State, event: Event, modules, **kwargs):
-        layer = next((m for m in modules if m in self._layer_inputs), None)
-        if layer is None:  # the embeddings, the head, or linears outside decoder layers
+        layers = [m for m in modules if m in self._layer_inputs]
+        if not layers:  # the embeddings, the head, or linears outside decoder layers
             self._quantize(state, event, modules, **kwargs)
             return
+        if len(layers) > 1:  # the later layer's cached inputs saw the earlier one unquantized
+            raise ValueError(
+                f"FAIRCalibModifier got {len(layers)} decoder layers in one subgraph; "
+                "calibrate one layer per subgraph (oneshot(..., sequential_targets_per_subgraph=1))"
+            )
+        layer = layers[0]
         cache = self._layer_inputs.pop(layer)
         groups = self._groups.pop(layer, [])
         self._last_input = None
