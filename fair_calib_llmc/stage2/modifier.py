@@ -221,7 +221,7 @@ class FAIRCalibModifier(GPTQModifier):
         cache = self._layer_inputs.pop(layer)
         groups = self._groups.pop(layer, [])
         self._last_input = None
-        if not self.deployed_inputs:
+        if not self.deployed_inputs and groups:
             groups = [[m for group in groups for m in group]]
         fp_weights = None
         if self.fp_targets:  # what the full-precision stream computes with, whatever GPTQ writes
