@@ -19,9 +19,11 @@ import sys
 
 METHODS = (
     "rtn, gptq, r1r2+gptq, quarot+gptq, quarot+autoround, fair-calib-uniform, fair-calib, "
-    "spinquant-learned+gptq, fair-calib-learned"
+    "spinquant-learned+gptq, fair-calib-learned, flatquant, fair-calib-flat"
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: intra-op CPU threads of every command (0: torch's default); see commands.set_threads
+THREADS_ENV = "FAIR_CALIB_LLMC_THREADS"
 
 
 def positive_int(text: str) -> int:
@@ -124,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         required=True,
         help="a shipped recipe name (int W4A4: fair_calib_w4a4, fair_calib_uniform_w4a4, "
-        "fair_calib_learned_w4a4, quarot_gptq_w4a4, quarot_autoround_w4a4, "
+        "fair_calib_learned_w4a4, fair_calib_flatquant_w4a4, flatquant_w4a4, quarot_gptq_w4a4, "
+        "quarot_autoround_w4a4, "
         "spinquant_gptq_w4a4, spinquant_learned_gptq_w4a4, gptq_w4a4, rtn_w4a4; NVFP4: "
         "fair_calib_nvfp4, hadamard16_gptq_nvfp4; MXFP4: fair_calib_hadamard32_mxfp4, "
         "fair_calib_mxfp4, hadamard32_gptq_mxfp4) or a .yaml path",
@@ -262,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         from fair_calib_llmc.cli import commands
 
         commands.configure_logging(verbose=args.verbose)
+        commands.set_threads(os.environ.get(THREADS_ENV))
         _command(args)(args)
     except KeyboardInterrupt:
         print("fair-calib-llmc: interrupted", file=sys.stderr)

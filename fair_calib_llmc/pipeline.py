@@ -17,7 +17,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,7 @@ __all__ = [
     "quantize",
     "QuantizeResult",
     "refuse_quantized_model",
+    "kept_dtype",
     "restore_model_dtype",
     "session_released",
     "stage1_settings",
@@ -108,9 +109,12 @@ def stage1_settings(
             stage1 = fair.stage1
         else:
             stage1 = Stage1Settings()
-    stage1 = Stage1Settings.parse(stage1)
-    if prompt_length is not None:
-        stage1 = Stage1Settings.parse({**stage1.model_dump(), "prompt_length": prompt_length})
+    try:
+        stage1 = Stage1Settings.parse(stage1)
+        if prompt_length is not None:
+            stage1 = Stage1Settings.parse({**stage1.model_dump(), "prompt_length": prompt_length})
+    except ValueError as err:  # a recipe's (or stage1=) settings: a recipe error, one line
+        raise RecipeError(str(err)) from None
     return stage1
 
 
@@ -173,30 +177,45 @@ def session_released(recipe: Recipe) -> Iterator[None]:
         active_session().lifecycle.recipe = Recipe.create_instance(recipe.yaml())
 
 
+def kept_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``module``'s own floating tensors keep after :func:`quantize`: an online
+    transform's (SpinQuant / QuIP R3, R4: a compressed-tensors transform module applied at run
+    time) is its scheme's ``precision`` (float64 unless the recipe says otherwise, and so it is
+    saved); every other tensor's is the model's ``dtype``."""
+    args, scheme = getattr(module, "args", None), getattr(module, "scheme", None)
+    is_online = getattr(args, "is_online", None)
+    if scheme is not None and callable(is_online) and is_online():
+        return scheme.precision
+    return dtype
+
+
 @torch.no_grad()
 def restore_model_dtype(model, dtype: torch.dtype) -> int:
-    """Cast back the floating parameters and buffers ``oneshot`` left in another dtype.
+    """Give every floating parameter and buffer ``oneshot`` left in another dtype the one it
+    keeps (:func:`kept_dtype`): the model's ``dtype``, or an online transform's precision.
 
-    auto-round optimises in bfloat16 and leaves the weights, norms, scales and the online
-    Hadamards of a float32 model in bfloat16: its forward then fails (``float !=
-    BFloat16``); only the compressed save hid it. Tensors already in ``dtype``, integer ones
-    (zero points, packed weights) and wider floating ones (SpinQuant's float64 online
-    Hadamards, kept for precision) stay. Each tensor is replaced through its module's
-    (offload) dict, as compressed-tensors' update would copy into the old dtype; a tensor
-    shared by several modules stays shared. Returns the tensors cast.
+    auto-round optimises in bfloat16 where the CPU or GPU has it (its ``amp``) and casts the
+    whole model, online Hadamards included: a float32 model's forward then fails (``float !=
+    BFloat16``), and the transforms came back float32 on such a machine but float64 on one
+    without bfloat16. Casting a Hadamard (entries +-1) back to float64 is exact. Wider
+    floating tensors that are not transforms stay; integer ones (zero points, packed weights)
+    are never touched. Each tensor is replaced through its module's (offload) dict, as
+    compressed-tensors' update would copy into the old dtype; a tensor shared by several
+    modules stays shared. Returns the tensors cast.
     """
-    bits = torch.finfo(dtype).bits
     cast: dict[int, torch.Tensor] = {}
     for module in model.modules():
+        target = kept_dtype(module, dtype)
+        bits = torch.finfo(target).bits
         for tensors in (module._parameters, module._buffers):
             for name in list(tensors):
                 tensor = tensors[name]
-                if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+                if tensor is None or not tensor.is_floating_point() or tensor.dtype == target:
                     continue
-                if torch.finfo(tensor.dtype).bits > bits:
+                if target == dtype and torch.finfo(tensor.dtype).bits > bits:
                     continue
                 if id(tensor) not in cast:
-                    data = tensor.data.to(dtype)
+                    data = tensor.data.to(target)
                     cast[id(tensor)] = (
                         torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
                         if isinstance(tensor, torch.nn.Parameter)
@@ -230,6 +249,21 @@ def _claimed_output_dir(model, model_dir, output_dir, overwrite) -> Iterator[Pat
         )
 
 
+def _check_arguments(model, *, seed, batch_size) -> None:
+    """One line for arguments that would otherwise fail deep inside a run (``model=None`` an
+    AttributeError, ``seed='x'`` a torch error, ``batch_size=0`` after Stage I)."""
+    if model is None or not (isinstance(model, (str, os.PathLike, torch.nn.Module))):
+        raise TypeError(
+            f"quantize() needs a model (a LLaDA / Dream torch module, or its checkpoint "
+            f"directory), got {type(model).__name__}"
+        )
+    for name, value in (("seed", seed), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+
+
 def quantize(
     model,
     tokenizer,
@@ -244,6 +278,7 @@ def quantize(
     batch_size: int = 16,
     prompt_length: int | None = None,
     scheme: str | None = None,
+    overrides: Mapping[str, object] | None = None,
     stage1: Stage1Settings | dict | None = None,
 ) -> QuantizeResult:
     """Stage I + ``oneshot`` + atomic compressed save. See the module docstring.
@@ -264,9 +299,12 @@ def quantize(
     :param scheme: replace the quantization scheme of the recipe's quantizing modifiers (a
         compressed-tensors preset name such as ``NVFP4``, ``MXFP4`` or
         ``W4A4_G128_AG128_PACKED``; see :func:`fair_calib_llmc.recipe.with_scheme`)
+    :param overrides: recipe fields to set, ``{"Modifier.field": value}``
+        (:func:`fair_calib_llmc.recipe.with_overrides`; ``--set`` on the command line)
     """
     check_prompt_count(max_prompts)
-    recipe, recipe_level = load_recipe_and_stage1(recipe, scheme=scheme)
+    _check_arguments(model, seed=seed, batch_size=batch_size)
+    recipe, recipe_level = load_recipe_and_stage1(recipe, scheme=scheme, overrides=overrides)
     if isinstance(model, (str, os.PathLike)):
         if output_dir is not None:  # before loading, which takes minutes at 8B size
             check_output_dir(output_dir, model_dir=Path(model).expanduser(), overwrite=overwrite)

@@ -19,15 +19,22 @@ not name a family's head), and :func:`with_overrides` sets any modifier field by
 from __future__ import annotations
 
 import copy
+import difflib
 import os
+import sys
 from collections.abc import Mapping
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
-from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
-from llmcompressor.recipe import Recipe
-from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from llmcompressor.recipe import Recipe
+
+# llm-compressor and compressed-tensors are imported where a recipe is parsed, not here: a
+# missing or unreadable recipe, and scripts that only write recipes, fail or finish in a
+# fraction of a second instead of after seconds of imports.
 
 from fair_calib_llmc.models.configs import LM_HEADS
 
@@ -97,7 +104,12 @@ def read_recipe(recipe: str | os.PathLike) -> tuple[str, str]:
         return shipped[text], f"shipped recipe {text!r}"
     path = Path(text).expanduser()
     if path.is_file():
-        return path.read_text(), str(path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError:
+            raise RecipeError(
+                f"{path}: not a text recipe (not UTF-8); pass a YAML recipe file"
+            ) from None
     if is_path:
         raise RecipeError(f"no such recipe file: {text}")
     raise RecipeError(
@@ -221,6 +233,8 @@ def with_scheme(data: dict, scheme: str, source: str = "the recipe") -> dict:
     format; :func:`with_overrides` of every modifier's ``scheme``. A modifier that spells out
     ``config_groups`` cannot be re-schemed, and a recipe without any ``scheme`` field has
     nothing to change; both fail here, before any work."""
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
     import fair_calib_llmc.formats.schemes  # noqa: F401 - registers our presets
 
     name = scheme.upper()
@@ -293,7 +307,8 @@ def load_recipe_and_stage1(
     any recipe may carry, read by :func:`fair_calib_llmc.quantize`, not by llm-compressor),
     from one read of the recipe; ``None`` where none is set or ``recipe`` is a parsed
     ``Recipe`` (which holds only modifiers, taken as they are)."""
-    if isinstance(recipe, Recipe):
+    parsed = sys.modules.get("llmcompressor.recipe")  # a Recipe object exists only after it
+    if parsed is not None and isinstance(recipe, parsed.Recipe):
         if scheme is not None or overrides:
             raise RecipeError(
                 "scheme= and overrides= need a recipe name, path, text or mapping, not a "
@@ -312,13 +327,50 @@ def load_recipe_and_stage1(
     if scheme is not None:
         data = with_scheme(data, scheme, source)
     text = yaml.safe_dump(with_lm_heads(data), sort_keys=False)
+    from llmcompressor.recipe import Recipe
+    from pydantic import ValidationError
+
+    import fair_calib_llmc  # noqa: F401 - registers the project's modifiers with the factory
+
     try:
-        return Recipe.create_instance(text), stage1
+        parsed = Recipe.create_instance(text)
     except ValidationError as err:
         details = "; ".join(_field_error(e, err.title) for e in err.errors())
         raise RecipeError(f"{source}: {err.title}: {details}") from err
     except (ValueError, TypeError, KeyError) as err:
-        raise RecipeError(f"{source}: {str(err).splitlines()[0]}") from err
+        message = str(err).splitlines()[0]
+        if "No modifier of type" in message:
+            names = modifier_names()
+            close = difflib.get_close_matches(
+                message.split("'")[1] if "'" in message else "", names, 1
+            )
+            hint = f" Did you mean {close[0]}?" if close else ""
+            message += f"{hint} Valid modifiers: {', '.join(names)}"
+        raise RecipeError(f"{source}: {message}") from err
+    _check_modifier_settings(parsed, source)
+    return parsed, stage1
+
+
+def _check_modifier_settings(recipe: Recipe, source: str) -> None:
+    """Settings llm-compressor accepts but that cannot work: a negative ``dampening_frac``
+    makes every Hessian inversion fail, and GPTQ then falls back to RTN without a word."""
+    for modifier in recipe.modifiers:
+        damp = getattr(modifier, "dampening_frac", None)
+        if damp is not None and damp < 0:
+            raise RecipeError(
+                f"{source}: {type(modifier).__name__}.dampening_frac must be 0 or more (a "
+                f"fraction of the Hessian's mean diagonal, e.g. 0.01), got {damp}"
+            )
+
+
+def modifier_names() -> list[str]:
+    """Every modifier class a recipe may name: llm-compressor's and the project's."""
+    from llmcompressor.modifiers.factory import ModifierFactory
+
+    if not ModifierFactory._loaded:
+        ModifierFactory.refresh()
+    names = {*ModifierFactory._main_registry, *ModifierFactory._registered_registry}
+    return sorted(names - {"Modifier"})
 
 
 def _field_error(error: dict, title: str) -> str:
@@ -326,5 +378,7 @@ def _field_error(error: dict, title: str) -> str:
     where = ".".join(str(p) for p in error["loc"]) or title
     message = error["msg"]
     if error["loc"] and error["loc"][-1] == "scheme" and "unknown scheme" not in message:
+        from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
         message += f" (valid names: {', '.join(PRESET_SCHEMES)})"
     return f"{where}: {message}"

@@ -113,6 +113,7 @@ def main(argv=None) -> None:
         settings,
         recipes=recipes,
         overwrite=args.overwrite,
+        model_dir=args.model if Path(args.model).is_dir() else None,
     )
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     footer = (

@@ -187,14 +187,14 @@ def test_fp_stream_is_the_full_precision_models_hidden_states(
     reference = _fp_states(model, dataset, batch_size)
     modifier = FAIRCalibModifier(scheme="W4A4_G128_PACKED", ignore=[LM_HEAD])
     seen = {}
-    original = modifier._run_full_precision_layer
+    original = modifier._cache_layer_input
 
     def spy(layer, args, kwargs):
         original(layer, args, kwargs)
         if active_session().state.current_batch_idx == 0:
             seen[layer] = (args[0].clone(), modifier._fp_hidden[(layer, 0)].clone())
 
-    object.__setattr__(modifier, "_run_full_precision_layer", spy)
+    object.__setattr__(modifier, "_cache_layer_input", spy)
     oneshot(
         model=model,
         processor=tokenizer,
@@ -243,9 +243,10 @@ def test_batched_calibration_gives_the_same_statistics(
             batch_size=batch_size,
         )
     assert len(statistics[1]) == len(statistics[4]) == 2 * 7  # layers x linears
-    # layer 0 only: later layers see a quantized stream that GPTQ's roundings already changed
-    first_layer = zip(statistics[1][:7], statistics[4][:7], strict=True)
-    for (cross_1, hessian_1), (cross_4, hessian_4) in first_layer:
+    # layer 0's q/k/v only: every later linear sees a quantized stream that GPTQ's roundings
+    # (of earlier layers, or of the same layer's earlier groups) already changed
+    first_group = zip(statistics[1][:3], statistics[4][:3], strict=True)
+    for (cross_1, hessian_1), (cross_4, hessian_4) in first_group:
         torch.testing.assert_close(
             hessian_4, hessian_1, rtol=2e-3, atol=2e-3 * hessian_1.abs().max()
         )
@@ -282,5 +283,133 @@ def test_propagation_feeds_layer_two_what_the_w4a4_model_computes(
         h
         for m in model.modules()
         for h in m._forward_pre_hooks.values()
-        if getattr(h, "__name__", "") == "<lambda>"
+        if getattr(h, "__name__", "") == "_propagate_quantized_input"
     )
+
+
+def _deployed_statistics(model, tokenizer, dataset, tmp_path, scheme, **fields):
+    """Calibrate with FAIR-Calib and return, per linear of interest, the Hessian and
+    cross-covariance its fit used, next to the same statistics built by hand from what the
+    *calibrated* model computes (quantization on, as deployed) and what the FP model computes.
+    """
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    import fair_calib_llmc.stage2.modifier as modifier_module
+
+    names = ("attn_out", "ff_out")  # o_proj and down: inputs built by the layer's own linears
+    blocks = list(model.model.transformer.blocks)
+    probes = {f"{i}.{n}": getattr(block, n) for i, block in enumerate(blocks) for n in names}
+    ids = [torch.tensor([row]) for row in dataset["input_ids"]]
+
+    def inputs_of(m):
+        seen = {key: [] for key in probes}
+        handles = [
+            module.register_forward_pre_hook(lambda mod, args, key=key: seen[key].append(args[0]))
+            for key, module in probes.items()
+        ]
+        with torch.no_grad():
+            for row in ids:
+                m(input_ids=row)
+        for handle in handles:
+            handle.remove()
+        return seen  # per row, in the layer's own (batch, tokens, width) shape
+
+    model.config._attn_implementation = "eager"  # the pipeline calibrates with eager attention
+    fp_inputs = inputs_of(model)
+    by_weight = {id(module.weight): key for key, module in probes.items()}
+    used = {}
+    original = modifier_module.fp_target_weight
+
+    def spy(weight, cross, hessian, **kwargs):
+        if id(weight) in by_weight:
+            used[by_weight[id(weight)]] = (hessian.double().clone(), cross.double().clone())
+        return original(weight, cross, hessian, **kwargs)
+
+    modifier_module.fp_target_weight = spy
+    try:
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            recipe=FAIRCalibModifier(
+                scheme=scheme,
+                ignore=[r"re:^model\.transformer\.ff_out$"],
+                use_token_weights=False,
+                **fields,
+            ),
+            dataset=dataset,
+            num_calibration_samples=len(dataset),
+            shuffle_calibration_samples=False,
+        )
+    finally:
+        modifier_module.fp_target_weight = original
+    model.config._attn_implementation = "eager"
+    deployed = inputs_of(model)
+    result = {}
+    for key, module in probes.items():
+        args = module.quantization_scheme.input_activations
+        with torch.no_grad():  # quantized as the layer gets it (per-token scales need 3-D)
+            four_bit = _rows([forward_quantize(module, x, "input", args) for x in deployed[key]])
+        fp, unquantized = _rows(fp_inputs[key]), _rows(deployed[key])
+        result[key] = dict(
+            used=used[key],
+            deployed=(2 * four_bit.T @ four_bit, 2 * fp.T @ four_bit),
+            unquantized=2 * unquantized.T @ unquantized,
+        )
+    return result
+
+
+def _rows(tensors):
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in tensors]).double()
+
+
+def _close(got, expected, rtol=1e-3):
+    return bool((got - expected).abs().max() <= rtol * expected.abs().max())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("scheme", ["W4A4_G128_PACKED", "NVFP4"])
+def test_statistics_come_from_the_deployed_layer(
+    llada, tokenizer, calibration_texts, tmp_path, scheme
+):
+    """o_proj and down of every layer are fitted on the 4-bit input the deployed layer
+    computes (its q/k/v, gate/up quantized; NVFP4 with its calibrated global scale), against
+    the full-precision model's input; one pass per layer does not."""
+    model = saved(llada, tokenizer, tmp_path / "fp")
+    dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=2)
+    grouped = _deployed_statistics(model, tokenizer, dataset, tmp_path, scheme)
+    for key, stats in grouped.items():
+        (hessian, cross), (deployed_h, deployed_c) = stats["used"], stats["deployed"]
+        assert _close(hessian, deployed_h), key
+        assert _close(cross, deployed_c), key
+        assert not _close(hessian, stats["unquantized"], rtol=1e-2), key  # 4-bit, not FP
+    one_pass = _deployed_statistics(
+        saved(llada, tokenizer, tmp_path / "fp2"),
+        tokenizer,
+        dataset,
+        tmp_path,
+        scheme,
+        deployed_inputs=False,
+    )
+    # the first layer's o_proj already sees another input when q/k/v are still unquantized
+    hessian, _ = one_pass["0.attn_out"]["used"]
+    assert not _close(hessian, one_pass["0.attn_out"]["deployed"][0], rtol=1e-2)
+
+
+@pytest.mark.integration
+def test_two_layers_in_one_subgraph_fail_with_the_fix(
+    llada, tokenizer, calibration_texts, tmp_path
+):
+    model = saved(llada, tokenizer, tmp_path / "fp")
+    dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=1)
+    with pytest.raises(ValueError, match="sequential_targets_per_subgraph=1"):
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            recipe=FAIRCalibModifier(
+                scheme="W4A4_G128_PACKED", ignore=[r"re:^model\.transformer\.ff_out$"]
+            ),
+            dataset=dataset,
+            use_loss_mask=True,
+            num_calibration_samples=len(dataset),
+            sequential_targets_per_subgraph=2,
+        )

@@ -8,6 +8,7 @@ device and the output directory. Logs go to stderr, results to stdout.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from argparse import Namespace
 from functools import partial
@@ -21,10 +22,10 @@ from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.data import load_texts
 from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR
 from fair_calib_llmc.io.loading import load_model, resolve_device, resolve_dtype
-from fair_calib_llmc.pipeline import quantize
-from fair_calib_llmc.recipe import load_recipe
+from fair_calib_llmc.pipeline import quantize, stage1_settings
+from fair_calib_llmc.recipe import load_recipe_and_stage1
 
-__all__ = ["configure_logging", "run_demo", "run_quantize"]
+__all__ = ["configure_logging", "run_demo", "run_quantize", "set_threads"]
 
 #: Library log lines the CLI drops unless ``--verbose``: per-layer GPTQ metrics, and the
 #: "no accelerator" warning llm-compressor repeats per call (the CLI states the device once).
@@ -55,6 +56,39 @@ def configure_logging(verbose: bool) -> None:
     logger.add(sys.stderr, level="DEBUG", filter=keep, format="{time:HH:mm:ss} | {message}")
 
 
+#: machines with at most this many cores run the commands on one intra-op thread by default
+FEW_CORES = 2
+
+
+def set_threads(setting: str | None) -> int:
+    """Set torch's intra-op CPU threads for a command and return them.
+
+    ``setting`` is ``FAIR_CALIB_LLMC_THREADS``: a positive count, or ``0`` for torch's own
+    default (one per core). Unset: one thread on a machine of :data:`FEW_CORES` cores or
+    fewer, where the many small ops of Stage I's rollouts and of calibration ran several
+    times slower with two threads, which spin against each other and any other load (the
+    numbers are in the issue tracker, measured with ``quantize`` on the built-in model);
+    torch's default elsewhere. Only the CPU is affected.
+    """
+    import torch
+
+    if setting is None or not setting.strip():
+        threads = 1 if (os.cpu_count() or 1) <= FEW_CORES else 0
+    else:
+        try:
+            threads = int(setting)
+        except ValueError:
+            threads = -1
+        if threads < 0:
+            raise ValueError(
+                f"FAIR_CALIB_LLMC_THREADS={setting!r}: use a positive number of CPU threads, "
+                "or 0 for torch's default"
+            )
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def run_demo(args: Namespace) -> None:
     settings = BenchmarkSettings(
         methods=tuple(args.methods),
@@ -72,14 +106,20 @@ def run_demo(args: Namespace) -> None:
         args.out,
         settings,
         overwrite=args.overwrite,
+        model_dir=model_path,
     )
     print((Path(args.out) / "results.md").read_text())
     print(f"checkpoints, results.json, results.md and flips.png are in {args.out}")
 
 
 def run_quantize(args: Namespace) -> None:
-    # a bad recipe, scheme or --set fails first
-    recipe = load_recipe(args.recipe, scheme=args.scheme, overrides=dict(args.overrides))
+    # a bad recipe, scheme, --set or Stage I setting fails first; quantize() then reads the
+    # recipe itself (as from Python), so its top-level stage1: is honoured the same way
+    overrides = dict(args.overrides)
+    recipe, recipe_level = load_recipe_and_stage1(
+        args.recipe, scheme=args.scheme, overrides=overrides
+    )
+    stage1_settings(recipe, None, recipe_level, args.prompt_length)
     texts = (
         load_texts(args.dataset, args.text_column) if args.dataset else shipped_texts("calibration")
     )
@@ -99,8 +139,10 @@ def run_quantize(args: Namespace) -> None:
         result = quantize(
             model,
             tokenizer,
-            recipe,
+            args.recipe,
             texts,
+            scheme=args.scheme,
+            overrides=overrides,
             output_dir=args.output_dir,
             overwrite=args.overwrite,
             max_prompts=args.max_prompts,

@@ -19,6 +19,7 @@ Library use: :func:`evaluate_checkpoints`. CLI: :func:`run` (the arguments are d
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -61,6 +62,7 @@ def evaluate_checkpoints(
         always loaded in the teacher's dtype so only the quantization differs
     :return: ``{"rows": [...], "summary": [...], "files": {...}}``
     """
+    warn_if_swapped(teacher_dir, student_dir)
     default = Path(student_dir) / "evaluation"
     out_dir = check_results_dir(
         out_dir if out_dir is not None else default,
@@ -102,6 +104,29 @@ def evaluate_checkpoints(
             out_dir, payload, table + "\n" + footer, flip_curves(rows), overwrite=overwrite
         )
         return {"rows": rows, "summary": summary, "table": table, "files": files}
+
+
+def _quantized(directory: str | os.PathLike) -> bool | None:
+    """Whether a checkpoint directory's config.json has a ``quantization_config`` (``None``:
+    no readable config.json, left to the loader's own error)."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return isinstance(config, dict) and "quantization_config" in config
+
+
+def warn_if_swapped(teacher_dir, student_dir) -> bool:
+    """Warn, before anything loads, when the teacher is the quantized checkpoint and the
+    student is not: the metrics would then measure the wrong way round. Returns whether it
+    warned."""
+    if _quantized(teacher_dir) and _quantized(student_dir) is False:
+        logger.warning(
+            f"the teacher {teacher_dir} is quantized and the student {student_dir} is not: "
+            "are --teacher and --student swapped? The teacher is the full-precision model"
+        )
+        return True
+    return False
 
 
 def settings_from_args(args: argparse.Namespace) -> DecisionSettings:

@@ -24,7 +24,12 @@ from fair_calib_llmc.evaluation.report import METRICS
 from fair_calib_llmc.io.data import check_prompt_count, heldout_tokens, prompts_from_texts
 from fair_calib_llmc.io.reload import load_quantized
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
-from fair_calib_llmc.sampling.samplers import SamplerBase, default_sampler, teacher_traces
+from fair_calib_llmc.sampling.samplers import (
+    LLaDASampler,
+    SamplerBase,
+    default_sampler,
+    teacher_traces,
+)
 
 __all__ = [
     "DecisionSettings",
@@ -51,7 +56,31 @@ class DecisionSettings:
     elbo_samples: int = 8
 
     def __post_init__(self) -> None:
+        """Nonsense fails here, before any model loads: a negative ``heldout_texts`` once
+        meant "all but one" (minutes of ELBO), bad sampler settings failed after both loads."""
         check_prompt_count(self.eval_prompts, "eval_prompts")
+        if self.heldout_texts < 0:
+            raise ValueError(
+                f"heldout_texts (--elbo-texts) must be 0 (no ELBO) or more, got "
+                f"{self.heldout_texts}"
+            )
+        for name in ("steps", "block_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{name} ({flag}) must be a positive integer, got {value}")
+        # the LLaDA sampler's own checks (block_length divides gen_length, a step per block),
+        # with the settings given; Dream's sampler checks a subset of these
+        try:
+            LLaDASampler(
+                gen_length=self.gen_length,
+                steps=self.steps or self.gen_length,
+                block_length=self.block_length or self.gen_length,
+            )
+        except ValueError as err:  # pydantic's ValidationError is a ValueError
+            errors = getattr(err, "errors", None)
+            message = errors()[0]["msg"] if callable(errors) else str(err)
+            raise ValueError(message.removeprefix("Value error, ")) from None
 
     def sampler(self, spec):
         overrides = {}

@@ -14,6 +14,7 @@ what it measured).
 from __future__ import annotations
 
 import gc
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from loguru import logger
 
 from fair_calib_llmc.evaluation.decisions import EvaluationContext
 from fair_calib_llmc.evaluation.report import REFERENCE_METHOD, benchmark_results, write_results
-from fair_calib_llmc.io.checkpoint import check_output_dir, save_atomically
+from fair_calib_llmc.io.checkpoint import check_results_dir, output_lock, save_atomically
 from fair_calib_llmc.io.data import check_prompt_count, heldout_tokens, prompts_from_texts
 from fair_calib_llmc.io.reload import load_quantized, probe_logits
 from fair_calib_llmc.models.family import diffusion_spec
@@ -100,19 +101,29 @@ def run_benchmark(
     *,
     recipes: dict[str, str] | None = None,
     overwrite: bool = False,
+    model_dir: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Run every method of ``settings`` and return one row per (method, seed).
 
     ``recipes`` maps method names to recipes (a shipped name, a path or YAML text; default
     :data:`METHOD_RECIPES`). A method that fails is logged, recorded with its error and
     skipped, so one broken baseline does not lose a whole GPU run. ``out_dir`` follows
-    :func:`~fair_calib_llmc.io.checkpoint.check_output_dir`'s rules (checked before any work):
-    a non-empty directory needs ``overwrite``.
+    :func:`~fair_calib_llmc.io.checkpoint.check_results_dir`'s rules (checked before any
+    work): a non-empty directory needs ``overwrite`` (its results files are written over, its
+    other files stay), and neither ``model_dir`` (the model the run loads) nor a directory in
+    it is accepted. It is locked for the run, so a second run into it fails at once instead of
+    dropping the first one's rows.
     """
     recipes = recipes or METHOD_RECIPES
     check_methods(settings.methods, recipes)
-    out_dir = check_output_dir(out_dir, overwrite=overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    models = {"the model's directory": model_dir} if model_dir is not None else {}
+    out_dir = check_results_dir(out_dir, models, overwrite=overwrite)
+    with output_lock(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return _run_locked(load_model, calibration_texts, heldout_texts, out_dir, settings, recipes)
+
+
+def _run_locked(load_model, calibration_texts, heldout_texts, out_dir: Path, settings, recipes):
     teacher, tokenizer = load_model()
     device = next(teacher.parameters()).device
     spec = diffusion_spec(teacher, tokenizer)  # once for the run

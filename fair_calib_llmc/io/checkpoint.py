@@ -33,6 +33,7 @@ would hide a shared checkpoint from the engine's service account.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import json
@@ -49,6 +50,7 @@ from pathlib import Path
 import torch
 from compressed_tensors.distributed import is_distributed, is_source_process
 from loguru import logger
+from safetensors import SafetensorError
 
 from fair_calib_llmc.distributed import on_source_rank
 
@@ -84,13 +86,19 @@ def model_directory(model) -> Path | None:
 
 def expected_checkpoint_bytes(model, weight_bits: int = 4) -> int:
     """A lower bound of the compressed checkpoint's size: ``weight_bits`` per linear weight
-    (the LM head stays in full precision), everything else at its current size."""
+    (the LM head stays in full precision), every other tensor it will hold at its current
+    size: parameters and buffers, each under every name it is saved under (an online
+    transform shared by the layers, float64, is written once per layer)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     quantized = {
         id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
     }
+    tensors = [
+        *(p for _, p in model.named_parameters(remove_duplicate=False)),
+        *(b for _, b in model.named_buffers(remove_duplicate=False)),
+    ]
     total = 0.0
-    for p in model.parameters():
+    for p in tensors:
         per_element = weight_bits / 8 if id(p) in quantized else p.element_size()
         total += p.numel() * per_element
     return int(total)
@@ -239,9 +247,28 @@ def save_atomically(
     model_dir = model_dir if model_dir is not None else model_directory(model)
     if is_distributed():
         return _save_distributed(model, tokenizer, output_dir, overwrite, model_dir, config_updates)
-    target = check_output_dir(output_dir, model_dir=model_dir, overwrite=overwrite)
+    # the size now, transforms and all: the check before calibration saw the model without them
+    target = check_output_dir(
+        output_dir,
+        model_dir=model_dir,
+        overwrite=overwrite,
+        expected_bytes=(
+            expected_checkpoint_bytes(model) if isinstance(model, torch.nn.Module) else None
+        ),
+    )
     with output_lock(target):
-        return _save_locked(model, tokenizer, target, config_updates)
+        try:
+            return _save_locked(model, tokenizer, target, config_updates)
+        except (OSError, SafetensorError) as err:
+            if isinstance(err, OSError) and err.errno != errno.ENOSPC:
+                raise
+            if isinstance(err, SafetensorError) and "No space left" not in str(err):
+                raise
+            raise OSError(
+                errno.ENOSPC,
+                f"the disk filled while saving {target} (the partial checkpoint was removed); "
+                "free space there or pass another output directory",
+            ) from None
 
 
 def _update_config(directory: Path, updates: dict | None) -> None:

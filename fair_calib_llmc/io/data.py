@@ -18,7 +18,13 @@ import torch
 from datasets import Dataset
 from loguru import logger
 
-__all__ = ["check_prompt_count", "heldout_tokens", "load_texts", "prompts_from_texts"]
+__all__ = [
+    "check_prompt_count",
+    "heldout_tokens",
+    "leading_tokens",
+    "load_texts",
+    "prompts_from_texts",
+]
 
 #: file suffix -> ``datasets`` packaged loader
 _LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
@@ -34,6 +40,12 @@ _FORMATS = {
 def load_texts(dataset, text_column: str = "text") -> list[str]:
     """Non-empty calibration texts from ``dataset`` (see the module docstring)."""
     source = "calibration dataset"
+    if isinstance(dataset, str) and ("\n" in dataset or len(dataset) > 255):
+        # no file name has a line break or more than 255 characters: text, not a path
+        raise ValueError(
+            f"a str dataset names a file, but {dataset[:30]!r}... is text; pass texts as a "
+            "list of strings ([text])"
+        )
     if isinstance(dataset, (str, os.PathLike)) and not isinstance(dataset, Dataset):
         path = Path(dataset).expanduser()
         if path.is_dir():
@@ -126,6 +138,25 @@ def check_prompt_count(count: int | None, name: str = "max_prompts") -> None:
         raise ValueError(f"{name} must be a positive integer (or None: every text), got {count!r}")
 
 
+def leading_tokens(tokenizer, text: str, count: int) -> list[int]:
+    """The first ``count`` token ids of ``text`` (fewer if it has fewer), tokenizing only a
+    prefix: a corpus of one multi-megabyte line took minutes and gigabytes to tokenize whole
+    for 32 tokens. The prefix grows (doubling) until the first ``count`` ids no longer change
+    when it doubles, so a token cut at the prefix's end is never kept."""
+
+    def ids(chars: int) -> list[int]:
+        return tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+
+    chars = 8 * count + 64
+    first = ids(chars)
+    while chars < len(text):
+        longer = ids(2 * chars)
+        if len(first) > count and longer[:count] == first[:count]:
+            return first[:count]
+        chars, first = 2 * chars, longer
+    return first[:count]
+
+
 def prompts_from_texts(
     texts: Sequence[str],
     tokenizer,
@@ -143,7 +174,7 @@ def prompts_from_texts(
     check_prompt_count(max_prompts)
     prompts, short = [], 0
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = leading_tokens(tokenizer, text, prompt_length)
         if len(ids) >= prompt_length:
             prompts.append(torch.tensor(ids[:prompt_length]))
         else:
@@ -172,8 +203,5 @@ def prompts_from_texts(
 def heldout_tokens(tokenizer, texts: Sequence[str], length: int) -> list[torch.Tensor]:
     """The first ``length`` tokens of each held-out text (the ELBO perplexity's input); texts
     of fewer than two tokens are left out."""
-    tokens = [
-        torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:length])
-        for text in texts
-    ]
+    tokens = [torch.tensor(leading_tokens(tokenizer, text, length)) for text in texts]
     return [t for t in tokens if t.numel() > 1]

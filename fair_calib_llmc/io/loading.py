@@ -84,6 +84,10 @@ def _hub_reachable(hub_id: str) -> bool:
     return True
 
 
+#: a local checkpoint directory holds at least one of these when it has a tokenizer
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -104,6 +108,12 @@ def load_model(
         raise FileNotFoundError(
             f"no such model directory: {path}; pass --model a LLaDA or Dream checkpoint "
             "directory or a hub id (org/name)"
+        )
+    if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
+        # before the model loads (minutes at 8B); transformers' own message names no file
+        raise FileNotFoundError(
+            f"{path} has no tokenizer ({' or '.join(_TOKENIZER_FILES)}); save the model's "
+            f"tokenizer into it (tokenizer.save_pretrained({str(path)!r}))"
         )
     device = resolve_device(device)
     source = str(local) if local.exists() else str(path)

@@ -65,6 +65,19 @@ SamplerSettings = Annotated[LLaDASampler | DreamSampler, Field(discriminator="fa
 STATE_SOURCES = ("state", "table", "sensitivity")
 
 
+def _valid_fields(model: type[BaseModel], error: dict) -> str:
+    """For a misspelt field, the fields valid where it stands (``; valid: ...``)."""
+    if error["type"] != "extra_forbidden":
+        return ""
+    for key in error["loc"][:-1]:
+        field = model.model_fields.get(str(key))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    return f"; valid: {', '.join(model.model_fields)}"
+
+
 class Stage1Settings(BaseModel):
     """How Stage I turns calibration text into weighted calibration rows (the one home of
     Stage I's settings).
@@ -115,6 +128,7 @@ class Stage1Settings(BaseModel):
                 f"stage1.{'.'.join(str(p) for p in e['loc'])}: " * bool(e["loc"])
                 + e["msg"].removeprefix("Value error, ")
                 + ("" if e["type"] == "value_error" else f" (got {e.get('input')!r})")
+                + _valid_fields(cls, e)
                 for e in err.errors()
             )
             raise ValueError(f"bad Stage I settings: {problems}") from None

@@ -10,8 +10,10 @@ every linear layer to what the deployed model computes instead
 
 * ``x_q``: the layer's input in the quantized model, propagated through the already quantized
   layers with their 4-bit activations on (the pipeline's own stream, with an
-  activation-quantization hook on calibrated layers);
-* ``quant(.)``: the layer's own 4-bit input quantization (and any online rotation before it);
+  activation-quantization hook on calibrated layers), *and* through the already quantized
+  linears of its own decoder layer (``deployed_inputs``, below);
+* ``quant(.)``: the layer's own 4-bit input quantization (and any online rotation before it),
+  NVFP4's included, with the activation global scale it is deployed with;
 * ``x_fp``: the input the full-precision model produces, from a second stream this modifier
   carries alongside the pipeline's (the full-precision layer run on its own FP hidden state);
 * ``w_t``: the per-token Stage I frontier weight (``loss_mask``).
@@ -19,6 +21,24 @@ every linear layer to what the deployed model computes instead
 The solution is GPTQ on the least-squares target ``W*`` with the weighted Hessian of the
 quantized inputs, so llm-compressor's own GPTQ (``GPTQModifier.on_sequential_epoch_end`` and
 ``compress_modules``, including its distributed path) does the quantization unchanged.
+
+**Within a decoder layer** ``o_proj`` reads what q/k/v compute, gate/up read what ``o_proj``
+adds, ``down`` reads what gate/up compute: statistics gathered in the pipeline's one pass over
+the layer would describe inputs built with the layer's earlier linears still unquantized. So
+the pipeline's pass only caches the layer's inputs (both streams) and records which linears
+share an input (a *group*: q/k/v, then o, then gate/up, then down, found from the forward
+itself, not from names). At the layer's epoch end each group in turn is calibrated on a re-run
+of the layer over the cached inputs, GPTQ'd through upstream's own
+``on_sequential_epoch_end``, and switched to its 4-bit activations, so the next group's
+re-run computes what the deployed layer computes. The full-precision stream is re-run with
+the layer's full-precision weights swapped in, its activations unquantized.
+
+**NVFP4 activations** (``tensor_group``, dynamic ``local``) have a per-tensor global scale that
+llm-compressor calibrates: a ``static_minmax`` observer over every calibration input of the
+linear, turned into ``input_global_scale`` at the epoch end. It is known only after all of the
+group's inputs have been seen, so for such groups one re-run feeds the observers (on the
+deployed inputs), the global scale is set from them (what upstream will store), and the
+statistics re-run then sees the 4-bit activations the deployed layer sees.
 
 Stage I (teacher rollouts, frontier prior) needs the sampler and runs before ``oneshot``;
 its settings live in ``stage1`` so one recipe describes the whole method.
@@ -29,7 +49,8 @@ states with :func:`fair_calib_llmc.build_calibration_dataset` and are told so at
 from __future__ import annotations
 
 import torch
-from compressed_tensors.quantization import QuantizationStrategy
+from compressed_tensors.offload.dist_utils import is_source_process
+from compressed_tensors.quantization import DynamicType
 from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 from compressed_tensors.quantization.utils import is_module_quantized
 from compressed_tensors.utils import getattr_chain, update_offload_parameter
@@ -61,17 +82,25 @@ def check_finite_weights(model: torch.nn.Module) -> None:
         )
 
 
-def quantized_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def quantized_input(module: torch.nn.Module, x: torch.Tensor, *, calibrated: bool) -> torch.Tensor:
     """The input as the deployed layer sees it: fake-quantized by its input scheme.
 
-    Dynamic activations are quantized here exactly as at inference. Schemes whose activation
-    scales come from calibration (static, or NVFP4's global scale) are not final while the
-    layer is still calibrating, so their input is used unquantized.
+    Dynamic activations are quantized exactly as at inference. NVFP4's (dynamic ``local``)
+    need the calibrated global scale: ``calibrated`` says it has been set on ``module``.
+    Static activation scales (no shipped scheme uses them) are left to upstream: the input is
+    used unquantized.
     """
     args = getattr_chain(module, "quantization_scheme.input_activations", None)
-    if args is None or not args.dynamic or args.strategy == QuantizationStrategy.TENSOR_GROUP:
+    if args is None:
         return x
-    return forward_quantize(module, x, "input", args)
+    if args.dynamic is True or (args.dynamic == DynamicType.LOCAL and calibrated):
+        return forward_quantize(module, x, "input", args)
+    return x
+
+
+class _GroupDone(Exception):
+    """Raised once the last linear of the group being calibrated has run: the rest of the
+    decoder layer's forward is not needed."""
 
 
 class FAIRCalibModifier(GPTQModifier):
@@ -97,6 +126,10 @@ class FAIRCalibModifier(GPTQModifier):
     :param use_token_weights: weight tokens by the Stage I ``loss_mask``; off = uniform weights
         (the ablation that isolates what the frontier prior adds)
     :param require_token_weights: with ``use_token_weights``, refuse to run without weights
+    :param deployed_inputs: calibrate a decoder layer's linears group by group (linears that
+        share an input form a group), each on the input the layer computes with its earlier
+        groups already quantized; off, one group per layer (every linear sees the layer's
+        earlier linears unquantized, as before issue 25)
     """
 
     stage1: Stage1Settings = Field(default_factory=Stage1Settings)
@@ -104,11 +137,25 @@ class FAIRCalibModifier(GPTQModifier):
     target_strength: float = Field(0.25, ge=0.0, le=1.0)
     use_token_weights: bool = True
     require_token_weights: bool = True
+    deployed_inputs: bool = True
 
     _cross: dict = PrivateAttr(default_factory=dict)
     _fp_inputs: dict = PrivateAttr(default_factory=dict)
     _fp_hidden: dict = PrivateAttr(default_factory=dict)
     _previous_layer: dict = PrivateAttr(default_factory=dict)
+    #: decoder layer -> [(batch index, args, kwargs, full-precision hidden state)]
+    _layer_inputs: dict = PrivateAttr(default_factory=dict)
+    #: quantized linear -> its decoder layer
+    _layer_of: dict = PrivateAttr(default_factory=dict)
+    #: decoder layer -> its linears in call order, grouped by shared input
+    _groups: dict = PrivateAttr(default_factory=dict)
+    _last_input: object = PrivateAttr(default=None)
+    #: the group a re-run calibrates (None: the pipeline's own pass) and its last linear
+    _active: frozenset | None = PrivateAttr(default=None)
+    _last_of_group: object = PrivateAttr(default=None)
+    _observing: bool = PrivateAttr(default=False)
+    #: linears whose activation global scale has been set from their deployed inputs
+    _scaled: set = PrivateAttr(default_factory=set)
     _capturing_fp: bool = PrivateAttr(default=False)
     _linear_hooks: set = PrivateAttr(default_factory=set)
     _propagation_hooks: list = PrivateAttr(default_factory=list)
@@ -140,35 +187,78 @@ class FAIRCalibModifier(GPTQModifier):
             # a causal or mask-less model fails here, before any work
             self._diffusion_spec = diffusion_spec(state.model)
         check_finite_weights(state.model)
-        if self.fp_targets:
-            named = named_decoder_layers(state.model, kwargs.get("sequential_targets"))
-            layers = [layer for _, layer in named]
-            self._previous_layer = dict(zip(layers[1:], layers[:-1], strict=True))
-            self._previous_layer[layers[0]] = None
+        named = named_decoder_layers(state.model, kwargs.get("sequential_targets"))
+        layers = [layer for _, layer in named]
+        self._previous_layer = dict(zip(layers[1:], layers[:-1], strict=True))
+        self._previous_layer[layers[0]] = None
         logger.info(
             "FAIR-Calib Stage II: weighted fit to "
             f"{'full-precision' if self.fp_targets else 'own-input'} targets, token weights "
-            f"{'from loss_mask' if self.use_token_weights else 'uniform'} (Stage I states come "
-            "from fair_calib_llmc.quantize or build_calibration_dataset)"
+            f"{'from loss_mask' if self.use_token_weights else 'uniform'}, "
+            f"{'group by group on deployed' if self.deployed_inputs else 'one pass per'} "
+            "layer inputs (Stage I states come from fair_calib_llmc.quantize or "
+            "build_calibration_dataset)"
         )
         return super().on_initialize(state, **kwargs)
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         super().on_calibration_start(state, event, **kwargs)
         for layer in self._previous_layer:
-            self.register_hook(
-                layer, self._run_full_precision_layer, "forward_pre", with_kwargs=True
-            )
+            for module in layer.modules():
+                if module in self._module_names:
+                    self._layer_of[module] = layer
+            self.register_hook(layer, self._cache_layer_input, "forward_pre", with_kwargs=True)
 
     def register_hook(self, target, hook, hook_type, **kwargs):
         """Upstream's registration; remembers which handles are the GPTQ statistics hooks, the
-        only ones left on while the full-precision stream runs."""
+        only ones left on while a layer is re-run."""
         handle = super().register_hook(target, hook, hook_type, **kwargs)
         if hook == self.calibrate_module:
             self._linear_hooks.add(handle)
         return handle
 
     def on_sequential_epoch_end(self, state: State, event: Event, modules, **kwargs):
+        layers = [m for m in modules if m in self._layer_inputs]
+        if not layers:  # the embeddings, the head, or linears outside decoder layers
+            self._quantize(state, event, modules, **kwargs)
+            return
+        if len(layers) > 1:  # the later layer's cached inputs saw the earlier one unquantized
+            raise ValueError(
+                f"FAIRCalibModifier got {len(layers)} decoder layers in one subgraph; "
+                "calibrate one layer per subgraph (oneshot(..., sequential_targets_per_subgraph=1))"
+            )
+        layer = layers[0]
+        cache = self._layer_inputs.pop(layer)
+        groups = self._groups.pop(layer, [])
+        self._last_input = None
+        if not self.deployed_inputs and groups:
+            groups = [[m for group in groups for m in group]]
+        fp_weights = None
+        if self.fp_targets:  # what the full-precision stream computes with, whatever GPTQ writes
+            fp_weights = {
+                module: module.weight.detach().clone()
+                for module in layer.modules()
+                if module in self._layer_of
+            }
+        for group in groups:
+            self._observe_activation_scales(layer, cache, group)
+            self._rerun(layer, cache, group, fp_weights)
+            self._quantize(state, event, group, **kwargs)
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        super().on_calibration_end(state, event, **kwargs)
+        for handle in self._propagation_hooks:
+            handle.remove()
+        self._propagation_hooks.clear()
+        self._fp_hidden.clear()
+        self._fp_inputs.clear()
+        self._sqrt_weights.clear()
+        self._layer_inputs.clear()
+        self._scaled.clear()
+
+    def _quantize(self, state: State, event: Event, modules, **kwargs) -> None:
+        """The fit of ``modules`` from their gathered statistics: ``W*``, upstream's GPTQ, then
+        their 4-bit activations on for everything computed after them."""
         modules = [m for m in modules if is_module_quantized(m) and m in self._hessians]
         self._check_finite_hessians(modules)
         if self.target_strength > 0:
@@ -197,51 +287,135 @@ class FAIRCalibModifier(GPTQModifier):
                     ),
                 )
         super().on_sequential_epoch_end(state, event, modules, **kwargs)
-        for module in modules:  # later layers see this layer's 4-bit activations
+        for module in modules:  # what runs after them sees their 4-bit activations
+            self._scaled.add(module)  # upstream has just stored the global scale, if any
             self._propagation_hooks.append(
-                module.register_forward_pre_hook(
-                    lambda m, args: (quantized_input(m, args[0]), *args[1:])
-                )
+                module.register_forward_pre_hook(self._propagate_quantized_input)
             )
 
-    def on_calibration_end(self, state: State, event: Event, **kwargs):
-        super().on_calibration_end(state, event, **kwargs)
-        for handle in self._propagation_hooks:
-            handle.remove()
-        self._propagation_hooks.clear()
-        self._fp_hidden.clear()
-        self._fp_inputs.clear()
-        self._sqrt_weights.clear()
+    def _propagate_quantized_input(self, module, args):
+        if self._capturing_fp:  # the full-precision stream stays full precision
+            return None
+        return (quantized_input(module, args[0], calibrated=module in self._scaled), *args[1:])
 
-    # --- the full-precision stream ----------------------------------------------------------
-    def _run_full_precision_layer(self, layer, args, kwargs):
-        """Before the pipeline runs ``layer`` on the quantized stream, run it on the FP one.
+    # --- the layer's inputs, and its re-runs ---------------------------------------------------
+    def _cache_layer_input(self, layer, args, kwargs):
+        """Before the pipeline runs ``layer`` on the quantized stream: keep its inputs for the
+        re-runs and run the full-precision stream through it.
 
         The FP hidden state of this batch is the previous layer's FP output, consumed here
-        (the first layer's input is the embedding, identical in both streams). Only this
-        modifier's linear hooks stay on, in capture mode, so observers and other modifiers
-        never see the FP stream.
+        (the first layer's input is the embedding, identical in both streams). No hook sees the
+        FP run: statistics and observers come from the re-runs.
         """
         batch = active_session().state.current_batch_idx
-        previous = self._previous_layer.get(layer)
-        hidden = args[0] if previous is None else self._fp_hidden.pop((previous, batch))
-        self._capturing_fp = True
+        hidden = None
+        if self.fp_targets:
+            previous = self._previous_layer.get(layer)
+            hidden = args[0] if previous is None else self._fp_hidden.pop((previous, batch))
+            self._capturing_fp = True
+            try:
+                with HooksMixin.disable_hooks():
+                    output = layer.forward(hidden, *args[1:], **kwargs)
+            finally:
+                self._capturing_fp = False
+            output = output[0] if isinstance(output, tuple) else output
+            self._fp_hidden[(layer, batch)] = output.detach()
+        self._layer_inputs.setdefault(layer, []).append((batch, args, kwargs, hidden))
+
+    def _record_call(self, module, inp) -> None:
+        """The layer's linears in call order, a new group wherever the input changes (linears
+        that read one tensor cannot depend on each other)."""
+        groups = self._groups.setdefault(self._layer_of[module], [])
+        if any(module in group for group in groups):
+            return
+        if groups and inp is self._last_input:
+            groups[-1].append(module)
+        else:
+            groups.append([module])
+        self._last_input = inp
+
+    def _observe_activation_scales(self, layer, cache, group) -> None:
+        """Calibrated activation scales (NVFP4's global scale) from the deployed inputs: the
+        observers are cleared of the pipeline's pass, fed one re-run, and the global scale is
+        set from them (upstream computes the same value from them at the group's GPTQ)."""
+        observed = [m for m in group if getattr(m, "input_observer", None) is not None]
+        if not observed:
+            return
+        for module in observed:
+            module.input_observer.delete_statistics(check_fused=False)
+        self._rerun(layer, cache, observed, None, observe=True)
+        self.sync_obs_act_stats(observed)
+        for module in observed:
+            global_scale = module.input_observer.get_global_scale()
+            if global_scale is None:
+                continue
+            if is_source_process():
+                update_offload_parameter(module, "input_global_scale", global_scale)
+            else:
+                module.input_global_scale.data = global_scale
+            self._scaled.add(module)
+
+    def _rerun(self, layer, cache, group, fp_weights, *, observe: bool = False) -> None:
+        """Run ``layer`` over its cached inputs with only ``group``'s statistics hooks on:
+        first the FP stream (FP weights, no activation quantization), then the quantized one."""
+        state = active_session().state
+        index = state.current_batch_idx
+        # group is in call order: its last linear ends the re-run
+        self._active, self._last_of_group, self._observing = frozenset(group), group[-1], observe
         try:
             with HooksMixin.disable_hooks(keep=self._linear_hooks):
-                output = layer.forward(hidden, *args[1:], **kwargs)
+                for batch, args, kwargs, hidden in cache:
+                    state.current_batch_idx = batch
+                    if fp_weights is not None:
+                        self._capturing_fp = True
+                        try:
+                            self._run_to_group_end(layer, (hidden, *args[1:]), kwargs, fp_weights)
+                        finally:
+                            self._capturing_fp = False
+                    self._run_to_group_end(layer, args, kwargs)
         finally:
-            self._capturing_fp = False
-        output = output[0] if isinstance(output, tuple) else output
-        self._fp_hidden[(layer, batch)] = output.detach()
+            self._active, self._last_of_group, self._observing = None, None, False
+            state.current_batch_idx = index
+
+    @staticmethod
+    def _run_to_group_end(layer, args, kwargs, weights=None) -> None:
+        """Run ``layer`` until its group is done, with ``weights`` (module -> weight) swapped in.
+
+        The swap sets ``.data`` on the onloaded parameters and puts them back, so nothing
+        reaches the offloaded copies (``torch.func.functional_call`` was seen to leave the
+        swapped tensor aliased to the module's weight, so GPTQ's write changed it too).
+        """
+        saved = {module: module.weight.data for module in weights or {}}
+        try:
+            for module, weight in (weights or {}).items():
+                module.weight.data = weight
+            layer(*args, **kwargs)
+        except _GroupDone:
+            pass
+        finally:
+            for module, weight in saved.items():
+                module.weight.data = weight
 
     # --- statistics --------------------------------------------------------------------------
     def calibrate_module(self, module, args, _output):
         inp = args[0]
-        if self._capturing_fp:
-            self._fp_inputs[module] = inp
+        if self._active is None and module in self._layer_of:
+            self._record_call(module, inp)  # the pipeline's pass: the re-runs gather statistics
             return
+        if self._active is not None and module not in self._active:
+            return
+        if self._observing:
+            module.input_observer(inp)
+        elif self._capturing_fp:
+            self._fp_inputs[module] = inp
+        else:
+            self._accumulate(module, inp, args, _output)
+        if module is self._last_of_group:
+            raise _GroupDone
+
+    def _accumulate(self, module, inp, args, _output) -> None:
         weights = self._token_weights(inp)
-        quantized = quantized_input(module, inp)
+        quantized = quantized_input(module, inp, calibrated=module in self._scaled)
         target = self._fp_inputs.pop(module, None) if self.fp_targets else inp
         if target is None:
             raise RuntimeError(
