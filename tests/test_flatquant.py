@@ -179,3 +179,23 @@ def test_activation_clipping_learns_a_ratio_and_is_not_written(
     expected = _probe(result.model)
     reloaded = AutoModel.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
     assert torch.equal(_probe(reloaded), expected)
+
+
+@pytest.mark.integration
+def test_frontier_weights_without_a_loss_mask_fail_before_learning(
+    llada, tokenizer, calibration_texts, tmp_path
+):
+    from llmcompressor import oneshot
+
+    from .helpers import masked_states
+
+    model = saved(llada, tokenizer, tmp_path / "fp")
+    unweighted = masked_states(model, tokenizer, calibration_texts, max_prompts=2)
+    unweighted = unweighted.remove_columns("loss_mask")
+    with pytest.raises(ValueError, match=r"FlatQuantModifier\(token_weights: frontier\) got no"):
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            recipe=load_recipe(_flat_recipe()),
+            dataset=unweighted,
+        )

@@ -60,17 +60,18 @@ from fair_calib_llmc.stage2.flatquant.transforms import (
     fused_weights,
     transformed_forward,
 )
-from fair_calib_llmc.stage2.learned_rotations.base import (
-    ExactSpinQuantModifier,
-    _forwards_replaced,
-    _frozen,
-)
+from fair_calib_llmc.stage2.learned_rotations.base import ExactSpinQuantModifier
 from fair_calib_llmc.stage2.learned_rotations.clipping import clip_weight, initial_clip_factors
 from fair_calib_llmc.stage2.learned_rotations.online import (
     attach_online_transform,
     hadamard_start,
 )
-from fair_calib_llmc.stage2.learned_rotations.ste import learnable_linears
+from fair_calib_llmc.stage2.learning import (
+    check_learning_data,
+    forwards_replaced,
+    frozen,
+    learnable_linears,
+)
 
 __all__ = ["FlatQuantModifier"]
 
@@ -145,19 +146,7 @@ class FlatQuantModifier(ExactSpinQuantModifier):
     def on_initialize(self, state: State, **kwargs) -> bool:
         if self._diffusion_spec is None:  # oneshot called directly: the config states it
             self._diffusion_spec = diffusion_spec(state.model)
-        calib = getattr(state.data, "calib", None)
-        first = next(iter(calib), None) if calib is not None else None
-        if first is None:
-            raise ValueError(
-                "FlatQuantModifier learns on calibration data but got none; pass dataset= to "
-                "oneshot or use fair_calib_llmc.quantize"
-            )
-        if self.token_weights == "frontier" and "loss_mask" not in first:
-            raise ValueError(
-                "FlatQuantModifier(token_weights: frontier) got no Stage I weights (no "
-                "loss_mask column); build the data with fair_calib_llmc.build_calibration_"
-                "dataset or use fair_calib_llmc.quantize, or set token_weights: uniform"
-            )
+        check_learning_data(state, "FlatQuantModifier", self.token_weights)
         self._check_blocks(state.model)
         return super().on_initialize(state, **kwargs)
 
@@ -222,7 +211,7 @@ class FlatQuantModifier(ExactSpinQuantModifier):
                 for n in sites.roles
                 for module in [model.get_submodule(n)]
             }
-            with _forwards_replaced(forwards), _frozen(model):
+            with forwards_replaced(forwards), frozen(model):
                 report = learn_layer(
                     layer,
                     transforms,

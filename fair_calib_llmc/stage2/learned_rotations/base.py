@@ -79,7 +79,12 @@ from fair_calib_llmc.stage2.learned_rotations.rotated_linear import (
     fuse_rotation,
     rotated_forward,
 )
-from fair_calib_llmc.stage2.learned_rotations.ste import learnable_linears
+from fair_calib_llmc.stage2.learning import (
+    check_learning_data,
+    forwards_replaced,
+    frozen,
+    learnable_linears,
+)
 
 __all__ = ["ExactSpinQuantModifier", "LearnedSpinQuantModifier", "rotation_sites"]
 
@@ -316,20 +321,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         if self._diffusion_spec is None:  # oneshot called directly: the config states it
             # a causal or mask-less model fails here, before any work
             self._diffusion_spec = diffusion_spec(state.model)
-        calib = getattr(state.data, "calib", None)
-        first = next(iter(calib), None) if calib is not None else None
-        if first is None:
-            raise ValueError(
-                "LearnedSpinQuantModifier learns on calibration states but got no calibration "
-                "data; pass dataset= to oneshot (states from "
-                "fair_calib_llmc.build_calibration_dataset) or use fair_calib_llmc.quantize"
-            )
-        if self.token_weights == "frontier" and "loss_mask" not in first:
-            raise ValueError(
-                "LearnedSpinQuantModifier(token_weights: frontier) got no Stage I weights "
-                "(no loss_mask column); build the states with "
-                "fair_calib_llmc.build_calibration_dataset, or set token_weights: uniform"
-            )
+        check_learning_data(state, "LearnedSpinQuantModifier", self.token_weights)
         initialized = super().on_initialize(state, **kwargs)
         if "R4" in self.learn:
             # the learned R4 replaces the fixed one, attached after learning
@@ -377,7 +369,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             targets = [_moved(self._teacher(model, b, spec), "cpu") for b in batches]
         layers = [m for _, m in named_decoder_layers(model)] if self.gradient_checkpointing else []
         training = _training_forwards(quantized, sites, clips)
-        with training, _frozen(model), _checkpointed(layers):
+        with training, frozen(model), _checkpointed(layers):
             before = self._objectives_by_weighting(model, batches, targets, spec)
             optimise_began = time.monotonic()
             self._optimise(model, params, list(clips.values()), batches, targets, spec)
@@ -542,34 +534,10 @@ def _moved(target, device):
     return target.to(device)
 
 
-class _forwards_replaced:
-    """Give each module in ``forwards`` the forward mapped to it, and put the original ones
-    back (an instance attribute where there was one, e.g. compressed-tensors' wrapped
-    forward; the class's otherwise)."""
-
-    def __init__(self, forwards: dict[nn.Module, object]):
-        self.forwards = forwards
-        self.saved: dict[nn.Module, object] = {}
-
-    def __enter__(self):
-        for module, forward in self.forwards.items():
-            self.saved[module] = module.__dict__.get("forward")
-            module.forward = forward
-        return self
-
-    def __exit__(self, *exc):
-        for module, forward in self.saved.items():
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
-        return False
-
-
-def _training_forwards(quantized: dict, sites: dict, clips: dict) -> _forwards_replaced:
+def _training_forwards(quantized: dict, sites: dict, clips: dict) -> forwards_replaced:
     """Every quantized linear's forward swapped for its rotated, fake-quantized (and, with
     ``clips``, weight-clipped) training forward (:func:`rotated_forward`)."""
-    return _forwards_replaced(
+    return forwards_replaced(
         {
             module: rotated_forward(
                 module, sites.get(module, RotationSites()), acts, weights, clips.get(module)
@@ -589,7 +557,7 @@ def _cosine_adam(params: list[torch.Tensor], lr: float, steps: int):
     return optimiser, cosine
 
 
-def _checkpointed(layers: list[nn.Module]) -> _forwards_replaced:
+def _checkpointed(layers: list[nn.Module]) -> forwards_replaced:
     """Gradient checkpointing of ``layers`` while learning: each layer's forward runs under
     ``torch.utils.checkpoint`` (recomputed in the backward pass, activations not kept), so
     the memory of the backward pass is one layer's instead of the whole model's."""
@@ -602,23 +570,7 @@ def _checkpointed(layers: list[nn.Module]) -> _forwards_replaced:
 
         return run
 
-    return _forwards_replaced({layer: checkpointed(layer.forward) for layer in layers})
-
-
-class _frozen:
-    """No gradients for the model's own parameters while the rotations learn."""
-
-    def __init__(self, model: nn.Module):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
-            p.requires_grad_(True)
-        return False
+    return forwards_replaced({layer: checkpointed(layer.forward) for layer in layers})
 
 
 ModifierFactory.register("ExactSpinQuantModifier", ExactSpinQuantModifier)

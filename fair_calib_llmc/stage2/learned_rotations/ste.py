@@ -28,7 +28,6 @@ from compressed_tensors.quantization.utils import (
     compute_dynamic_scales_and_zp,
     generate_gparam,
 )
-from torch import nn
 
 __all__ = [
     "ste_quantize",
@@ -36,7 +35,6 @@ __all__ = [
     "global_scale_of",
     "group_absmax",
     "LEARNABLE_STRATEGIES",
-    "learnable_linears",
 ]
 
 #: strategies whose scales come from the tensor itself, as learning needs
@@ -89,43 +87,3 @@ def ste_quantize(module, x: torch.Tensor, args: QuantizationArgs) -> torch.Tenso
     peak = group_absmax(x, args).clamp(min=torch.finfo(x.dtype).tiny)
     residual = ((exact - x.detach()) / peak.detach()).detach()
     return exact + (x - x.detach()) + (peak - peak.detach()) * residual
-
-
-def learnable_linears(
-    model: nn.Module, learner: str, *, weights_in_loop: bool, symmetric_weights: bool
-) -> dict[nn.Module, tuple[QuantizationArgs | None, QuantizationArgs | None]]:
-    """Each quantized linear layer's ``(activation args, weight args)`` to learn against
-    (weight args ``None`` unless ``weights_in_loop``), from the schemes the quantization
-    modifier after ``learner`` attached; schemes learning cannot follow fail here, in one
-    line each, before any learning (``symmetric_weights``: learned clipping needs them)."""
-    layers = {}
-    for name, module in model.named_modules():
-        scheme = getattr(module, "quantization_scheme", None)
-        if not isinstance(module, nn.Linear) or scheme is None:
-            continue
-        acts, weights = scheme.input_activations, scheme.weights
-        for kind, args in (("activation", acts), ("weight", weights)):
-            if args is not None and args.strategy not in LEARNABLE_STRATEGIES:
-                raise ValueError(
-                    f"{name}: {kind} strategy {args.strategy} cannot be learned against "
-                    f"(learning supports {[s.value for s in LEARNABLE_STRATEGIES]}, e.g. "
-                    "W4A4_G128_PACKED)"
-                )
-        if acts is not None and not acts.dynamic:
-            raise ValueError(
-                f"{name}: static activation scales are calibrated after learning; learn "
-                "against a scheme with dynamic activations (e.g. W4A4_G128_PACKED)"
-            )
-        if symmetric_weights and weights is not None and not weights.symmetric:
-            raise ValueError(
-                f"{name}: learned weight clipping clamps a symmetric range; the weight "
-                "scheme is asymmetric: use a symmetric scheme (e.g. W4A4_G128_PACKED) or "
-                "set learn_weight_clipping: false"
-            )
-        layers[module] = (acts, weights if weights_in_loop else None)
-    if not layers:
-        raise ValueError(
-            f"{learner} found no quantized layers to learn against: put a quantization stage "
-            "(FAIRCalibModifier, GPTQModifier, QuantizationModifier) after it in the same recipe"
-        )
-    return layers
