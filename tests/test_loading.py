@@ -49,6 +49,21 @@ def test_wrong_model_path_names_the_fix(tmp_path):
         load_model(tmp_path / "empty")
 
 
+def test_another_architecture_is_refused_from_its_config_before_loading(tmp_path, capsys):
+    """A GPT-2 directory: one line naming the fix, no weights read (none exist here), no
+    transformers load report."""
+    import json
+    import shutil
+
+    checkpoint = tmp_path / "gpt2"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    shutil.copy(DEFAULT_MODEL_DIR / "tokenizer.json", checkpoint)
+    with pytest.raises(ValueError, match="'gpt2' model, not a diffusion LM .*LLaDA or Dream"):
+        load_model(checkpoint, device="cpu")
+    assert "Loading weights" not in capsys.readouterr().err
+
+
 def test_truncated_safetensors_names_the_fix(tmp_path):
     import shutil
 

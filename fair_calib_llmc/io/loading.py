@@ -8,6 +8,7 @@ device they are on (its sequential pipeline onloads CPU modules to the GPU layer
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -88,6 +89,25 @@ def _hub_reachable(hub_id: str) -> bool:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
+def _check_dllm_config(local: Path) -> None:
+    """Refuse a checkpoint of another architecture from its config.json, before transformers
+    loads (and reports on) its weights."""
+    from fair_calib_llmc.models.configs import DreamConfig, LLaDAConfig
+
+    try:
+        model_type = json.loads((local / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{local}/config.json is not readable JSON ({err}); fix the file"
+        ) from None
+    known = (LLaDAConfig.model_type, DreamConfig.model_type)
+    if model_type not in known:
+        raise ValueError(
+            f"{local} holds a {model_type!r} model, not a diffusion LM ({' or '.join(known)}); "
+            "pass --model a LLaDA or Dream checkpoint directory"
+        )
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -115,6 +135,8 @@ def load_model(
             f"{path} has no tokenizer ({' or '.join(_TOKENIZER_FILES)}); save the model's "
             f"tokenizer into it (tokenizer.save_pretrained({str(path)!r}))"
         )
+    if local.is_dir():
+        _check_dllm_config(local)
     device = resolve_device(device)
     source = str(local) if local.exists() else str(path)
     cached_only = not local.exists() and not _hub_reachable(source)
