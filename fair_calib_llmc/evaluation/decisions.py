@@ -24,8 +24,8 @@ from fair_calib_llmc.evaluation.report import METRICS
 from fair_calib_llmc.io.data import check_prompt_count, heldout_tokens, prompts_from_texts
 from fair_calib_llmc.io.reload import load_quantized
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
+from fair_calib_llmc.models.registry import family, sampler_classes
 from fair_calib_llmc.sampling.samplers import (
-    LLaDASampler,
     SamplerBase,
     default_sampler,
     teacher_traces,
@@ -69,26 +69,31 @@ class DecisionSettings:
             if value is not None and value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{name} ({flag}) must be a positive integer, got {value}")
-        # the LLaDA sampler's own checks (block_length divides gen_length, a step per block),
-        # with the settings given; Dream's sampler checks a subset of these
-        try:
-            LLaDASampler(
-                gen_length=self.gen_length,
-                steps=self.steps or self.gen_length,
-                block_length=self.block_length or self.gen_length,
-            )
-        except ValueError as err:  # pydantic's ValidationError is a ValueError
-            errors = getattr(err, "errors", None)
-            message = errors()[0]["msg"] if callable(errors) else str(err)
-            raise ValueError(message.removeprefix("Value error, ")) from None
+        # every family's sampler checks (LLaDA's: block_length divides gen_length, a step per
+        # block) on the settings it takes, before the family is known
+        settings = {
+            "gen_length": self.gen_length,
+            "steps": self.steps or self.gen_length,
+            "block_length": self.block_length or self.gen_length,
+        }
+        for sampler in sampler_classes():
+            try:
+                sampler(**{k: v for k, v in settings.items() if k in sampler.model_fields})
+            except ValueError as err:  # pydantic's ValidationError is a ValueError
+                errors = getattr(err, "errors", None)
+                message = errors()[0]["msg"] if callable(errors) else str(err)
+                raise ValueError(message.removeprefix("Value error, ")) from None
 
     def sampler(self, spec):
         overrides = {}
         if self.steps is not None:
             overrides["steps"] = self.steps
         if self.block_length is not None:
-            if spec.family != "llada":
-                raise ValueError("--block-length is a LLaDA sampler setting; Dream has no blocks")
+            if "block_length" not in family(spec.family).sampler.model_fields:
+                raise ValueError(
+                    f"--block-length is a setting of block samplers; the {spec.family} sampler "
+                    "has no blocks: leave --block-length out"
+                )
             overrides["block_length"] = self.block_length
         return default_sampler(spec, self.gen_length, **overrides)
 

@@ -59,8 +59,8 @@ from fair_calib_llmc.evaluation.metrics import masked_diffusion_loglikelihood
 from fair_calib_llmc.io.loading import default_device, resolve_dtype
 from fair_calib_llmc.io.reload import load_quantized, restore_decompressed
 from fair_calib_llmc.models.family import diffusion_spec
+from fair_calib_llmc.models.registry import sampler_classes
 from fair_calib_llmc.sampling.samplers import (
-    DreamSampler,
     LLaDASampler,
     sampler_for,
     sampler_settings,
@@ -75,7 +75,7 @@ _SAMPLER_KEYS = {
     sampler.model_fields["family"].default: tuple(
         name for name in sampler.model_fields if name not in _NOT_MODEL_ARGS
     )
-    for sampler in (LLaDASampler, DreamSampler)
+    for sampler in sampler_classes()
 }
 
 

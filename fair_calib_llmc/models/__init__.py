@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import importlib
 
-from fair_calib_llmc.models.configs import (
-    CONFIGS,
-    DREAM_MASK_TOKEN_ID,
-    LLADA_MASK_TOKEN_ID,
-    LM_HEAD,
-    LM_HEADS,
-    DreamConfig,
-    LLaDAConfig,
-)
+from fair_calib_llmc.models.configs import CONFIGS, DreamConfig, LLaDAConfig
 from fair_calib_llmc.models.family import (
     DiffusionLMSpec,
     align_logits,
     denoiser_logits,
     diffusion_spec,
+)
+from fair_calib_llmc.models.registry import (
+    DREAM_MASK_TOKEN_ID,
+    FAMILIES,
+    LLADA_MASK_TOKEN_ID,
+    LM_HEAD,
+    LM_HEADS,
+    FamilySpec,
+    family,
+    family_of,
 )
 
 __all__ = [
@@ -44,15 +46,19 @@ __all__ = [
     "DREAM_MASK_TOKEN_ID",
     "CONFIGS",
     "model_classes",
+    "FamilySpec",
+    "FAMILIES",
+    "family",
+    "family_of",
 ]
 
 #: public model class -> its module (imported on first use)
-_MODELS = {"LLaDAModelLM": "llada", "DreamModel": "dream"}
+_MODELS = {f.model_class: f.model_module for f in FAMILIES.values()}
 
 
 def model_classes() -> dict[type, type]:
     """Configuration class -> model class (imports the model code)."""
-    return {LLaDAConfig: __getattr__("LLaDAModelLM"), DreamConfig: __getattr__("DreamModel")}
+    return {f.config_cls(): __getattr__(f.model_class) for f in FAMILIES.values()}
 
 
 def __getattr__(name: str):

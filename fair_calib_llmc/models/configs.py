@@ -12,6 +12,16 @@ from __future__ import annotations
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 
+# the per-family constants live in the registry; re-exported here, where they were defined
+from fair_calib_llmc.models.registry import (
+    DREAM,
+    DREAM_MASK_TOKEN_ID,
+    LLADA,
+    LLADA_MASK_TOKEN_ID,
+    LM_HEAD,
+    LM_HEADS,
+)
+
 __all__ = [
     "CONFIGS",
     "LLaDAConfig",
@@ -22,13 +32,6 @@ __all__ = [
     "LM_HEADS",
 ]
 
-#: Mask token of the public LLaDA-8B tokenizer.
-LLADA_MASK_TOKEN_ID = 126336
-#: Regex naming the LM head only (not the blocks' down projections, also called ``ff_out``).
-LM_HEAD = r"re:^model\.transformer\.ff_out$"
-#: The LM heads of both families (Dream's ``lm_head``, LLaDA's :data:`LM_HEAD`): the modules a
-#: W4A4 recipe leaves unquantized (the shipped recipes spell the same two in YAML).
-LM_HEADS = ("lm_head", LM_HEAD)
 
 _SUPPORTED = {
     "block_type": ("llama",),
@@ -45,7 +48,7 @@ class LLaDAConfig(PreTrainedConfig):
     takes the tokenizer's mask token or fails, instead of guessing another model's id.
     """
 
-    model_type = "llada"
+    model_type = LLADA.model_type
     keys_to_ignore_at_inference = ["past_key_values"]
     attribute_map = {
         "hidden_size": "d_model",
@@ -139,10 +142,6 @@ class LLaDAConfig(PreTrainedConfig):
         return self.embedding_size or self.vocab_size
 
 
-#: Mask token of the public Dream-v0 tokenizer.
-DREAM_MASK_TOKEN_ID = 151666
-
-
 class DreamConfig(Qwen2Config):
     """Qwen2 configuration plus Dream's ``mask_token_id`` (``model_type`` is ``"Dream"``).
 
@@ -150,7 +149,7 @@ class DreamConfig(Qwen2Config):
     :class:`~fair_calib_llmc.models.LLaDAConfig`.
     """
 
-    model_type = "Dream"
+    model_type = DREAM.model_type
     mask_token_id: int | None = None
 
 

@@ -24,8 +24,9 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 from fair_calib_llmc.models.backbone import BidirectionalStackMixin, DiffusionLMMixin
-from fair_calib_llmc.models.configs import DREAM_MASK_TOKEN_ID, DreamConfig
+from fair_calib_llmc.models.configs import DreamConfig
 from fair_calib_llmc.models.masking import BidirectionalMask
+from fair_calib_llmc.models.registry import DREAM, DREAM_MASK_TOKEN_ID
 
 __all__ = ["DreamConfig", "DreamModel", "DreamDecoderLayer", "DREAM_MASK_TOKEN_ID"]
 
@@ -41,7 +42,7 @@ class DreamDecoderLayer(Qwen2DecoderLayer):
 class DreamPreTrainedModel(Qwen2PreTrainedModel):
     config_class = DreamConfig
     config: DreamConfig
-    _no_split_modules = ["DreamDecoderLayer"]
+    _no_split_modules = [DREAM.decoder_layer]
     _can_record_outputs = None
 
 

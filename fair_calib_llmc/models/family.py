@@ -15,21 +15,15 @@ import torch
 from loguru import logger
 from torch import nn
 
-from fair_calib_llmc.models.configs import (
-    DREAM_MASK_TOKEN_ID,
-    LLADA_MASK_TOKEN_ID,
-    DreamConfig,
-    LLaDAConfig,
-)
+from fair_calib_llmc.models.registry import FAMILIES, family_of
 
 __all__ = ["DiffusionLMSpec", "diffusion_spec", "align_logits", "denoiser_logits"]
-
-_FAMILIES = {LLaDAConfig: ("llada", False), DreamConfig: ("dream", True)}
 
 
 @dataclass(frozen=True)
 class DiffusionLMSpec:
-    """Family facts of one model: its name, mask token and logit alignment."""
+    """Family facts of one model: its family's name (a key of
+    :data:`~fair_calib_llmc.models.registry.FAMILIES`), mask token and logit alignment."""
 
     family: str
     mask_token_id: int
@@ -48,18 +42,19 @@ def diffusion_spec(
     :func:`fair_calib_llmc.quantize` states it in the saved checkpoint's ``config.json``.
     """
     config = getattr(model, "config", None)
-    family = next((v for k, v in _FAMILIES.items() if isinstance(config, k)), None)
+    family = family_of(config) if config is not None else None
     if family is None:
         kind = getattr(config, "model_type", None)
+        known = ", ".join(
+            f"{f.model_class}: model_type {f.model_type!r}" for f in FAMILIES.values()
+        )
         raise ValueError(
             f"{type(model).__name__} (model_type={kind!r}) is not a diffusion language model. "
-            "fair_calib_llmc quantizes masked-diffusion LMs (LLaDA: model_type 'llada', "
-            "Dream: model_type 'Dream'); causal (autoregressive) LMs decode left to right and "
-            "have no write frontier. Load a LLaDA or Dream checkpoint (import fair_calib_llmc "
-            "first so AutoModel knows these types), or use llm-compressor's own recipes for "
-            "causal models."
+            f"fair_calib_llmc quantizes masked-diffusion LMs ({known}); causal "
+            "(autoregressive) LMs decode left to right and have no write frontier. Load a "
+            "checkpoint of one of these (import fair_calib_llmc first so AutoModel knows "
+            "these types), or use llm-compressor's own recipes for causal models."
         )
-    name, shift = family
     mask_id = mask_token_id
     if mask_id is None:
         mask_id = getattr(config, "mask_token_id", None)
@@ -71,12 +66,11 @@ def diffusion_spec(
                 f"{tokenizer.mask_token!r} (id {mask_id})"
             )
     if mask_id is None:
+        public = ", ".join(f"{f.checkpoint}: {f.mask_token_id}" for f in FAMILIES.values())
         raise ValueError(
             f"{type(model).__name__} has no mask token: neither config.mask_token_id nor the "
             "tokenizer's mask_token is set. Set config.mask_token_id to the id the model was "
-            f"trained with (LLaDA-8B: {LLADA_MASK_TOKEN_ID}, Dream-7B: {DREAM_MASK_TOKEN_ID}) or "
-            "add a mask_token to the "
-            "tokenizer."
+            f"trained with ({public}) or add a mask_token to the tokenizer."
         )
     vocab = model.get_input_embeddings().num_embeddings
     if not 0 <= int(mask_id) < vocab:
@@ -84,7 +78,9 @@ def diffusion_spec(
             f"mask_token_id={mask_id} is outside the embedding table (size {vocab}); "
             "set config.mask_token_id to the model's real mask token."
         )
-    return DiffusionLMSpec(family=name, mask_token_id=int(mask_id), shift_logits=shift)
+    return DiffusionLMSpec(
+        family=family.name, mask_token_id=int(mask_id), shift_logits=family.shift_logits
+    )
 
 
 def align_logits(logits: torch.Tensor, spec: DiffusionLMSpec) -> torch.Tensor:

@@ -32,8 +32,9 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from fair_calib_llmc.models.backbone import BidirectionalStackMixin, DiffusionLMMixin
-from fair_calib_llmc.models.configs import LLADA_MASK_TOKEN_ID, LM_HEAD, LLaDAConfig
+from fair_calib_llmc.models.configs import LLaDAConfig
 from fair_calib_llmc.models.masking import BidirectionalMask
+from fair_calib_llmc.models.registry import LLADA, LLADA_MASK_TOKEN_ID, LM_HEAD
 
 __all__ = ["LLaDAConfig", "LLaDAModelLM", "LLaDABlock", "LM_HEAD", "LLADA_MASK_TOKEN_ID"]
 
@@ -97,7 +98,7 @@ class LLaDAPreTrainedModel(PreTrainedModel):
     config_class = LLaDAConfig
     config: LLaDAConfig
     base_model_prefix = "model"
-    _no_split_modules = ["LLaDABlock"]
+    _no_split_modules = [LLADA.decoder_layer]
     _supports_sdpa = True
     _supports_attention_backend = True
 

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fair_calib_llmc.models.family import DiffusionLMSpec, denoiser_logits, diffusion_spec
+from fair_calib_llmc.models.registry import DREAM, LLADA, family, register_sampler
 
 __all__ = [
     "DiffusionTrace",
@@ -213,12 +214,13 @@ def _select_top(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return commit
 
 
+@register_sampler
 class LLaDASampler(SamplerBase):
     """LLaDA's sampler: semi-autoregressive blocks, ``steps // n_blocks`` steps per block,
     committing the most confident (``low_confidence`` remasking) or random masked positions of
     the current block, with an even split of the block's tokens over its steps."""
 
-    family: Literal["llada"] = "llada"
+    family: Literal[LLADA.name] = LLADA.name
     block_length: int = Field(32, gt=0)
     remasking: Literal["low_confidence", "random"] = "low_confidence"
 
@@ -288,13 +290,14 @@ def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator) -> torch
     return (logits.exp() / gumbel).argmax(-1)
 
 
+@register_sampler
 class DreamSampler(SamplerBase):
     """Dream's ``diffusion_generate``: no blocks; at step ``i`` of ``steps`` the fraction
     ``1 - s/t`` of the remaining masked positions is committed, chosen by ``alg``:
     ``origin`` (random), ``maskgit_plus`` (top-1 probability), ``topk_margin``
     (top-1 minus top-2) or ``entropy`` (negative entropy)."""
 
-    family: Literal["dream"] = "dream"
+    family: Literal[DREAM.name] = DREAM.name
     alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] = "entropy"
     eps: float = Field(1e-3, gt=0.0, lt=1.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -425,16 +428,14 @@ def _stderr_is_terminal() -> bool:
 
 def sampler_for(spec: DiffusionLMSpec, **settings) -> SamplerBase:
     """The family's own sampler with ``settings`` (unknown keys raise a ValidationError)."""
-    return (LLaDASampler if spec.family == "llada" else DreamSampler)(**settings)
+    return family(spec.family).sampler(**settings)
 
 
 def sampler_settings(spec: DiffusionLMSpec, gen_length: int = 32, **overrides) -> dict:
     """The settings of :func:`default_sampler`: one token per step and (LLaDA) the whole
-    answer as one block, then ``overrides``."""
-    settings = {"steps": gen_length, "gen_length": gen_length}
-    if spec.family == "llada":
-        settings["block_length"] = gen_length
-    return {**settings, **overrides}
+    answer as one block (the family's ``answer_length_fields``), then ``overrides``."""
+    fields = ("steps", "gen_length", *family(spec.family).answer_length_fields)
+    return {**dict.fromkeys(fields, gen_length), **overrides}
 
 
 def default_sampler(spec: DiffusionLMSpec, gen_length: int = 32, **overrides) -> SamplerBase:

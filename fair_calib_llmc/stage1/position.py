@@ -59,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from fair_calib_llmc.models.family import DiffusionLMSpec
+from fair_calib_llmc.models.registry import family
 from fair_calib_llmc.sampling.samplers import SamplerBase, progress
 from fair_calib_llmc.stage1.sources import CalibrationRows, to_deciding_columns
 
@@ -173,9 +174,9 @@ def probe_position_weights(
 
 def probe_sampler(sampler: SamplerBase) -> SamplerBase:
     """The Stage I sampler with a random commit order (its steps, answer length, blocks and
-    temperature kept): LLaDA ``remasking: random``, Dream ``alg: origin``."""
-    order = {"llada": {"remasking": "random"}, "dream": {"alg": "origin"}}[sampler.family]
-    return sampler.model_copy(update=order)
+    temperature kept): the family's ``random_order`` (LLaDA ``remasking: random``, Dream
+    ``alg: origin``)."""
+    return sampler.model_copy(update=dict(family(sampler.family).random_order))
 
 
 @dataclass

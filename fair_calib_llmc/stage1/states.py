@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 import torch
 from datasets import Dataset
@@ -36,10 +36,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fair_calib_llmc.distributed import all_reduce_sum, my_share, rank_and_world
 from fair_calib_llmc.io.data import check_prompt_count, prompts_from_texts
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
+from fair_calib_llmc.models.registry import sampler_classes
 from fair_calib_llmc.sampling.samplers import (
     DiffusionTrace,
-    DreamSampler,
-    LLaDASampler,
     SamplerBase,
     default_sampler,
     teacher_traces,
@@ -58,8 +57,8 @@ __all__ = [
     "weight_source",
 ]
 
-#: A family's own sampler, told apart by its ``family`` field (``llada`` or ``dream``).
-SamplerSettings = Annotated[LLaDASampler | DreamSampler, Field(discriminator="family")]
+#: A family's own sampler, told apart by its ``family`` field (a registered family's name).
+SamplerSettings = Annotated[Union[sampler_classes()], Field(discriminator="family")]  # noqa: UP007
 
 #: Sources that weigh masked-stage states from their own rollouts (no clean text).
 STATE_SOURCES = ("state", "table", "sensitivity")

@@ -9,7 +9,8 @@ weights quantize by itself. This modifier needs neither: it folds seeded per-cha
 columns, and into the value projection rows and the output projection columns (every query
 head's copy under grouped-query attention), the maths in :mod:`fair_calib_llmc.stage2.equivalent`.
 Which modules those are comes from the SpinQuant mappings (``attn_v``, ``attn_o``, ``mlp_out``)
-and :data:`~fair_calib_llmc.stage2.rotations.MLP_UP_REGISTRY` (which ``mlp_in`` is the up one).
+and :data:`~fair_calib_llmc.stage2.rotations.MLP_UP_REGISTRY` (which ``mlp_in`` is the up one,
+the registry's ``FamilySpec.mlp_up``).
 
 The rescale runs once, at ``on_calibration_start``, as ``ExactSpinQuantModifier`` fuses its
 rotations: the sequential and the data-free pipeline both send that event before any weight is
@@ -53,8 +54,8 @@ def rescale_pairs(model: nn.Module) -> list[RescalePair]:
     if mapping is None or up is None:
         raise ValueError(
             f"EquivalentRescaleModifier has no layer mapping for {architecture} (it knows "
-            f"{sorted(MLP_UP_REGISTRY)}); register its SpinQuant mapping and its up projection "
-            "in fair_calib_llmc.stage2.rotations"
+            f"{sorted(MLP_UP_REGISTRY)}); add its family, with its SpinQuant mapping and its up "
+            "projection, to fair_calib_llmc.models.registry"
         )
     head_dim = get_head_dim(model.config)
     roles = {"v": [mapping.attn_v], "o": [mapping.attn_o], "up": [up], "down": mapping.mlp_out}

@@ -1,7 +1,8 @@
 """Where the transforms of one decoder layer act, from the family's SpinQuant mappings.
 
-The registry of per-family module names is :mod:`fair_calib_llmc.stage2.rotations` (the
-mappings llm-compressor's ``SpinQuantModifier`` reads): q / k / v / o, the MLP inputs and
+The per-family module names are spelled in the family registry
+(:mod:`fair_calib_llmc.models.registry`) and registered by :mod:`fair_calib_llmc.stage2.rotations`
+as the mappings llm-compressor's ``SpinQuantModifier`` reads: q / k / v / o, the MLP inputs and
 output, and which norm feeds which linears. This module only groups them by decoder layer.
 """
 
@@ -53,7 +54,7 @@ def layer_sites(
         raise ValueError(
             f"{layer_name}: the rotation mappings found q {q}, k {k}, v {v}, o {o}, mlp in "
             f"{mlp_in}, down {down}; FlatQuantModifier needs exactly one of each per layer "
-            "(register the family's mappings in fair_calib_llmc.stage2.rotations)"
+            "(spell the family's mappings in fair_calib_llmc.models.registry)"
         )
     config = model.config
     query = model.get_submodule(q[0])
