@@ -92,7 +92,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "to
 def _check_dllm_config(local: Path) -> None:
     """Refuse a checkpoint of another architecture from its config.json, before transformers
     loads (and reports on) its weights."""
-    from fair_calib_llmc.models.configs import DreamConfig, LLaDAConfig
+    from fair_calib_llmc.models.registry import FAMILIES
 
     try:
         model_type = json.loads((local / "config.json").read_text()).get("model_type")
@@ -100,7 +100,7 @@ def _check_dllm_config(local: Path) -> None:
         raise ValueError(
             f"{local}/config.json is not readable JSON ({err}); fix the file"
         ) from None
-    known = (LLaDAConfig.model_type, DreamConfig.model_type)
+    known = tuple(spec.model_type for spec in FAMILIES.values())
     if model_type not in known:
         raise ValueError(
             f"{local} holds a {model_type!r} model, not a diffusion LM ({' or '.join(known)}); "
