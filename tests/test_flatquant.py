@@ -199,3 +199,15 @@ def test_frontier_weights_without_a_loss_mask_fail_before_learning(
             recipe=load_recipe(_flat_recipe()),
             dataset=unweighted,
         )
+
+
+@pytest.mark.integration
+def test_flatquant_refuses_torchrun_before_learning(
+    llada, tokenizer, calibration_texts, tmp_path, monkeypatch
+):
+    import fair_calib_llmc.stage2.flatquant.base as flat_base
+
+    monkeypatch.setattr(flat_base, "rank_and_world", lambda: (0, 2))
+    model = saved(llada, tokenizer, tmp_path / "fp")
+    with pytest.raises(ValueError, match="learns in one process only"):
+        quantize(model, tokenizer, load_recipe(_flat_recipe()), calibration_texts, max_prompts=2)

@@ -44,7 +44,7 @@ from pydantic import Field, PrivateAttr, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from fair_calib_llmc.distributed import shared_weights_written_once
+from fair_calib_llmc.distributed import rank_and_world, shared_weights_written_once
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.models.layers import named_decoder_layers
 from fair_calib_llmc.stage2.flatquant.learner import (
@@ -147,6 +147,11 @@ class FlatQuantModifier(ExactSpinQuantModifier):
         if self._diffusion_spec is None:  # oneshot called directly: the config states it
             self._diffusion_spec = diffusion_spec(state.model)
         check_learning_data(state, "FlatQuantModifier", self.token_weights)
+        if rank_and_world()[1] > 1:  # each rank would learn other transforms from its share
+            raise ValueError(
+                "FlatQuantModifier learns in one process only (its per-layer learning does not "
+                "average gradients across torchrun ranks); run this recipe without torchrun"
+            )
         self._check_blocks(state.model)
         return super().on_initialize(state, **kwargs)
 
