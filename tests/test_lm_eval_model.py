@@ -354,3 +354,88 @@ def test_shell_entry_point_finds_the_shipped_tasks_from_anywhere(
     argv = ["--model", "dllm", "--model_args", model_args, "--device", "cpu"]
     main([*argv, "--tasks", "python_next_line_choice", "--limit", "2"])
     assert "python_next_line_choice" in capsys.readouterr().out
+
+
+def _count_forwards(model) -> list:
+    calls: list = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def _other_token(token: int, spec, vocab_size: int) -> int:
+    token = (token + 1) % vocab_size
+    return token if token != spec.mask_token_id else (token + 1) % vocab_size
+
+
+def test_greedy_check_stops_at_the_first_wrong_commit_with_the_full_runs_answer(
+    checkpoints, tokenizer
+):
+    """The check ends one forward pass after a wrong commit (a committed token never changes)
+    and answers as the full run; the scores are the likelihood's own, to the last digit."""
+    from fair_calib_llmc.sampling.samplers import LLaDASampler
+
+    n, mc = 6, 8  # 63 masks > mc: the Monte-Carlo branch, one forward pass of mc rows
+    lm = _lm(checkpoints["llada", "w4a4"], mc_samples=mc, batch_size=mc)
+    forwards = _count_forwards(lm.model)
+    vocab = lm.model.config.vocab_size
+    sampler = LLaDASampler(steps=n, gen_length=n, block_length=n)
+    for text in ("def forward(self, x):", "import torch\n", "class A("):
+        context = tokenizer(text)["input_ids"]
+        trace = sampler.generate(lm.model, torch.tensor(context), spec=lm.spec)
+        answer = trace.generated[0].tolist()
+        order = [int(trace.committed[s, 0, len(context) :].nonzero()) for s in range(n)]
+        wrong_first, wrong_last = list(answer), list(answer)
+        wrong_first[order[0]] = _other_token(answer[order[0]], lm.spec, vocab)
+        wrong_last[order[-1]] = _other_token(answer[order[-1]], lm.spec, vocab)
+        for continuation, greedy, passes in (
+            (answer, True, 1 + n),
+            (wrong_first, False, 1 + 2),  # the wrong commit is seen at the next step's hook
+            (wrong_last, False, 1 + n),
+        ):
+            forwards.clear()
+            ((log_p, is_greedy),) = lm._loglikelihood_tokens([(("", ""), context, continuation)])
+            assert (is_greedy, len(forwards)) == (greedy, passes)
+            assert log_p == masked_diffusion_loglikelihood(
+                lm.model,
+                context,
+                continuation,
+                spec=lm.spec,
+                mc_samples=mc,
+                batch_size=mc,
+                seed=lm.seed,
+            )
+
+
+def test_a_w4a4_checkpoint_decompresses_once_and_fake_quantizes_only_activations(
+    checkpoints, monkeypatch
+):
+    """The cheap W4A4 path: weights decompressed once at load, never re-quantized per forward
+    pass; only the deployed model's dynamic input-activation quantization runs per call."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization.lifecycle import forward as ct_forward
+
+    decompress = ModelCompressor.decompress_model
+    decompressions: list = []
+    monkeypatch.setattr(
+        ModelCompressor,
+        "decompress_model",
+        lambda self, *a, **k: decompressions.append(1) or decompress(self, *a, **k),
+    )
+    quantize = ct_forward.forward_quantize
+    quantized: list[str] = []
+    monkeypatch.setattr(
+        ct_forward,
+        "forward_quantize",
+        lambda module, value, base_name, args: (
+            quantized.append(base_name) or quantize(module, value, base_name, args)
+        ),
+    )
+    lm = _lm(checkpoints["llada", "w4a4"], mc_samples=8, batch_size=8, greedy_check=False)
+    assert len(decompressions) == 1
+    linears = [m for m in lm.model.modules() if getattr(m, "quantization_scheme", None)]
+    assert linears and all(m.weight.dtype == torch.float32 for m in linears)
+    forwards = _count_forwards(lm.model)
+    quantized.clear()
+    lm._loglikelihood_tokens([(("", ""), [5, 9, 31, 7], [40, 41, 42, 43, 44, 45])])
+    assert len(decompressions) == 1
+    assert len(forwards) == 1 and quantized == ["input"] * len(linears)

@@ -28,7 +28,8 @@ The three request types, as the LLaDA / Dream authors evaluate:
   batch size or request order). When all ``2**T - 1`` masks fit in ``mc_samples``, the
   expectation is computed exactly instead (short answers such as " A" or " yes").
   ``is_greedy`` is LLaDA's check: unmask the continuation one token per step, most confident
-  first, greedily, and compare with the target.
+  first, greedily, and compare with the target (stopped at the first wrong commit, which
+  decides the answer).
 * ``loglikelihood_rolling``: the same bound over lm-eval's disjoint rolling windows of
   ``max_length`` tokens, summed.
 
@@ -83,6 +84,11 @@ class ModelArgumentError(ValueError):
     """A wrong ``--model_args`` for ``dllm``: :func:`main` prints it as one line."""
 
 
+class _WrongCommit(Exception):
+    """Raised by :meth:`DiffusionHarnessLM._is_greedy`'s step hook to end a greedy check
+    whose answer is already decided (never leaves the class)."""
+
+
 @register_model(LM_EVAL_MODEL_NAME)
 class DiffusionHarnessLM(TemplateLM):
     """lm-eval model for masked-diffusion LMs (LLaDA, Dream); see the module docstring.
@@ -102,7 +108,8 @@ class DiffusionHarnessLM(TemplateLM):
     :param alg: Dream's ``origin``, ``maskgit_plus``, ``topk_margin`` or ``entropy``
     :param temperature: 0 = greedy; a task's ``do_sample: true`` + ``temperature`` overrides
     :param mc_samples: Monte-Carlo samples per likelihood (LLaDA's ``mc_num``, 128)
-    :param greedy_check: compute ``is_greedy`` (costs one forward pass per continuation token)
+    :param greedy_check: compute ``is_greedy`` (up to one forward pass per continuation
+        token, at batch size 1; a wrong commit ends it)
     :param seed: seeds likelihood masks and sampler noise
     :param mask_token_id: override the config's mask token (e.g. 126336 for LLaDA-8B)
     :param add_bos_token: passed to the tokenizer as ``add_special_tokens`` (default: the
@@ -256,11 +263,30 @@ class DiffusionHarnessLM(TemplateLM):
         )
 
     def _is_greedy(self, context: list[int], continuation: list[int]) -> bool:
-        """LLaDA's check: one token per step, most confident first, greedy, equals target?"""
+        """LLaDA's check: one token per step, most confident first, greedy, equals target?
+
+        A committed token is never changed, so the first committed token that differs from
+        the target decides ``False``: the sampler's step hook stops the run there instead of
+        unmasking the rest (one forward pass per step; a weak or quantized model usually
+        misses within the first steps). The answer is the one of the full run."""
         n = len(continuation)
         sampler = LLaDASampler(steps=n, gen_length=n, block_length=n)
         prompt = torch.tensor(context[-(self.max_length - n) :], dtype=torch.long).unsqueeze(0)
-        trace = sampler.generate(self.model, prompt, spec=self.spec)
+        target = torch.tensor(continuation, dtype=torch.long, device=self.device)
+        start = prompt.shape[1]
+
+        def stop_at_a_wrong_commit(step: int, state: torch.Tensor, logits) -> None:
+            answer = state[0, start:]
+            committed = answer != self.spec.mask_token_id
+            if not torch.equal(answer[committed], target[committed]):
+                raise _WrongCommit
+
+        try:
+            trace = sampler.generate(
+                self.model, prompt, spec=self.spec, on_step=stop_at_a_wrong_commit
+            )
+        except _WrongCommit:
+            return False
         return trace.generated[0].tolist() == list(continuation)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
