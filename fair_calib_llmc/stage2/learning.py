@@ -8,12 +8,19 @@ Shared by :class:`~fair_calib_llmc.stage2.learned_rotations.base.LearnedSpinQuan
 
 from __future__ import annotations
 
+import torch
 from compressed_tensors.quantization import QuantizationArgs
 from torch import nn
 
 from fair_calib_llmc.stage2.learned_rotations.ste import LEARNABLE_STRATEGIES
 
-__all__ = ["check_learning_data", "learnable_linears", "forwards_replaced", "frozen"]
+__all__ = [
+    "check_learning_data",
+    "token_weights_of",
+    "learnable_linears",
+    "forwards_replaced",
+    "frozen",
+]
 
 
 def check_learning_data(state, learner: str, token_weights: str) -> None:
@@ -33,6 +40,14 @@ def check_learning_data(state, learner: str, token_weights: str) -> None:
             "build the data with fair_calib_llmc.build_calibration_dataset, or set "
             "token_weights: uniform"
         )
+
+
+def token_weights_of(batch: dict, token_weights: str) -> torch.Tensor:
+    """``(batch, tokens)`` weights of a calibration batch: its ``loss_mask`` for
+    ``frontier``, ones for ``uniform`` (or where the batch has no ``loss_mask``)."""
+    if token_weights == "uniform" or "loss_mask" not in batch:
+        return torch.ones_like(batch["input_ids"], dtype=torch.float32)
+    return batch["loss_mask"].float()
 
 
 def learnable_linears(

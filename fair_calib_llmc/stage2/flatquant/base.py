@@ -34,7 +34,6 @@ import time
 from typing import Literal
 
 import torch
-from compressed_tensors import TRANSFORM_CONFIG_NAME
 from compressed_tensors.transform.apply import _register_tied_transform_weights
 from compressed_tensors.utils import update_offload_parameter
 from llmcompressor.core import Event, State
@@ -65,12 +64,14 @@ from fair_calib_llmc.stage2.learned_rotations.clipping import clip_weight, initi
 from fair_calib_llmc.stage2.learned_rotations.online import (
     attach_online_transform,
     hadamard_start,
+    record_transform_groups,
 )
 from fair_calib_llmc.stage2.learning import (
     check_learning_data,
     forwards_replaced,
     frozen,
     learnable_linears,
+    token_weights_of,
 )
 
 __all__ = ["FlatQuantModifier"]
@@ -188,9 +189,10 @@ class FlatQuantModifier(ExactSpinQuantModifier):
         batches = [self._batch(b, device) for b in dataloader]
         named = named_decoder_layers(model)
         hidden, kwargs = capture_first_layer_inputs(model, named[0][1], batches)
-        weights = [self._token_weights(b) for b in batches]
+        weights = [token_weights_of(b, self.token_weights) for b in batches]
         train, held = split_batches(len(batches), self.holdout)
         stream = list(hidden)  # the quantized stream (inputs: quantized)
+        down_start = hadamard_start(self._down_block(), self.transform_type).float()
         layers = []
         for index, (name, layer) in enumerate(tqdm(named, desc="FlatQuant layers")):
             sites = layer_sites(model, name, self.mappings, self.norm_mappings)
@@ -202,7 +204,7 @@ class FlatQuantModifier(ExactSpinQuantModifier):
                 kwargs=kwargs,
                 weights=weights,
             )
-            transforms = self._transforms(model, sites).to(device)
+            transforms = self._transforms(model, sites, down_start).to(device)
             clips = {}
             if self.learn_weight_clipping:
                 clips = {
@@ -258,7 +260,9 @@ class FlatQuantModifier(ExactSpinQuantModifier):
             f"{self._report.get('heldout')}"
         )
 
-    def _transforms(self, model: nn.Module, sites: LayerSites) -> LayerTransforms:
+    def _transforms(
+        self, model: nn.Module, sites: LayerSites, down_start: torch.Tensor
+    ) -> LayerTransforms:
         config = model.config
         return LayerTransforms(
             hidden=config.hidden_size,
@@ -267,7 +271,7 @@ class FlatQuantModifier(ExactSpinQuantModifier):
             kv_heads=sites.kv_heads,
             block=self.block_size,
             down_block=self._down_block(),
-            down_start=hadamard_start(self._down_block(), self.transform_type).float(),
+            down_start=down_start,
             smooth=tuple(site for site in sites.norms if self.smooth),
             learn_vo=self.learn_vo,
             activation_clipping=self.activation_clipping,
@@ -304,19 +308,12 @@ class FlatQuantModifier(ExactSpinQuantModifier):
             p, _ = transforms.site(site)
             group = f"{GROUP_PREFIX}{index}_{site}"
             groups[group] = attach_online_transform(model, readers, p, group, self.precision)
-        config = getattr(model, TRANSFORM_CONFIG_NAME)
-        merged = {**config.config_groups, **groups}
-        setattr(model, TRANSFORM_CONFIG_NAME, config.model_copy(update={"config_groups": merged}))
+        record_transform_groups(model, groups)
 
     @staticmethod
     def _batch(batch: dict, device) -> dict:
         keep = ("input_ids", "attention_mask", "loss_mask")
         return {k: batch[k].to(device) for k in keep if k in batch}
-
-    def _token_weights(self, batch: dict) -> torch.Tensor:
-        if self.token_weights == "uniform" or "loss_mask" not in batch:
-            return torch.ones_like(batch["input_ids"], dtype=torch.float32)
-        return batch["loss_mask"].float()
 
     @property
     def learning_report(self) -> dict:

@@ -40,7 +40,7 @@ from collections import defaultdict
 from typing import Literal
 
 import torch
-from compressed_tensors import TRANSFORM_CONFIG_NAME, match_named_modules
+from compressed_tensors import match_named_modules
 from compressed_tensors.utils import get_head_dim, update_offload_parameter
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.factory import ModifierFactory
@@ -73,7 +73,11 @@ from fair_calib_llmc.stage2.learned_rotations.objectives import (
     masked_log_probs,
     output_kl,
 )
-from fair_calib_llmc.stage2.learned_rotations.online import attach_online_rotation, hadamard_start
+from fair_calib_llmc.stage2.learned_rotations.online import (
+    attach_online_rotation,
+    hadamard_start,
+    record_transform_groups,
+)
 from fair_calib_llmc.stage2.learned_rotations.rotated_linear import (
     RotationSites,
     fuse_rotation,
@@ -84,6 +88,7 @@ from fair_calib_llmc.stage2.learning import (
     forwards_replaced,
     frozen,
     learnable_linears,
+    token_weights_of,
 )
 
 __all__ = ["ExactSpinQuantModifier", "LearnedSpinQuantModifier", "rotation_sites"]
@@ -430,9 +435,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             f"R4_{i}": attach_online_rotation(model, name, q, f"R4_{i}", self.precision)
             for i, (name, q) in enumerate(r4.items())
         }
-        config = getattr(model, TRANSFORM_CONFIG_NAME)  # apply_transform_config put it there
-        groups = {**config.config_groups, **groups}
-        setattr(model, TRANSFORM_CONFIG_NAME, config.model_copy(update={"config_groups": groups}))
+        record_transform_groups(model, groups)
 
     def _optimise(
         self, model, params: list[torch.Tensor], clips: list[torch.Tensor], batches, targets, spec
@@ -482,9 +485,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         )
 
     def _weights(self, batch: dict, token_weights: str | None = None) -> torch.Tensor:
-        if (token_weights or self.token_weights) == "uniform" or "loss_mask" not in batch:
-            return torch.ones_like(batch["input_ids"], dtype=torch.float32)
-        return batch["loss_mask"].float()
+        return token_weights_of(batch, token_weights or self.token_weights)
 
     def _teacher(self, model: nn.Module, batch: dict, spec) -> list[torch.Tensor] | torch.Tensor:
         out = model(input_ids=batch["input_ids"], output_hidden_states=True)

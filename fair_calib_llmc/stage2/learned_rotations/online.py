@@ -22,6 +22,7 @@ the one type that means "this stored matrix, over sqrt(b)" everywhere it loads:
 from __future__ import annotations
 
 import torch
+from compressed_tensors import TRANSFORM_CONFIG_NAME
 from compressed_tensors.transform import TransformArgs, TransformFactory, TransformScheme
 from compressed_tensors.transform.utils.hadamard import (
     deterministic_hadamard_matrix,
@@ -29,7 +30,13 @@ from compressed_tensors.transform.utils.hadamard import (
 )
 from torch import nn
 
-__all__ = ["SAVED_TYPE", "hadamard_start", "attach_online_rotation", "attach_online_transform"]
+__all__ = [
+    "SAVED_TYPE",
+    "hadamard_start",
+    "attach_online_rotation",
+    "attach_online_transform",
+    "record_transform_groups",
+]
 
 #: the transform type a learned online rotation is saved as (see the module docstring)
 SAVED_TYPE = "random-hadamard"
@@ -100,3 +107,12 @@ def attach_online_transform(
     factory.weights[(size,)] = nn.Parameter(stored.to(precision), requires_grad=False)
     factory.apply_to_model(model, use_tqdm=False)
     return scheme
+
+
+def record_transform_groups(model: nn.Module, groups: dict[str, TransformScheme]) -> None:
+    """Add attached transform groups to the model's ``transform_config`` (which the
+    rotation modifier's ``apply_transform_config`` put there, and the checkpoint's
+    ``quantization_config`` holds), after the groups already in it."""
+    config = getattr(model, TRANSFORM_CONFIG_NAME)
+    merged = {**config.config_groups, **groups}
+    setattr(model, TRANSFORM_CONFIG_NAME, config.model_copy(update={"config_groups": merged}))
