@@ -15,6 +15,7 @@
 # <family>.tgz is written to $OUT/<family>-<job>/, and at the end those folders, pip.log and
 # preflight.log are packed into $OUT/jobs.tgz (a device call returns at most 8 files); driver.log
 # has the training times, each job's rows and log tail. Exit 1 if a job failed or had no model.
+# EXPORT_MODELS=1 also returns each trained model (in parts) for a later call to carry in .models/.
 # DEVICE (default cuda) lets it run on a CPU; CHECK_ONLY=1 only checks every job's rows (no
 # preflight, no training, no model needed: tests/test_benchmark.py). SCRATCH (default /tmp)
 # holds the models and the preflight mark (wd/) and each job's work dir (w-<family>-<job>).
@@ -63,16 +64,27 @@ if [ -z "${CHECK_ONLY:-}" ]; then
   fi
   # every model a job needs, before any job starts, one at a time: two side by side took as
   # long as both in a row (nvidia-h200, 2026-12-02: 420 s and 430 s against 181 s + 238 s)
+  # training is not bit for bit (cuDNN attention's backward), so rows of two calls pair only on
+  # one model: EXPORT_MODELS=1 returns each trained model as $OUT/model-<family>.tgz.partNN
+  # (a returned file is at most 16 MiB), and a call that carries those parts in .models/
+  # restores the model instead of training a new one
   declare -A needed=()
   for pair in "${jobs[@]}"; do needed[${pair% *}]=1; done
   for family in "${!needed[@]}"; do
     model=$wd/model-$family
+    if [ ! -f "$model/config.json" ] && ls .models/model-$family.tgz.part* >/dev/null 2>&1; then
+      cat .models/model-$family.tgz.part* | tar xzf - -C "$wd" &&
+        echo "model-$family restored from .models at ${SECONDS}s" >> "$OUT/driver.log"
+    fi
     if [ -f "$model/config.json" ]; then
       echo "model-$family reused" >> "$OUT/driver.log"; continue
     fi
     python integration/train_dllm.py --preset "${presets[$family]}" --device "${DEVICE:-cuda}" \
       --out "$model" > "$wd/train-$family.log" 2>&1
     echo "model-$family trained at ${SECONDS}s (exit $?)" >> "$OUT/driver.log"
+    if [ -n "${EXPORT_MODELS:-}" ] && [ -f "$model/config.json" ]; then
+      tar czf - -C "$wd" "model-$family" | split -b 15M -d - "$OUT/model-$family.tgz.part"
+    fi
   done
 fi
 deadline=$(( ${BUDGET:-560} - SECONDS ))
