@@ -38,7 +38,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return train_bpe_tokenizer((p.read_text() for p in PACKAGE_SOURCES), vocab_size=320)
+    return train_bpe_tokenizer(PACKAGE_SOURCES, vocab_size=320)
 
 
 @pytest.fixture
@@ -58,6 +58,6 @@ def dllm(request, llada, dream):
 
 @pytest.fixture(scope="session")
 def calibration_texts():
-    """Real text the tokenizer knows: this package's sources, in 400-character pieces."""
-    text = "\n".join(p.read_text() for p in PACKAGE_SOURCES)
+    """Real text the tokenizer knows: the frozen package sources, in 400-character pieces."""
+    text = "\n".join(PACKAGE_SOURCES)
     return [text[i : i + 400] for i in range(0, 400 * 12, 400)]

@@ -7,17 +7,27 @@ Fixtures live in ``conftest.py``; plain functions live here so tests import them
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-import fair_calib_llmc
 from fair_calib_llmc.models import DreamConfig, LLaDAConfig
 
-#: This package's own sources: the text the test tokenizer is trained on.
-PACKAGE_SOURCES = sorted(Path(fair_calib_llmc.__file__).parent.rglob("*.py"))
+DATA = Path(__file__).with_name("data")
+
+
+def fixture_texts(name: str) -> list[str]:
+    """A frozen list of texts under ``tests/data/``: fixed, so editing a package docstring does
+    not change any test's token ids."""
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+#: The package's sources as of commit 3db18fc, in sorted-path order: the text the test
+#: tokenizer is trained on and the calibration text is cut from.
+PACKAGE_SOURCES = fixture_texts("package_sources")
 
 
 def llada_config(tokenizer, **overrides) -> LLaDAConfig:
