@@ -8,8 +8,7 @@ state (and the logits with it). Here the embeddings are centred
 only when a fused norm is a LayerNorm.
 
 ``LearnedSpinQuantModifier`` learns R1 (the residual stream) and a per-layer R2 (each head's
-values) on top of the Hadamard start, the SpinQuant class of method, and optionally a per-layer
-R4 (the down-projection input, where fusion cannot reach: the FlatQuant class), with the Stage I
+values) on top of the Hadamard start, the SpinQuant class of method, with the Stage I
 calibration states and their frontier weights: llm-compressor 0.14 rejects
 ``SpinQuantModifier(learnable=True)``. Learning runs at ``on_calibration_start``, after the
 Hadamards are fused and before the quantization modifier after it calibrates:
@@ -22,15 +21,13 @@ Hadamards are fused and before the quantization modifier after it calibrates:
    and :class:`~fair_calib_llmc.stage2.learned_rotations.cayley.CayleyAdam` moves the rotations on
    the orthogonal group, ``steps`` times;
 3. the rotations are fused into the weights (embedding, every reader and writer, the LM head);
-   a learned R4 becomes each layer's own online transform
-   (:mod:`~fair_calib_llmc.stage2.learned_rotations.online`); learned weight clipping
-   (``learn_weight_clipping``, with the weights in the loop) clamps each fused weight's scale
-   groups to the learned range, which the next quantizer's scales then hold
-   (:mod:`~fair_calib_llmc.stage2.learned_rotations.clipping`).
+   learned weight clipping (``learn_weight_clipping``, with the weights in the loop) clamps
+   each fused weight's scale groups to the learned range, which the next quantizer's scales
+   then hold (:mod:`~fair_calib_llmc.stage2.learned_rotations.clipping`).
 
-The checkpoint holds ordinary weights plus online R4 transforms, as a plain rotated recipe's:
-no new inference op, nothing of this package needed to load it. A learned R4 costs one dense
-``b x b`` block product per token and layer instead of the fixed Hadamard's transform.
+R4 (the down-projection input, behind ``act(gate) * up``) stays the fixed online Hadamard: no
+weight can absorb a rotation there. The checkpoint holds ordinary weights plus that online R4,
+as a plain rotated recipe's: no new inference op, nothing of this package needed to load it.
 """
 
 from __future__ import annotations
@@ -73,11 +70,6 @@ from fair_calib_llmc.stage2.learned_rotations.objectives import (
     masked_log_probs,
     output_kl,
 )
-from fair_calib_llmc.stage2.learned_rotations.online import (
-    attach_online_rotation,
-    hadamard_start,
-    record_transform_groups,
-)
 from fair_calib_llmc.stage2.learned_rotations.rotated_linear import (
     RotationSites,
     fuse_rotation,
@@ -93,10 +85,7 @@ from fair_calib_llmc.stage2.learning import (
 
 __all__ = ["ExactSpinQuantModifier", "LearnedSpinQuantModifier", "rotation_sites"]
 
-LEARNABLE_ROTATIONS = ("R1", "R2", "R4")
-#: a learned R4's block when the recipe names none (a divisor of most MLP widths; the
-#: inference cost is one 128 x 128 product per 128 inputs)
-LEARNED_R4_BLOCK = 128
+LEARNABLE_ROTATIONS = ("R1", "R2")
 
 
 def rotation_sites(
@@ -146,7 +135,7 @@ class ExactSpinQuantModifier(SpinQuantModifier):
         ``r4_block_size`` gives the fused R4 while R1 stays a ``random-hadamard``
     :param r4_block_size: R4's block (block-diagonal over the down-projection input; must
         divide its width). Default: upstream's (``transform_block_size``, else the whole
-        width) for a fixed R4; 128 for a learned one (``LearnedSpinQuantModifier``)
+        width)
     """
 
     equivalent_perturbation: float = Field(0.0, ge=0.0)
@@ -246,8 +235,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
               objective: layer_mse
               token_weights: frontier
 
-    :param learn: the rotations to learn: R1, R2 (fused into the weights) and R4 (one online
-        block per layer on the down-projection input, in place of the fixed Hadamard)
+    :param learn: the rotations to learn: R1 and / or R2 (fused into the weights)
     :param objective: ``layer_mse`` (weighted layer-output MSE, summed over layers) or
         ``output_kl`` (weighted KL of the masked positions' output distribution)
     :param token_weights: ``frontier`` (Stage I ``loss_mask``) or ``uniform`` (the ablation)
@@ -256,8 +244,6 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
     :param weights_in_loop: also fake-quantize the weights (W4A4 RTN in the loop); off, the
         weights stay in full precision while learning (W16A4), as SpinQuant learns when GPTQ
         quantizes the weights afterwards
-    :param r4_block_size: block of a learned R4 (default 128; must divide the down-projection
-        input width; the inference cost is one ``b x b`` product per ``b`` inputs)
     :param learn_weight_clipping: also learn one weight clipping factor per output channel of
         every quantized linear (in ``[0.5, 1]``, from 1, same ``lr``), exported by clamping the
         fused weights so the next quantizer's scales hold the clipped range; needs
@@ -267,7 +253,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         of storing its activations (memory of one layer instead of all, one more forward)
     """
 
-    learn: list[Literal["R1", "R2", "R4"]] = Field(default_factory=lambda: ["R1", "R2"])
+    learn: list[Literal["R1", "R2"]] = Field(default_factory=lambda: ["R1", "R2"])
     objective: Literal["layer_mse", "output_kl"] = "layer_mse"
     token_weights: Literal["frontier", "uniform"] = "frontier"
     steps: int = Field(100, gt=0)
@@ -292,7 +278,8 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         if fixed:
             raise ValueError(
                 f"learn: {fixed} cannot be learned: R3 rotates queries and keys inside "
-                "attention and stays the online Hadamard; learn R1, R2 and/or R4"
+                "attention and R4 the down-projection input behind act(gate) * up, where no "
+                "weight absorbs a rotation; both stay the online Hadamard; learn R1 and/or R2"
             )
         missing = [r for r in learn if r not in rotations]
         if missing:
@@ -314,11 +301,6 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
                 "learn_weight_clipping needs the weights quantized while learning (their "
                 "clipping has no gradient otherwise); set weights_in_loop: true"
             )
-        if values.get("r4_transform_type") is not None and "R4" in learn:
-            raise ValueError(
-                "r4_transform_type sets a fixed R4's type; a learned R4 is saved as dense "
-                "blocks (random-hadamard): drop r4_transform_type or R4 from learn"
-            )
         return {**values, "learn": learn}
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -327,20 +309,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             # a causal or mask-less model fails here, before any work
             self._diffusion_spec = diffusion_spec(state.model)
         check_learning_data(state, "LearnedSpinQuantModifier", self.token_weights)
-        initialized = super().on_initialize(state, **kwargs)
-        if "R4" in self.learn:
-            # the learned R4 replaces the fixed one, attached after learning
-            groups = dict(self.transform_config.config_groups)
-            groups.pop("R4", None)
-            self.transform_config = self.transform_config.model_copy(
-                update={"config_groups": groups}
-            )
-        return initialized
-
-    def _r4_block(self) -> int | None:
-        if "R4" in self.learn:
-            return self.r4_block_size or LEARNED_R4_BLOCK
-        return super()._r4_block()
+        return super().on_initialize(state, **kwargs)
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         super().on_calibration_start(state, event, **kwargs)  # Hadamards fused, fixed R4 on
@@ -357,13 +326,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             blocks = list(match_named_modules(model, [self.mappings.attn]))
             r2 = [self._identity(get_head_dim(model.config), device) for _ in blocks]
         sites = rotation_sites(model, self.mappings, r1, r2)
-        r4 = {}
-        if "R4" in self.learn:
-            r4_start = hadamard_start(self._r4_block(), self.transform_type).float()
-            for name, module in self._down_projections(model):
-                r4[name] = r4_start.to(device, copy=True).requires_grad_(True)  # one per layer
-                sites.setdefault(module, RotationSites()).q_in = r4[name]
-        params = [q for q in [r1, *(r2 or []), *r4.values()] if q is not None]
+        params = [q for q in [r1, *(r2 or [])] if q is not None]
         clips = {}
         if self.learn_weight_clipping:
             clips = {module: initial_clip_factors(module.weight) for module in quantized}
@@ -380,21 +343,16 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             self._optimise(model, params, list(clips.values()), batches, targets, spec)
             optimise_seconds = time.monotonic() - optimise_began
             after = self._objectives_by_weighting(model, batches, targets, spec)
-        self._learned = {"R1": r1, "R2": r2, "R4": r4, "clip": clips}
+        self._learned = {"R1": r1, "R2": r2, "clip": clips}
         self._report = {
             "objective": self.objective,
             "token_weights": self.token_weights,
             "before": before,
             "after": after,
-            # RMS entry of what learning added: R1 / R2 start at I on top of the fused
-            # Hadamards, R4 starts at the Hadamard itself
+            # RMS entry of what learning added: R1 / R2 start at I on top of the fused Hadamards
             "rotation_moved": {
-                name: sum(distance_moved(q, start) for q in qs) / len(qs)
-                for name, qs, start in (
-                    ("R1", [r1] if r1 is not None else [], None),
-                    ("R2", r2 or [], None),
-                    ("R4", list(r4.values()), r4_start.to(device) if r4 else None),
-                )
+                name: sum(distance_moved(q) for q in qs) / len(qs)
+                for name, qs in (("R1", [r1] if r1 is not None else []), ("R2", r2 or []))
                 if qs
             },
             "seconds": time.monotonic() - began,  # teacher targets, learning, both reports
@@ -415,27 +373,13 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             f"-> {after['frontier']:.5g}, under uniform weights {before['uniform']:.5g} -> "
             f"{after['uniform']:.5g}"
         )
-        online = {model.get_submodule(name) for name in r4}
         with torch.no_grad(), shared_weights_written_once():  # every rank learned the same
             for module, where in sites.items():
-                fused = RotationSites(None if module in online else where.q_in, where.q_out)
-                fuse_rotation(module, fused)
-            self._attach_r4(model, r4)
+                fuse_rotation(module, where)
             for module, factors in clips.items():  # after fusion: the clip is of the fused weight
                 weight_args = quantized[module][1]
                 clipped = clip_weight(module.weight.float(), factors.detach(), weight_args)
                 update_offload_parameter(module, "weight", clipped.to(module.weight.dtype))
-
-    def _attach_r4(self, model: nn.Module, r4: dict[str, torch.Tensor]) -> None:
-        """Each layer's learned R4 as its own online transform group, recorded in the
-        model's ``transform_config`` (what the checkpoint's ``quantization_config`` holds)."""
-        if not r4:
-            return
-        groups = {
-            f"R4_{i}": attach_online_rotation(model, name, q, f"R4_{i}", self.precision)
-            for i, (name, q) in enumerate(r4.items())
-        }
-        record_transform_groups(model, groups)
 
     def _optimise(
         self, model, params: list[torch.Tensor], clips: list[torch.Tensor], batches, targets, spec

@@ -1,12 +1,12 @@
-"""A learned rotation that cannot be fused, saved as an ordinary compressed-tensors transform.
+"""A learned transform that cannot be fused, saved as an ordinary compressed-tensors transform.
 
-R4 acts on the down-projection input, behind the elementwise ``act(gate) * up``, so no weight
-before it can absorb a rotation: it runs online, ``x -> x Q``, with ``W <- W Q`` fused. A learned
-R4 is one block ``Q`` (``b x b``, block-diagonal over the width, compressed-tensors'
-``head_dim``) per layer, each in a transform group of its own: compressed-tensors' factories
-share one weight between all modules of equal size, so one group would hold one matrix.
+A transform on a linear layer's input whose writer cannot absorb it (the down-projection input
+sits behind the elementwise ``act(gate) * up``) runs online, ``x -> x P``. FlatQuant's per-site
+blocks ``P`` (``b x b``, block-diagonal over the width, compressed-tensors' ``head_dim``) each
+get a transform group of their own: compressed-tensors' factories share one weight between
+all modules of equal size inside a group, so one group would hold one matrix.
 
-The saved type is ``random-hadamard`` with the stored weight ``sqrt(b) Q``, because that is
+The saved type is ``random-hadamard`` with the stored weight ``sqrt(b) P``, because that is
 the one type that means "this stored matrix, over sqrt(b)" everywhere it loads:
 
 * compressed-tensors (``HadamardTransform.forward``) divides the stored weight by
@@ -33,12 +33,11 @@ from torch import nn
 __all__ = [
     "SAVED_TYPE",
     "hadamard_start",
-    "attach_online_rotation",
     "attach_online_transform",
     "record_transform_groups",
 ]
 
-#: the transform type a learned online rotation is saved as (see the module docstring)
+#: the transform type a learned online transform is saved as (see the module docstring)
 SAVED_TYPE = "random-hadamard"
 
 
@@ -54,43 +53,15 @@ def hadamard_start(size: int, transform_type: str, seed: int = 0) -> torch.Tenso
 
 
 @torch.no_grad()
-def attach_online_rotation(
-    model: nn.Module, name: str, q: torch.Tensor, group: str, precision: torch.dtype
-) -> TransformScheme:
-    """Attach ``x -> x blockdiag(q)`` to the input of the linear layer ``name`` and fuse its
-    inverse into the layer's weight (in float64), through compressed-tensors' own factory, as
-    the transform group ``group``; returns the scheme to record in the model's
-    ``transform_config`` (a reload rebuilds the transform from it and loads ``q``)."""
-    module = model.get_submodule(name)
-    size = q.shape[0]
-    scheme = TransformScheme(
-        type=SAVED_TYPE,
-        precision=precision,
-        head_dim=size if size != module.in_features else None,
-        apply=[
-            TransformArgs(targets=[name], location="input"),
-            TransformArgs(targets=[name], location="weight_input", inverse=True),
-        ],
-    )
-    factory = TransformFactory.from_scheme(scheme, name=group)
-    stored = q.detach().to(module.weight.device, torch.float64) * size**0.5
-    factory.weights[(size,)] = nn.Parameter(stored, requires_grad=False)
-    factory.apply_to_model(model, use_tqdm=False)  # the weight side fuses in float64
-    transform = getattr(module, f"{group}_input")
-    transform.weight = nn.Parameter(stored.to(precision), requires_grad=False)
-    return scheme
-
-
-@torch.no_grad()
 def attach_online_transform(
     model: nn.Module, names: list[str], p: torch.Tensor, group: str, precision: torch.dtype
 ) -> TransformScheme:
     """Attach ``x -> x blockdiag(p)`` to the inputs of the linear layers ``names`` (one
     weight shared by all of them), as the transform group ``group``, for any invertible
-    ``p``. Unlike :func:`attach_online_rotation` nothing is fused here: compressed-tensors'
-    weight-side inverse is the transpose, right only for a rotation, so the caller has
-    already written ``W p^-T`` into the weights (in float64). Returns the scheme to record in
-    the model's ``transform_config``; a reload rebuilds the transform and loads ``p``."""
+    ``p``. Nothing is fused here: compressed-tensors' weight-side inverse is the transpose,
+    right only for a rotation, so the caller has already written ``W p^-T`` into the weights
+    (in float64). Returns the scheme to record in the model's ``transform_config``; a reload
+    rebuilds the transform and loads ``p``."""
     modules = [model.get_submodule(name) for name in names]
     size = p.shape[0]
     widths = {module.in_features for module in modules}
