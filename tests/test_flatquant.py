@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.transform import TransformConfig
 from llmcompressor.modifiers.transform.spinquant.mappings import SPINQUANT_MAPPING_REGISTRY
 from llmcompressor.modifiers.transform.spinquant.norm_mappings import NORM_MAPPING_REGISTRY
@@ -15,14 +16,18 @@ from fair_calib_llmc.models.layers import named_decoder_layers
 from fair_calib_llmc.pipeline import quantize
 from fair_calib_llmc.recipe import load_recipe
 from fair_calib_llmc.stage2.flatquant import FlatQuantModifier
+from fair_calib_llmc.stage2.flatquant.clipping import MIN_CLIP_FACTOR, clip_weight
 from fair_calib_llmc.stage2.flatquant.learner import split_batches, weighted_mse
 from fair_calib_llmc.stage2.flatquant.sites import layer_sites
 from fair_calib_llmc.stage2.flatquant.transforms import LayerTransforms, transformed_forward
 from fair_calib_llmc.stage2.learned_rotations.online import SAVED_TYPE
+from fair_calib_llmc.stage2.learned_rotations.ste import ste_quantize
 
 from .helpers import saved
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+INT4_G16 = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=16)
 
 
 def _probe(model) -> torch.Tensor:
@@ -112,6 +117,53 @@ def test_transformed_full_precision_layers_compute_the_original_model(
             modifier._write_layer(model, index, sites, transforms, {}, {})
         assert (module.weight - before).abs().max() > 0.1  # the weights did move
     torch.testing.assert_close(_probe(model), expected, atol=2e-4, rtol=1e-4)
+
+
+# --- learned weight clipping: the clamp and its export through the scales ----------------------
+@pytest.mark.unit
+def test_clipped_weights_carry_the_clipping_in_the_observers_scales():
+    """Clamping each group to ``c max|w|`` is the clipped quantizer: llm-compressor's min-max
+    observer (what GPTQ and RTN use) then finds scales ``c max|w| / 7.5``, and the quantized
+    values are the unclamped weight's under those scales (but the group's negative extreme,
+    which sits on the int4 code's -7.5 rounding tie)."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from llmcompressor.observers import Observer
+
+    torch.manual_seed(0)
+    weight = torch.randn(6, 64)
+    factors = torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, MIN_CLIP_FACTOR])[:, None]
+    clipped = clip_weight(weight, factors, INT4_G16)
+    observer = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=INT4_G16)
+    observer(clipped)
+    scale = observer.get_qparams()["scale"]
+    peaks = weight.unflatten(-1, (-1, 16)).abs().amax(-1)
+    assert torch.allclose(scale, factors * peaks / 7.5, rtol=1e-6)
+    values = fake_quantize(clipped, scale, None, INT4_G16)
+    unclamped = fake_quantize(weight, scale, None, INT4_G16)
+    bound = (factors * peaks).repeat_interleave(16, -1)
+    off_tie = weight > -bound + 1e-6
+    assert torch.equal(values[off_tie], unclamped[off_tie])
+    assert (clipped != weight).any() and torch.equal(clipped[0], weight[0])  # c = 1: untouched
+
+
+@pytest.mark.unit
+def test_clipping_gradients_are_lsq_s():
+    """A clamped weight passes no gradient to itself; the factors get the gradient of the
+    range (every row that clips)."""
+    torch.manual_seed(0)
+    weight = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
+    factors = torch.full((4, 1), 0.7, dtype=torch.float64, requires_grad=True)
+    quantized = ste_quantize(
+        torch.nn.Linear(32, 4), clip_weight(weight, factors, INT4_G16), INT4_G16
+    )
+    (quantized * torch.randn_like(quantized)).sum().backward()
+    peak = weight.detach().unflatten(-1, (-1, 16)).abs().amax(-1).repeat_interleave(16, -1)
+    clamped = weight.detach().abs() > 0.7 * peak
+    below_peak = weight.detach().abs() < peak  # the peak itself sets the range: it has one
+    assert (clamped & below_peak).any()
+    assert torch.all(weight.grad[clamped & below_peak] == 0)
+    assert torch.all(weight.grad[~clamped] != 0)
+    assert torch.all(factors.grad != 0)
 
 
 # --- the modifier -----------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from fair_calib_llmc.stage2.learned_rotations import (
     LearnedSpinQuantModifier,
 )
 from fair_calib_llmc.stage2.learned_rotations.cayley import CayleyAdam, cayley, orthogonality_error
-from fair_calib_llmc.stage2.learned_rotations.clipping import MIN_CLIP_FACTOR, clip_weight
 from fair_calib_llmc.stage2.learned_rotations.objectives import masked_log_probs, output_kl
 from fair_calib_llmc.stage2.learned_rotations.online import hadamard_start
 from fair_calib_llmc.stage2.learned_rotations.rotated_linear import (
@@ -167,52 +166,6 @@ def test_output_kl_is_the_weighted_kl_at_the_masked_positions(shift):
 
 
 @pytest.mark.unit
-def test_clipped_weights_carry_the_clipping_in_the_observers_scales():
-    """Clamping each group to ``c max|w|`` is the clipped quantizer: llm-compressor's min-max
-    observer (what GPTQ and RTN use) then finds scales ``c max|w| / 7.5``, and the quantized
-    values are the unclamped weight's under those scales (but the group's negative extreme,
-    which sits on the int4 code's -7.5 rounding tie)."""
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-    from llmcompressor.observers import Observer
-
-    torch.manual_seed(0)
-    weight = torch.randn(6, 64)
-    factors = torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, MIN_CLIP_FACTOR])[:, None]
-    clipped = clip_weight(weight, factors, INT4_G16)
-    observer = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=INT4_G16)
-    observer(clipped)
-    scale = observer.get_qparams()["scale"]
-    peaks = weight.unflatten(-1, (-1, 16)).abs().amax(-1)
-    assert torch.allclose(scale, factors * peaks / 7.5, rtol=1e-6)
-    values = fake_quantize(clipped, scale, None, INT4_G16)
-    unclamped = fake_quantize(weight, scale, None, INT4_G16)
-    bound = (factors * peaks).repeat_interleave(16, -1)
-    off_tie = weight > -bound + 1e-6
-    assert torch.equal(values[off_tie], unclamped[off_tie])
-    assert (clipped != weight).any() and torch.equal(clipped[0], weight[0])  # c = 1: untouched
-
-
-@pytest.mark.unit
-def test_clipping_gradients_are_lsq_s():
-    """A clamped weight passes no gradient to itself; the factors get the gradient of the
-    range (every row that clips)."""
-    torch.manual_seed(0)
-    weight = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
-    factors = torch.full((4, 1), 0.7, dtype=torch.float64, requires_grad=True)
-    quantized = ste_quantize(
-        torch.nn.Linear(32, 4), clip_weight(weight, factors, INT4_G16), INT4_G16
-    )
-    (quantized * torch.randn_like(quantized)).sum().backward()
-    peak = weight.detach().unflatten(-1, (-1, 16)).abs().amax(-1).repeat_interleave(16, -1)
-    clamped = weight.detach().abs() > 0.7 * peak
-    below_peak = weight.detach().abs() < peak  # the peak itself sets the range: it has one
-    assert (clamped & below_peak).any()
-    assert torch.all(weight.grad[clamped & below_peak] == 0)
-    assert torch.all(weight.grad[~clamped] != 0)
-    assert torch.all(factors.grad != 0)
-
-
-@pytest.mark.unit
 @pytest.mark.parametrize("weights_in_loop", [False, True])
 def test_rotated_forward_is_the_fused_layer(weights_in_loop):
     """The training forward (weights untouched) equals the fused, fake-quantized layer with
@@ -319,46 +272,6 @@ def test_an_r4_block_that_does_not_divide_the_width_fails_before_work(
         oneshot(model=model, processor=tokenizer, recipe=load_recipe(recipe), dataset=dataset)
 
 
-@pytest.mark.integration
-def test_learned_weight_clipping_is_bounded_exported_and_reloads_exactly(
-    llada, tokenizer, calibration_texts, tmp_path, monkeypatch
-):
-    """With RTN after it: the learned factors stay in [0.5, 1] and some clip; each clipping
-    row's checkpoint scales are its factor times the fused weight's group range over 7.5 (the
-    export); the checkpoint reloads exactly."""
-    from fair_calib_llmc.stage2.learned_rotations import base
-
-    fused = {}  # the fused, unclipped weight each export clamps
-
-    def recording_clip(weight, factors, args):
-        fused[weight.shape, float(weight.abs().sum())] = (weight.clone(), factors.clone())
-        return clip_weight(weight, factors, args)
-
-    monkeypatch.setattr(base, "clip_weight", recording_clip)
-    model = saved(llada, tokenizer, tmp_path / "fp")
-    fields = dict(steps=8, lr=0.02, weights_in_loop=True, learn_weight_clipping=True)
-    recipe = load_recipe(_learned_recipe("QuantizationModifier", **fields))
-    result = quantize(
-        model, tokenizer, recipe, calibration_texts, max_prompts=4, output_dir=tmp_path / "q"
-    )
-    learner = recipe.modifiers[0]
-    report = learner.learning_report
-    assert report["after"]["frontier"] < report["before"]["frontier"]
-    clips = learner._learned["clip"]
-    factors = torch.cat([f.detach().flatten() for f in clips.values()])
-    assert factors.min() >= MIN_CLIP_FACTOR and factors.max() <= 1
-    assert report["weight_clipping"]["clipped_share"] > 0 and factors.min() < 0.99
-    assert len(fused) == len(clips)
-    scales = [m.weight_scale.detach().float() for m in clips]
-    for weight, f in fused.values():  # match each export to its module by the scale shape
-        peaks = weight.unflatten(-1, (-1, 128)).abs().amax(-1)  # W4A4_G128: groups of 128
-        expected = f * peaks / 7.5
-        assert any(s.shape == expected.shape and torch.allclose(s, expected) for s in scales)
-    expected = _probe(result.model)
-    reloaded = AutoModel.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
-    assert torch.equal(_probe(reloaded), expected)
-
-
 def _states_with_weights(model, tokenizer, texts) -> Dataset:
     """Stage I states whose weights sit on the first four positions only (a case where a
     weighted and an unweighted objective must disagree)."""
@@ -394,7 +307,6 @@ def test_frontier_and_uniform_weights_learn_different_rotations(
         (dict(transform_type="random-matrix"), "not orthogonal"),
         (dict(steps=0), "steps"),
         (dict(learn=["R1", "R4"]), "R4 the down-projection input"),
-        (dict(learn_weight_clipping=True), "set weights_in_loop: true"),
     ],
 )
 def test_settings_that_cannot_be_learned_fail_at_once(fields, message):

@@ -2,7 +2,7 @@
 
 :mod:`.base` holds the modifier (lifecycle); :mod:`.learner` the per-layer training loop;
 :mod:`.transforms` the maths of a transformed linear layer; :mod:`.sites` which modules of
-a decoder layer each transform touches.
+a decoder layer each transform touches; :mod:`.clipping` learned weight clipping.
 """
 
 from fair_calib_llmc.stage2.flatquant.base import FlatQuantModifier

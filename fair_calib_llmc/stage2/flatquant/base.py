@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from fair_calib_llmc.distributed import rank_and_world, shared_weights_written_once
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.models.layers import named_decoder_layers
+from fair_calib_llmc.stage2.flatquant.clipping import clip_weight, initial_clip_factors
 from fair_calib_llmc.stage2.flatquant.learner import (
     LayerData,
     capture_first_layer_inputs,
@@ -60,7 +61,6 @@ from fair_calib_llmc.stage2.flatquant.transforms import (
     transformed_forward,
 )
 from fair_calib_llmc.stage2.learned_rotations.base import ExactSpinQuantModifier
-from fair_calib_llmc.stage2.learned_rotations.clipping import clip_weight, initial_clip_factors
 from fair_calib_llmc.stage2.learned_rotations.online import (
     attach_online_transform,
     hadamard_start,

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fair_calib_llmc.stage2.flatquant.clipping import project_clip_factors
 from fair_calib_llmc.stage2.flatquant.transforms import LayerTransforms
 from fair_calib_llmc.stage2.learned_rotations.cayley import cosine_decay
-from fair_calib_llmc.stage2.learned_rotations.clipping import project_clip_factors
 
 __all__ = [
     "LayerData",

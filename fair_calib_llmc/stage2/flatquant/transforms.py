@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from compressed_tensors.quantization import QuantizationArgs
 from torch import nn
 
-from fair_calib_llmc.stage2.learned_rotations.clipping import clip_weight
+from fair_calib_llmc.stage2.flatquant.clipping import clip_weight
 from fair_calib_llmc.stage2.learned_rotations.rotated_linear import rotate
 from fair_calib_llmc.stage2.learned_rotations.ste import ste_quantize
 

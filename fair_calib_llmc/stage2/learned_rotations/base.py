@@ -20,10 +20,7 @@ Hadamards are fused and before the quantization modifier after it calibrates:
    the next modifier will deploy (:mod:`~fair_calib_llmc.stage2.learned_rotations.rotated_linear`),
    and :class:`~fair_calib_llmc.stage2.learned_rotations.cayley.CayleyAdam` moves the rotations on
    the orthogonal group, ``steps`` times;
-3. the rotations are fused into the weights (embedding, every reader and writer, the LM head);
-   learned weight clipping (``learn_weight_clipping``, with the weights in the loop) clamps
-   each fused weight's scale groups to the learned range, which the next quantizer's scales
-   then hold (:mod:`~fair_calib_llmc.stage2.learned_rotations.clipping`).
+3. the rotations are fused into the weights (embedding, every reader and writer, the LM head).
 
 R4 (the down-projection input, behind ``act(gate) * up``) stays the fixed online Hadamard: no
 weight can absorb a rotation there. The checkpoint holds ordinary weights plus that online R4,
@@ -38,7 +35,7 @@ from typing import Literal
 
 import torch
 from compressed_tensors import match_named_modules
-from compressed_tensors.utils import get_head_dim, update_offload_parameter
+from compressed_tensors.utils import get_head_dim
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.transform.spinquant import SpinQuantModifier
@@ -57,13 +54,7 @@ from fair_calib_llmc.models.layers import named_decoder_layers
 from fair_calib_llmc.stage2.learned_rotations.cayley import (
     CayleyAdam,
     cayley,
-    cosine_decay,
     distance_moved,
-)
-from fair_calib_llmc.stage2.learned_rotations.clipping import (
-    clip_weight,
-    initial_clip_factors,
-    project_clip_factors,
 )
 from fair_calib_llmc.stage2.learned_rotations.objectives import (
     layer_mse,
@@ -244,11 +235,6 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
     :param weights_in_loop: also fake-quantize the weights (W4A4 RTN in the loop); off, the
         weights stay in full precision while learning (W16A4), as SpinQuant learns when GPTQ
         quantizes the weights afterwards
-    :param learn_weight_clipping: also learn one weight clipping factor per output channel of
-        every quantized linear (in ``[0.5, 1]``, from 1, same ``lr``), exported by clamping the
-        fused weights so the next quantizer's scales hold the clipped range; needs
-        ``weights_in_loop`` (unquantized weights give the factors no gradient). No inference
-        cost: the checkpoint holds ordinary weights and scales
     :param gradient_checkpointing: recompute each decoder layer in the backward pass instead
         of storing its activations (memory of one layer instead of all, one more forward)
     """
@@ -259,7 +245,6 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
     steps: int = Field(100, gt=0)
     lr: float = Field(2e-3, gt=0)
     weights_in_loop: bool = False
-    learn_weight_clipping: bool = False
     gradient_checkpointing: bool = True
 
     _learned: dict = PrivateAttr(default_factory=dict)
@@ -296,11 +281,6 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
                 "transform_type random-matrix is not orthogonal, so it cannot start a learned "
                 "rotation; use hadamard or random-hadamard"
             )
-        if values.get("learn_weight_clipping") and not values.get("weights_in_loop"):
-            raise ValueError(
-                "learn_weight_clipping needs the weights quantized while learning (their "
-                "clipping has no gradient otherwise); set weights_in_loop: true"
-            )
         return {**values, "learn": learn}
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -327,23 +307,20 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             r2 = [self._identity(get_head_dim(model.config), device) for _ in blocks]
         sites = rotation_sites(model, self.mappings, r1, r2)
         params = [q for q in [r1, *(r2 or [])] if q is not None]
-        clips = {}
-        if self.learn_weight_clipping:
-            clips = {module: initial_clip_factors(module.weight) for module in quantized}
 
         began = time.monotonic()
         batches = [self._batch(b, device) for b in dataloader]
         with torch.no_grad():  # kept in host memory: every layer of every batch (GBs at 8B)
             targets = [_moved(self._teacher(model, b, spec), "cpu") for b in batches]
         layers = [m for _, m in named_decoder_layers(model)] if self.gradient_checkpointing else []
-        training = _training_forwards(quantized, sites, clips)
+        training = _training_forwards(quantized, sites)
         with training, frozen(model), _checkpointed(layers):
             before = self._objectives_by_weighting(model, batches, targets, spec)
             optimise_began = time.monotonic()
-            self._optimise(model, params, list(clips.values()), batches, targets, spec)
+            self._optimise(model, params, batches, targets, spec)
             optimise_seconds = time.monotonic() - optimise_began
             after = self._objectives_by_weighting(model, batches, targets, spec)
-        self._learned = {"R1": r1, "R2": r2, "clip": clips}
+        self._learned = {"R1": r1, "R2": r2}
         self._report = {
             "objective": self.objective,
             "token_weights": self.token_weights,
@@ -360,13 +337,6 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             "steps": self.steps,
             "optimise_seconds": optimise_seconds,
         }
-        if clips:
-            factors = torch.cat([f.detach().flatten() for f in clips.values()])
-            self._report["weight_clipping"] = {
-                "mean": float(factors.mean()),
-                "min": float(factors.min()),
-                "clipped_share": float((factors < 1).float().mean()),  # channels below 1
-            }
         logger.info(
             f"learned {'+'.join(self.learn)} ({self.objective}, {self.token_weights} weights, "
             f"{self.steps} steps): objective under frontier weights {before['frontier']:.5g} "
@@ -376,19 +346,11 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         with torch.no_grad(), shared_weights_written_once():  # every rank learned the same
             for module, where in sites.items():
                 fuse_rotation(module, where)
-            for module, factors in clips.items():  # after fusion: the clip is of the fused weight
-                weight_args = quantized[module][1]
-                clipped = clip_weight(module.weight.float(), factors.detach(), weight_args)
-                update_offload_parameter(module, "weight", clipped.to(module.weight.dtype))
 
-    def _optimise(
-        self, model, params: list[torch.Tensor], clips: list[torch.Tensor], batches, targets, spec
-    ) -> None:
-        """``steps`` Cayley-Adam steps (plain Adam, projected onto ``[0.5, 1]``, for the
-        clipping factors), one calibration batch each (cycling), with a progress bar; under
-        torchrun the gradients are averaged so every rank fuses the same rotations."""
+    def _optimise(self, model, params: list[torch.Tensor], batches, targets, spec) -> None:
+        """``steps`` Cayley-Adam steps, one calibration batch each (cycling), with a progress
+        bar; under torchrun the gradients are averaged so every rank fuses the same rotations."""
         optimiser = CayleyAdam(params, lr=self.lr, total_steps=self.steps)
-        clip_optimiser = _cosine_adam(clips, self.lr, self.steps)
         _, world = rank_and_world()
         bar = tqdm(range(self.steps), desc="learning rotations", unit="step")
         for step in bar:
@@ -397,18 +359,12 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
                 loss = self._objective(model, batches[index], targets[index], spec)
                 loss.backward()
             if world > 1:
-                grads = [q.grad for q in [*params, *clips] if q.grad is not None]
+                grads = [q.grad for q in params if q.grad is not None]
                 all_reduce_sum(grads)
                 for g in grads:
                     g.div_(world)
             optimiser.step()
             optimiser.zero_grad()
-            if clip_optimiser is not None:
-                adam, cosine = clip_optimiser
-                adam.step()
-                adam.zero_grad()
-                cosine.step()
-                project_clip_factors(clips)
             bar.set_postfix(loss=f"{loss.item():.4g}")
 
     @staticmethod
@@ -425,7 +381,7 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
             model,
             "LearnedSpinQuantModifier",
             weights_in_loop=self.weights_in_loop,
-            symmetric_weights=self.learn_weight_clipping,
+            symmetric_weights=False,
         )
 
     def _weights(self, batch: dict, token_weights: str | None = None) -> torch.Tensor:
@@ -479,27 +435,15 @@ def _moved(target, device):
     return target.to(device)
 
 
-def _training_forwards(quantized: dict, sites: dict, clips: dict) -> forwards_replaced:
-    """Every quantized linear's forward swapped for its rotated, fake-quantized (and, with
-    ``clips``, weight-clipped) training forward (:func:`rotated_forward`)."""
+def _training_forwards(quantized: dict, sites: dict) -> forwards_replaced:
+    """Every quantized linear's forward swapped for its rotated, fake-quantized training
+    forward (:func:`rotated_forward`)."""
     return forwards_replaced(
         {
-            module: rotated_forward(
-                module, sites.get(module, RotationSites()), acts, weights, clips.get(module)
-            )
+            module: rotated_forward(module, sites.get(module, RotationSites()), acts, weights)
             for module, (acts, weights) in quantized.items()
         }
     )
-
-
-def _cosine_adam(params: list[torch.Tensor], lr: float, steps: int):
-    """Adam with :class:`CayleyAdam`'s cosine decay to 0 over ``steps``: (optimiser,
-    schedule), or ``None`` when there is nothing to learn."""
-    if not params:
-        return None
-    optimiser = torch.optim.Adam(params, lr=lr)
-    cosine = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: cosine_decay(step, steps))
-    return optimiser, cosine
 
 
 def _checkpointed(layers: list[nn.Module]) -> forwards_replaced:

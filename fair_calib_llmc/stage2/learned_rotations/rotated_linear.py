@@ -32,7 +32,6 @@ from compressed_tensors.transform.utils.matrix import apply_transform_weight
 from compressed_tensors.utils import update_offload_parameter
 from torch import nn
 
-from fair_calib_llmc.stage2.learned_rotations.clipping import clip_weight
 from fair_calib_llmc.stage2.learned_rotations.ste import ste_quantize
 
 __all__ = ["RotationSites", "rotate", "rotated_forward", "fuse_rotation"]
@@ -59,13 +58,10 @@ def rotated_forward(
     sites: RotationSites,
     act_args: QuantizationArgs | None,
     weight_args: QuantizationArgs | None,
-    clip: torch.Tensor | None = None,
 ):
     """The forward of ``module`` as the rotated, fake-quantized layer computes it, with
     gradients to the rotations (see the module docstring). ``act_args`` / ``weight_args``:
-    what to quantize in the loop (``None``: leave in full precision); ``clip``: the output
-    channels' weight clipping factors, applied to the rotated weight before it is quantized
-    (:mod:`~fair_calib_llmc.stage2.learned_rotations.clipping`)."""
+    what to quantize in the loop (``None``: leave in full precision)."""
     q_in, q_out = sites.q_in, sites.q_out
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -81,8 +77,6 @@ def rotated_forward(
         if q_out is not None:
             weight = rotate(weight.T, q_out).T
             bias = rotate(bias, q_out) if bias is not None else None
-        if clip is not None:
-            weight = clip_weight(weight, clip, weight_args)
         y = F.linear(x_rot, ste_quantize(module, weight, weight_args), bias)
         return rotate(y, q_out.T) if q_out is not None else y
 
