@@ -18,9 +18,10 @@ from fair_calib_llmc.recipe import load_recipe
 from fair_calib_llmc.stage2.flatquant import FlatQuantModifier
 from fair_calib_llmc.stage2.flatquant.clipping import MIN_CLIP_FACTOR, clip_weight
 from fair_calib_llmc.stage2.flatquant.learner import split_batches, weighted_mse
+from fair_calib_llmc.stage2.flatquant.online import SAVED_TYPE, hadamard_start
 from fair_calib_llmc.stage2.flatquant.sites import layer_sites
 from fair_calib_llmc.stage2.flatquant.transforms import LayerTransforms, transformed_forward
-from fair_calib_llmc.stage2.learned_rotations.online import SAVED_TYPE
+from fair_calib_llmc.stage2.learned_rotations.cayley import orthogonality_error
 from fair_calib_llmc.stage2.learned_rotations.ste import ste_quantize
 
 from .helpers import saved
@@ -117,6 +118,15 @@ def test_transformed_full_precision_layers_compute_the_original_model(
             modifier._write_layer(model, index, sites, transforms, {}, {})
         assert (module.weight - before).abs().max() > 0.1  # the weights did move
     torch.testing.assert_close(_probe(model), expected, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", ["hadamard", "random-hadamard"])
+def test_the_hadamard_start_is_orthonormal(kind):
+    """The down block's start (and any Hadamard start of a learned block)."""
+    q = hadamard_start(16, kind)
+    assert orthogonality_error(q) < 1e-12
+    assert torch.allclose(q.abs(), torch.full_like(q, 0.25))
 
 
 # --- learned weight clipping: the clamp and its export through the scales ----------------------

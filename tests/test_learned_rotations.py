@@ -24,7 +24,6 @@ from fair_calib_llmc.stage2.learned_rotations import (
 )
 from fair_calib_llmc.stage2.learned_rotations.cayley import CayleyAdam, cayley, orthogonality_error
 from fair_calib_llmc.stage2.learned_rotations.objectives import masked_log_probs, output_kl
-from fair_calib_llmc.stage2.learned_rotations.online import hadamard_start
 from fair_calib_llmc.stage2.learned_rotations.rotated_linear import (
     RotationSites,
     fuse_rotation,
@@ -234,14 +233,6 @@ def test_learned_rotation_checkpoint_reloads_exactly(dllm, tokenizer, calibratio
     expected = _probe(result.model)
     reloaded = AutoModel.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
     assert torch.equal(_probe(reloaded), expected)
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("kind", ["hadamard", "random-hadamard"])
-def test_the_hadamard_start_is_orthonormal(kind):
-    q = hadamard_start(16, kind)
-    assert orthogonality_error(q) < 1e-12
-    assert torch.allclose(q.abs(), torch.full_like(q, 0.25))
 
 
 @pytest.mark.integration

@@ -54,6 +54,11 @@ from fair_calib_llmc.stage2.flatquant.learner import (
     learn_layer,
     split_batches,
 )
+from fair_calib_llmc.stage2.flatquant.online import (
+    attach_online_transform,
+    hadamard_start,
+    record_transform_groups,
+)
 from fair_calib_llmc.stage2.flatquant.sites import LayerSites, layer_sites
 from fair_calib_llmc.stage2.flatquant.transforms import (
     LayerTransforms,
@@ -61,11 +66,6 @@ from fair_calib_llmc.stage2.flatquant.transforms import (
     transformed_forward,
 )
 from fair_calib_llmc.stage2.learned_rotations.base import ExactSpinQuantModifier
-from fair_calib_llmc.stage2.learned_rotations.online import (
-    attach_online_transform,
-    hadamard_start,
-    record_transform_groups,
-)
 from fair_calib_llmc.stage2.learning import (
     check_learning_data,
     forwards_replaced,
