@@ -6,8 +6,8 @@ For each ``--eps``, the model rescaled (channel scales ``1 + eps z`` in up/down 
 largest logit difference to the original relative to its largest logit, and for each FP4 /
 int4 scheme the share of the down and output projections' quantized codes that changed, RTN
 from each tensor's own min / max: their weights, and their inputs on held-out text (one
-sequence). The rotation control (``ExactSpinQuantModifier`` R1 + R2 with and without
-``equivalent_perturbation: 0.001``) is measured the same way in float32, for comparison.
+sequence). (Until commit 4edc5ff it also measured the rotation control
+``equivalent_perturbation``, since removed: docs/learned-transforms.md.)
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR
 from fair_calib_llmc.io.loading import load_model, resolve_dtype
 from fair_calib_llmc.stage2.equivalent_modifier import EquivalentRescaleModifier, rescale_pairs
-from fair_calib_llmc.stage2.learned_rotations import ExactSpinQuantModifier
 from fair_calib_llmc.stage2.learned_rotations.ste import global_scale_of, rtn_qparams
 
 SCHEMES = ("NVFP4", "MXFP4", "W4A4_G128_PACKED")
@@ -97,13 +96,6 @@ def main(argv=None) -> None:
         rescaled = copy.deepcopy(model)
         oneshot(model=rescaled, recipe=[EquivalentRescaleModifier(eps=eps)])
         compare(f"rescale eps {eps:g}", model, rescaled, ids, names)
-    if dtype == torch.float32:
-        rotations = dict(rotations=["R1", "R2"], transform_type="random-hadamard")
-        rotated = [copy.deepcopy(model), copy.deepcopy(model)]
-        oneshot(model=rotated[0], recipe=[ExactSpinQuantModifier(**rotations)])
-        perturbed = ExactSpinQuantModifier(**rotations, equivalent_perturbation=1e-3)
-        oneshot(model=rotated[1], recipe=[perturbed])
-        compare("rotation control 0.001", *rotated, ids, names)
 
 
 if __name__ == "__main__":

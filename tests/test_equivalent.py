@@ -207,3 +207,54 @@ def test_after_an_online_rotation_the_rescale_refuses(llada, tokenizer, tmp_path
     )
     with pytest.raises(ValueError, match="first in the recipe"):
         oneshot(model=model, recipe=[hadamards, EquivalentRescaleModifier(eps=1e-2)])
+
+
+@pytest.mark.integration
+def test_listed_first_the_rescale_composes_with_flatquant(
+    llada, tokenizer, calibration_texts, tmp_path, monkeypatch
+):
+    """The one tie-noise control before a FlatQuant pipeline (``flatquant_w4a4``: exact R1 / R2,
+    learned per-layer transforms, GPTQ): the run completes and reloads, and in full precision
+    the rescaled model (and the rescaled, rotated one FlatQuant starts learning from) computes
+    the original's logits."""
+    from fair_calib_llmc.recipe import with_overrides
+    from fair_calib_llmc.stage2.flatquant import FlatQuantModifier
+
+    model = saved(llada, tokenizer, tmp_path / "fp")
+    expected = probe_logits(model)
+    seen = {}
+    rescale, learn = EquivalentRescaleModifier.on_calibration_start, FlatQuantModifier._learn
+
+    def rescale_and_look(self, state, event, **kwargs):
+        rescale(self, state, event, **kwargs)
+        seen["rescaled"] = probe_logits(state.model)
+
+    def look_and_learn(self, model, dataloader):
+        seen["rotated"] = probe_logits(model)  # quantization stays off until GPTQ calibrates
+        learn(self, model, dataloader)
+
+    monkeypatch.setattr(EquivalentRescaleModifier, "on_calibration_start", rescale_and_look)
+    monkeypatch.setattr(FlatQuantModifier, "_learn", look_and_learn)
+    flat = with_overrides("flatquant_w4a4", {"FlatQuantModifier.epochs": 1})
+    control = {
+        "equivalent_stage": {"equivalent_modifiers": {"EquivalentRescaleModifier": {"eps": 0.1}}},
+        **flat,
+    }
+    result = quantize(
+        model,
+        tokenizer,
+        yaml.safe_dump(control, sort_keys=False),
+        calibration_texts,
+        max_prompts=4,
+        output_dir=tmp_path / "q",
+    )
+    assert [type(m).__name__ for m in result.modifiers[:2]] == [
+        "EquivalentRescaleModifier",
+        "FlatQuantModifier",
+    ]
+    assert result.modifiers[0]._done and result.modifiers[1].learning_report["layers"]
+    scale = expected.abs().max()
+    assert (seen["rescaled"] - expected).abs().max() < FP32_TOLERANCE * scale
+    assert (seen["rotated"] - expected).abs().max() < 1e-4 * scale  # the rotation test's bound
+    reloaded = probe_logits(load_quantized(tmp_path / "q"))
+    assert torch.equal(reloaded, probe_logits(result.model))

@@ -18,6 +18,7 @@ from fair_calib_llmc.models import DiffusionLMSpec
 from fair_calib_llmc.models.configs import LM_HEAD
 from fair_calib_llmc.pipeline import quantize
 from fair_calib_llmc.recipe import load_recipe, shipped_recipes, with_overrides
+from fair_calib_llmc.stage2.equivalent_modifier import EquivalentRescaleModifier
 from fair_calib_llmc.stage2.learned_rotations import (
     ExactSpinQuantModifier,
     LearnedSpinQuantModifier,
@@ -189,20 +190,21 @@ def test_rotated_forward_is_the_fused_layer(weights_in_loop):
 def test_exact_rotations_keep_the_full_precision_model(
     dllm, tokenizer, calibration_texts, tmp_path
 ):
-    """Hadamards (R1, R2 fused, R4 online) and an extra equivalent rotation leave the fp32
-    model's logits as they were; upstream SpinQuant's embedding centring does not."""
+    """Hadamards (R1, R2 fused, R4 online), after the tie-noise control's equivalent rescale
+    listed first, leave the fp32 model's logits as they were; upstream SpinQuant's embedding
+    centring does not."""
     model = saved(dllm, tokenizer, tmp_path / "fp")
     expected = _probe(model)
     dataset = masked_states(model, tokenizer, calibration_texts, max_prompts=2)
 
-    def rotated(modifier):
+    def rotated(*modifiers):
         m = copy.deepcopy(model)
-        oneshot(model=m, processor=tokenizer, recipe=[modifier], dataset=dataset)
+        oneshot(model=m, processor=tokenizer, recipe=list(modifiers), dataset=dataset)
         return _probe(m)
 
     rotations = dict(rotations=["R1", "R2", "R4"], transform_type="random-hadamard")
     scale = expected.abs().max()
-    exact = rotated(ExactSpinQuantModifier(**rotations, equivalent_perturbation=0.5))
+    exact = rotated(EquivalentRescaleModifier(eps=0.1), ExactSpinQuantModifier(**rotations))
     assert (exact - expected).abs().max() < 1e-4 * scale
     # the R4 engines fuse: Sylvester blocks online, R1 / R2 still random-hadamard
     fused_r4 = ExactSpinQuantModifier(**rotations, r4_transform_type="hadamard", r4_block_size=32)

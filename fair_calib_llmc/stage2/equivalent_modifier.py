@@ -1,13 +1,15 @@
-"""``EquivalentRescaleModifier``: the tie-noise control for pipelines without a rotation.
+"""``EquivalentRescaleModifier``: the tie-noise control, for every recipe.
 
 Two quantized models that compute the same full-precision function flip different decisions
-once quantized, because rounding decisions (and ties) fall differently. Rotated pipelines have
-their control row (``ExactSpinQuantModifier(equivalent_perturbation=...)``), but it needs the
-residual stream rotated and the RMSNorm weights fused into the next linears, which changes how
-weights quantize by itself. This modifier needs neither: it folds seeded per-channel scales
-``s = 1 + eps z`` into every decoder layer's MLP up projection rows and down projection input
-columns, and into the value projection rows and the output projection columns (every query
-head's copy under grouped-query attention), the maths in :mod:`fair_calib_llmc.stage2.equivalent`.
+once quantized, because rounding decisions (and ties) fall differently. The control row of a
+recipe is that recipe with this modifier listed first: an equivalent model, the same pipeline.
+It needs no rotation of the residual stream and no RMSNorm weights fused into the next linears
+(either would change how weights quantize by itself), so it composes with rotated and
+unrotated pipelines alike (``ExactSpinQuantModifier``, ``FlatQuantModifier``, GPTQ, RTN). It
+folds seeded per-channel scales ``s = 1 + eps z`` into every decoder layer's MLP up projection
+rows and down projection input columns, and into the value projection rows and the output
+projection columns (every query head's copy under grouped-query attention), the maths in
+:mod:`fair_calib_llmc.stage2.equivalent`.
 Which modules those are comes from the SpinQuant mappings (``attn_v``, ``attn_o``, ``mlp_out``)
 and :data:`~fair_calib_llmc.stage2.rotations.MLP_UP_REGISTRY` (which ``mlp_in`` is the up one,
 the registry's ``FamilySpec.mlp_up``).
@@ -87,10 +89,9 @@ class EquivalentRescaleModifier(Modifier):
               seed: 0
 
     :param eps: the scales' relative spread, ``s = 1 + eps z`` (``z`` standard Gaussian);
-        the full-precision function does not depend on it, the rounding decisions do. The
-        default re-rolls about as many weight codes as the rotation control's default
-        (``integration/equivalent_reroll.py`` measures it; docs/results.md); much smaller eps
-        fall below bf16's resolution, where bf16 weights keep their codes
+        the full-precision function does not depend on it, the rounding decisions do. How
+        many codes an eps re-rolls: ``integration/equivalent_reroll.py`` (docs/results.md);
+        much smaller eps fall below bf16's resolution, where bf16 weights keep their codes
     :param seed: the seed of ``z`` (one generator, drawn pair by pair in layer order)
     """
 

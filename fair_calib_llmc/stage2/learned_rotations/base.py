@@ -53,7 +53,6 @@ from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
 from fair_calib_llmc.models.layers import named_decoder_layers
 from fair_calib_llmc.stage2.learned_rotations.cayley import (
     CayleyAdam,
-    cayley,
     distance_moved,
 )
 from fair_calib_llmc.stage2.learned_rotations.objectives import (
@@ -115,10 +114,6 @@ class ExactSpinQuantModifier(SpinQuantModifier):
               rotations: [R1, R2, R4]
               transform_type: random-hadamard
 
-    :param equivalent_perturbation: fuse one more residual rotation ``cay(eps S)`` (``S`` a
-        seeded random skew matrix of unit RMS entries) into the model: the function stays the
-        same, only rounding ties are re-rolled. The control row that shows how much two
-        equivalent models' flips differ by chance; 0 (default) = off
     :param r4_transform_type: the online R4's own type (default: ``transform_type``). R1 and
         R2 are fused into the weights, so their type costs nothing at inference; R4 runs
         online, and engines fuse only ``hadamard`` (vLLM's Walsh-Hadamard kernel; any other
@@ -129,7 +124,6 @@ class ExactSpinQuantModifier(SpinQuantModifier):
         width)
     """
 
-    equivalent_perturbation: float = Field(0.0, ge=0.0)
     r4_transform_type: Literal["hadamard", "random-hadamard"] | None = None
     r4_block_size: int | None = Field(None, gt=0)
 
@@ -198,18 +192,6 @@ class ExactSpinQuantModifier(SpinQuantModifier):
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         with shared_weights_written_once():  # under torchrun: fused once, not once per rank
             super().on_calibration_start(state, event, **kwargs)
-            self._perturb(state.model)
-
-    def _perturb(self, model: nn.Module) -> None:
-        """Fuse the ``equivalent_perturbation`` rotation (see the class docstring)."""
-        if self.equivalent_perturbation > 0:
-            width = model.config.hidden_size
-            generator = torch.Generator().manual_seed(0)
-            noise = torch.randn(width, width, generator=generator, dtype=torch.float64)
-            skew = (noise - noise.T) / 2**0.5
-            q = cayley(self.equivalent_perturbation * skew)
-            for module, sites in rotation_sites(model, self.mappings, q, None).items():
-                fuse_rotation(module, sites)
 
 
 class LearnedSpinQuantModifier(ExactSpinQuantModifier):
