@@ -9,8 +9,8 @@ import torch
 
 from fair_calib_llmc.sampling.samplers import DiffusionTrace
 from fair_calib_llmc.stage1.prior import (
+    FrontierPrior,
     PriorSettings,
-    estimate_prior,
     frontier_hits,
     normalise_weights,
 )
@@ -44,11 +44,10 @@ SETTINGS = PriorSettings(
     lookahead=1,
     stability_lag=1,
     decay=0.5,
-    num_stages=1,
     frontier_weight=2.0,
     instability_weight=0.0,
     margin_mix=1.0,
-    source="table",
+    source="state",
 )
 
 
@@ -59,42 +58,15 @@ def test_frontier_hits_per_step():
         assert frontier_hits(trace, step, SETTINGS)[0].tolist() == row
 
 
-def test_prior_tables_and_weights():
-    prior = estimate_prior([_trace()], SETTINGS)
-    torch.testing.assert_close(prior.frontier_hits[:, 0], torch.tensor([0.5, 2 / 3, 0.5]))
-    # instability with margin_mix=1 is 1 - mean margin while masked
-    torch.testing.assert_close(prior.instability[:, 0], torch.tensor([0.2, 0.6, 0.5]))
-    weights = prior.raw_weights(_trace(), step=0)
-    torch.testing.assert_close(weights[0], torch.tensor([1.0, 2.0, 1 + 4 / 3, 2.0]))
-
-
-def test_agreement_enters_instability():
-    prior = estimate_prior([_trace()], SETTINGS.model_copy(update={"margin_mix": 0.0}))
-    # only pos3 ever disagrees (once in its three masked steps)
-    torch.testing.assert_close(prior.instability[:, 0], torch.tensor([0.0, 0.0, 1 / 3]))
-
-
-def test_instability_boosts_frontier_weight():
-    settings = SETTINGS.model_copy(update={"instability_weight": 1.0})
-    weights = estimate_prior([_trace()], settings).raw_weights(_trace(), step=0)[0]
-    torch.testing.assert_close(
-        weights, torch.tensor([1.0, 1 + 2 * 0.5 * 1.2, 1 + 2 * (2 / 3) * 1.6, 1 + 2 * 0.5 * 1.5])
-    )
-
-
 def test_state_weights_follow_the_states_own_rollout():
     """source="state": hits from this rollout's commits around the step, instability from
     the margin each position had when it was written (and agreement while still masked)."""
-    settings = SETTINGS.model_copy(update={"source": "state", "instability_weight": 1.0})
-    prior = estimate_prior([_trace()], settings)
-    weights = prior.raw_weights(_trace(), step=1)[0]
+    settings = SETTINGS.model_copy(update={"instability_weight": 1.0})
+    weights = FrontierPrior(settings).raw_weights(_trace(), step=1)[0]
     # step 1 commits pos2 (hit 1); pos1 was committed one step before, pos3 one step later
     # (hits 0.5). Decision margins: pos1 0.8 (step 0), pos2 0.6 (step 1), pos3 1.0 (step 2).
     expected = [1.0, 1 + 2 * 0.5 * 1.2, 1 + 2 * 1.0 * 1.4, 1 + 2 * 0.5 * 1.0]
     torch.testing.assert_close(weights, torch.tensor(expected))
-    # the table prior gives the same state other weights: it averages over steps
-    table = estimate_prior([_trace()], settings.model_copy(update={"source": "table"}))
-    assert not torch.allclose(table.raw_weights(_trace(), step=1)[0], weights)
 
 
 def test_state_instability_counts_disagreement_only_while_masked():
@@ -111,5 +83,3 @@ def test_normalise_to_mean_one_with_floor():
     torch.testing.assert_close(flat, torch.tensor([0.5, 1.5, 0.1, 2.0]))
     with pytest.raises(ValueError, match="calibration set is empty"):
         normalise_weights([], 0.1)
-    with pytest.raises(ValueError, match="calibration set is empty"):
-        estimate_prior([], SETTINGS)

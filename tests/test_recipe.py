@@ -163,13 +163,13 @@ def test_overrides_set_fields_the_recipe_leaves_at_their_default():
         {
             "LearnedSpinQuantModifier.steps": 3,
             "LearnedSpinQuantModifier.r4_block_size": 32,
-            "FAIRCalibModifier.stage1.prior.source": "table",
+            "FAIRCalibModifier.stage1.prior.source": "uniform",
         },
     )
     rotate = data["rotate_stage"]["rotate_modifiers"]["LearnedSpinQuantModifier"]
     assert rotate["steps"] == 3 and rotate["r4_block_size"] == 32
     fair = data["fair_stage"]["fair_modifiers"]["FAIRCalibModifier"]
-    assert fair["stage1"]["prior"]["source"] == "table"
+    assert fair["stage1"]["prior"]["source"] == "uniform"
     recipe = load_recipe(data)
     assert recipe.modifiers[0].steps == 3 and recipe.modifiers[0].r4_block_size == 32
     # the shipped recipe itself is untouched

@@ -3,7 +3,7 @@
 The layers are found the way llm-compressor's sequential pipeline finds them
 (``sequential_targets`` as given to ``oneshot``; default: the model's own ``_no_split_modules``,
 LLaDA's ``LLaDABlock`` and Dream's ``DreamDecoderLayer``), so Stage II's modifier, the learned
-rotations, Stage I's sensitivity and ``diagnose``'s per-layer scan all see the same layers in
+rotations, FlatQuant and ``diagnose``'s per-layer scan all see the same layers in
 the same order.
 """
 

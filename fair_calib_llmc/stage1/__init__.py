@@ -2,5 +2,5 @@
 
 :mod:`.states` (settings and the calibration dataset), :mod:`.sources` (the weight-source
 contract), :mod:`.prior` (the frontier prior), :mod:`.position` (the paper's static position
-prior), :mod:`.sensitivity` (per-layer output sensitivity).
+prior).
 """

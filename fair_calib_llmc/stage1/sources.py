@@ -15,8 +15,8 @@ beyond building it (:func:`fair_calib_llmc.stage1.states.weight_source`):
   scales all rows jointly to mean 1 and floors them at ``prior.min_weight``
   (:func:`fair_calib_llmc.stage1.prior.normalise_weights`), summed over ``torchrun`` ranks.
 
-The object a source is (its estimate: the frontier tables, the static position vector) is
-what :func:`build_calibration_dataset` returns as its ``prior``.
+The object a source is (with its estimate, if it has one: the static position vector) is what
+:func:`build_calibration_dataset` returns as its ``prior``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ __all__ = [
 
 #: Every weight source ``stage1.prior.source`` names; see
 #: :class:`fair_calib_llmc.stage1.prior.PriorSettings`.
-SOURCES = ("state", "table", "sensitivity", "position", "uniform")
+SOURCES = ("state", "position", "uniform")
 
 
 @dataclass

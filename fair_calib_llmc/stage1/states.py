@@ -44,8 +44,7 @@ from fair_calib_llmc.sampling.samplers import (
     teacher_traces,
 )
 from fair_calib_llmc.stage1.position import estimate_position_prior
-from fair_calib_llmc.stage1.prior import PriorSettings, estimate_prior, normalise_weights
-from fair_calib_llmc.stage1.sensitivity import SensitivityWeights
+from fair_calib_llmc.stage1.prior import FrontierPrior, PriorSettings, normalise_weights
 from fair_calib_llmc.stage1.sources import CalibrationRows, UniformWeights, WeightSource
 
 __all__ = [
@@ -61,7 +60,7 @@ __all__ = [
 SamplerSettings = Annotated[Union[sampler_classes()], Field(discriminator="family")]  # noqa: UP007
 
 #: Sources that weigh masked-stage states from their own rollouts (no clean text).
-STATE_SOURCES = ("state", "table", "sensitivity")
+STATE_SOURCES = ("state",)
 
 
 def _valid_fields(model: type[BaseModel], error: dict) -> str:
@@ -175,10 +174,10 @@ def build_calibration_dataset(
 ) -> tuple[Dataset, WeightSource, WeightStats]:
     """Stage I: calibration rows (masked-stage states or clean text) weighed by one source.
 
-    Returns the dataset, the weight source (its estimate: the frontier tables of
-    :class:`~fair_calib_llmc.stage1.prior.PositionPrior`, the vector of
-    :class:`~fair_calib_llmc.stage1.position.StaticPositionPrior`, ...) and where the weight
-    went (:class:`WeightStats`).
+    Returns the dataset, the weight source (:class:`~fair_calib_llmc.stage1.prior.FrontierPrior`;
+    with its estimate, the vector of :class:`~fair_calib_llmc.stage1.position.StaticPositionPrior`;
+    :class:`~fair_calib_llmc.stage1.sources.UniformWeights`) and where the weight went
+    (:class:`WeightStats`).
 
     :param spec: the run's :class:`~fair_calib_llmc.models.family.DiffusionLMSpec`
         (:func:`fair_calib_llmc.quantize` passes its own); called on its own, this reads it
@@ -210,7 +209,7 @@ def build_calibration_dataset(
             for _, trace in teacher_traces(model, sampler, prompts, seed=seed, spec=spec)
         ]
         rows = state_rows(rollouts, sampler.steps, settings.states_per_prompt, spec)
-    source = weight_source(model, settings, sampler, prompts, rollouts, spec, seed=seed)
+    source = weight_source(model, settings, sampler, prompts, spec, seed=seed)
     raw = source.row_weights(rows)
     weights = normalise_weights(list(raw), settings.prior.min_weight, all_reduce_sum)
     stats = weight_stats(weights, list(rows.frontier()))
@@ -235,7 +234,6 @@ def weight_source(
     settings: Stage1Settings,
     sampler: SamplerBase,
     prompts: Sequence[torch.Tensor],
-    rollouts: list[DiffusionTrace],
     spec: DiffusionLMSpec,
     *,
     seed: int = 0,
@@ -243,7 +241,6 @@ def weight_source(
     """The one place Stage I branches on ``stage1.prior.source``: the source, estimated.
 
     :param prompts: this rank's calibration prompts (the position prior's probes decode them)
-    :param rollouts: this rank's rollouts of ``sampler`` (masked-stage states; empty for text)
     """
     prior = settings.prior
     if prior.source == "uniform":
@@ -261,10 +258,7 @@ def weight_source(
             world=world,
             reduce=all_reduce_sum,
         )
-    frontier = estimate_prior(rollouts, prior, all_reduce_sum)
-    if prior.source == "sensitivity":
-        return SensitivityWeights(frontier, model)
-    return frontier
+    return FrontierPrior(prior)  # weighs each state by its own rollout: nothing to estimate
 
 
 def state_rows(
