@@ -4,8 +4,8 @@
 full-precision model computes what the original computes. Upstream always mean-centres the
 embedding rows before it rotates, which keeps the function only under LayerNorm (which
 subtracts the mean anyway); LLaDA and Dream use RMSNorm, where centring changes every hidden
-state (and the logits with it). Here the embeddings are centred
-only when a fused norm is a LayerNorm.
+state (and the logits with it). Here the embeddings are centred only when a fused norm is a
+LayerNorm.
 
 ``LearnedSpinQuantModifier`` learns R1 (the residual stream) and a per-layer R2 (each head's
 values) on top of the Hadamard start, the SpinQuant class of method, with the Stage I
@@ -19,8 +19,11 @@ Hadamards are fused and before the quantization modifier after it calibrates:
 2. every quantized linear layer computes its rotated, fake-quantized forward with the scheme
    the next modifier will deploy (:mod:`~fair_calib_llmc.stage2.learned_rotations.rotated_linear`),
    and :class:`~fair_calib_llmc.stage2.learned_rotations.cayley.CayleyAdam` moves the rotations on
-   the orthogonal group, ``steps`` times;
+   the orthogonal group, ``steps`` times (steps 1 and 2 are the learner,
+   :mod:`~fair_calib_llmc.stage2.learned_rotations.learner`);
 3. the rotations are fused into the weights (embedding, every reader and writer, the LM head).
+
+This module is the lifecycle: fields, the settings refused before any work, the events.
 
 R4 (the down-projection input, behind ``act(gate) * up``) stays the fixed online Hadamard: no
 weight can absorb a rotation there. The checkpoint holds ordinary weights plus that online R4,
@@ -29,78 +32,25 @@ as a plain rotated recipe's: no new inference op, nothing of this package needed
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
 from typing import Literal
 
 import torch
 from compressed_tensors import match_named_modules
-from compressed_tensors.utils import get_head_dim
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.transform.spinquant import SpinQuantModifier
-from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 from torch import nn
-from tqdm.auto import tqdm
 
-from fair_calib_llmc.distributed import (
-    all_reduce_sum,
-    rank_and_world,
-    shared_weights_written_once,
-)
+from fair_calib_llmc.distributed import shared_weights_written_once
 from fair_calib_llmc.models.family import DiffusionLMSpec, diffusion_spec
-from fair_calib_llmc.models.layers import named_decoder_layers
-from fair_calib_llmc.stage2.learned_rotations.cayley import (
-    CayleyAdam,
-    distance_moved,
-)
-from fair_calib_llmc.stage2.learned_rotations.objectives import (
-    layer_mse,
-    masked_log_probs,
-    output_kl,
-)
-from fair_calib_llmc.stage2.learned_rotations.rotated_linear import (
-    RotationSites,
-    fuse_rotation,
-    rotated_forward,
-)
-from fair_calib_llmc.stage2.learning import (
-    check_learning_data,
-    forwards_replaced,
-    frozen,
-    learnable_linears,
-    token_weights_of,
-)
+from fair_calib_llmc.stage2.learned_rotations.learner import LearningSettings, learn_rotations
+from fair_calib_llmc.stage2.learned_rotations.rotated_linear import fuse_rotation
+from fair_calib_llmc.stage2.learning import check_learning_data, learnable_linears
 
-__all__ = ["ExactSpinQuantModifier", "LearnedSpinQuantModifier", "rotation_sites"]
+__all__ = ["ExactSpinQuantModifier", "LearnedSpinQuantModifier"]
 
 LEARNABLE_ROTATIONS = ("R1", "R2")
-
-
-def rotation_sites(
-    model: nn.Module, mappings, r1: torch.Tensor | None, r2: list[torch.Tensor] | None
-) -> dict[nn.Module, RotationSites]:
-    """Every module an R1 (one matrix) or per-layer R2 (one per attention block) acts on,
-    found through SpinQuant's own mapping of the model (``SpinQuantModifier.mappings``)."""
-    sites: dict[nn.Module, RotationSites] = defaultdict(RotationSites)
-    if r1 is not None:
-        writers = [mappings.embedding, mappings.attn_o, *mappings.mlp_out]
-        readers = [mappings.attn_q, mappings.attn_k, mappings.attn_v, *mappings.mlp_in]
-        for _, module in match_named_modules(model, writers):
-            sites[module].q_out = r1
-        for _, module in match_named_modules(model, [*readers, mappings.lm_head]):
-            sites[module].q_in = r1
-    if r2 is not None:
-        blocks = [m for _, m in match_named_modules(model, [mappings.attn])]
-        if len(blocks) != len(r2):
-            raise ValueError(f"{len(r2)} R2 rotations for {len(blocks)} attention blocks")
-        for block, q in zip(blocks, r2, strict=True):
-            for _, module in match_named_modules(block, [mappings.attn_v]):
-                sites[module].q_out = q
-            for _, module in match_named_modules(block, [mappings.attn_o]):
-                sites[module].q_in = q
-    return dict(sites)
 
 
 class ExactSpinQuantModifier(SpinQuantModifier):
@@ -176,7 +126,7 @@ class ExactSpinQuantModifier(SpinQuantModifier):
                 )
 
     def _down_projections(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
-        """The layers R4 (fixed or learned) rotates the input of: SpinQuant's ``mlp_out``."""
+        """The layers R4 rotates the input of: SpinQuant's ``mlp_out``."""
         return list(match_named_modules(model, self.mappings.mlp_out))
 
     def _center_embeddings(self, model: nn.Module) -> None:
@@ -277,130 +227,29 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         super().on_calibration_start(state, event, **kwargs)  # Hadamards fused, fixed R4 on
         self._learn(state.model, state.data.calib)
 
-    # --- learning ---------------------------------------------------------------------------
     def _learn(self, model: nn.Module, dataloader) -> None:
-        spec = self._diffusion_spec
-        device = next(model.parameters()).device
-        quantized = self._quantized_linears(model)
-        r1 = self._identity(model.config.hidden_size, device) if "R1" in self.learn else None
-        r2 = None
-        if "R2" in self.learn:
-            blocks = list(match_named_modules(model, [self.mappings.attn]))
-            r2 = [self._identity(get_head_dim(model.config), device) for _ in blocks]
-        sites = rotation_sites(model, self.mappings, r1, r2)
-        params = [q for q in [r1, *(r2 or [])] if q is not None]
-
-        began = time.monotonic()
-        batches = [self._batch(b, device) for b in dataloader]
-        with torch.no_grad():  # kept in host memory: every layer of every batch (GBs at 8B)
-            targets = [_moved(self._teacher(model, b, spec), "cpu") for b in batches]
-        layers = [m for _, m in named_decoder_layers(model)] if self.gradient_checkpointing else []
-        training = _training_forwards(quantized, sites)
-        with training, frozen(model), _checkpointed(layers):
-            before = self._objectives_by_weighting(model, batches, targets, spec)
-            optimise_began = time.monotonic()
-            self._optimise(model, params, batches, targets, spec)
-            optimise_seconds = time.monotonic() - optimise_began
-            after = self._objectives_by_weighting(model, batches, targets, spec)
-        self._learned = {"R1": r1, "R2": r2}
-        self._report = {
-            "objective": self.objective,
-            "token_weights": self.token_weights,
-            "before": before,
-            "after": after,
-            # RMS entry of what learning added: R1 / R2 start at I on top of the fused Hadamards
-            "rotation_moved": {
-                name: sum(distance_moved(q) for q in qs) / len(qs)
-                for name, qs in (("R1", [r1] if r1 is not None else []), ("R2", r2 or []))
-                if qs
-            },
-            "seconds": time.monotonic() - began,  # teacher targets, learning, both reports
-            # the optimiser's steps alone: what grows with `steps` (cost at other settings)
-            "steps": self.steps,
-            "optimise_seconds": optimise_seconds,
-        }
-        logger.info(
-            f"learned {'+'.join(self.learn)} ({self.objective}, {self.token_weights} weights, "
-            f"{self.steps} steps): objective under frontier weights {before['frontier']:.5g} "
-            f"-> {after['frontier']:.5g}, under uniform weights {before['uniform']:.5g} -> "
-            f"{after['uniform']:.5g}"
-        )
-        with torch.no_grad(), shared_weights_written_once():  # every rank learned the same
-            for module, where in sites.items():
-                fuse_rotation(module, where)
-
-    def _optimise(self, model, params: list[torch.Tensor], batches, targets, spec) -> None:
-        """``steps`` Cayley-Adam steps, one calibration batch each (cycling), with a progress
-        bar; under torchrun the gradients are averaged so every rank fuses the same rotations."""
-        optimiser = CayleyAdam(params, lr=self.lr, total_steps=self.steps)
-        _, world = rank_and_world()
-        bar = tqdm(range(self.steps), desc="learning rotations", unit="step")
-        for step in bar:
-            index = step % len(batches)
-            with torch.enable_grad():
-                loss = self._objective(model, batches[index], targets[index], spec)
-                loss.backward()
-            if world > 1:
-                grads = [q.grad for q in params if q.grad is not None]
-                all_reduce_sum(grads)
-                for g in grads:
-                    g.div_(world)
-            optimiser.step()
-            optimiser.zero_grad()
-            bar.set_postfix(loss=f"{loss.item():.4g}")
-
-    @staticmethod
-    def _identity(size: int, device) -> torch.Tensor:
-        return torch.eye(size, dtype=torch.float32, device=device).requires_grad_(True)
-
-    @staticmethod
-    def _batch(batch: dict, device) -> dict:
-        return {k: batch[k].to(device) for k in ("input_ids", "loss_mask") if k in batch}
-
-    def _quantized_linears(self, model: nn.Module) -> dict[nn.Module, tuple]:
-        """Each quantized linear layer's (activation args, weight args) to learn against."""
-        return learnable_linears(
+        """Learn the rotations (:mod:`.learner`), then fuse them into the weights."""
+        quantized = learnable_linears(
             model,
             "LearnedSpinQuantModifier",
             weights_in_loop=self.weights_in_loop,
             symmetric_weights=False,
         )
-
-    def _weights(self, batch: dict, token_weights: str | None = None) -> torch.Tensor:
-        return token_weights_of(batch, token_weights or self.token_weights)
-
-    def _teacher(self, model: nn.Module, batch: dict, spec) -> list[torch.Tensor] | torch.Tensor:
-        out = model(input_ids=batch["input_ids"], output_hidden_states=True)
-        if self.objective == "layer_mse":
-            return [h.detach() for h in out.hidden_states[1:]]
-        return masked_log_probs(out.logits, batch["input_ids"], spec)
-
-    def _objective(
-        self, model: nn.Module, batch: dict, target, spec, token_weights: str | None = None
-    ) -> torch.Tensor:
-        weights = self._weights(batch, token_weights)
-        target = _moved(target, batch["input_ids"].device)
-        if self.objective == "layer_mse":
-            out = model(input_ids=batch["input_ids"], output_hidden_states=True)
-            return layer_mse(out.hidden_states[1:], target, weights)
-        out = model(input_ids=batch["input_ids"])
-        return output_kl(out.logits, target, batch["input_ids"], weights, spec)
-
-    @torch.no_grad()
-    def _objectives_by_weighting(self, model, batches, targets, spec) -> dict[str, float]:
-        """The objective over all batches under frontier and under uniform weights: where
-        the two disagree is where the frontier prior can matter."""
-        return {
-            weighting: float(
-                torch.stack(
-                    [
-                        self._objective(model, b, t, spec, weighting)
-                        for b, t in zip(batches, targets, strict=True)
-                    ]
-                ).mean()
-            )
-            for weighting in ("frontier", "uniform")
-        }
+        settings = LearningSettings(
+            learn=tuple(self.learn),
+            objective=self.objective,
+            token_weights=self.token_weights,
+            steps=self.steps,
+            lr=self.lr,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
+        learned = learn_rotations(
+            model, self.mappings, quantized, dataloader, self._diffusion_spec, settings
+        )
+        self._learned, self._report = learned.rotations, learned.report
+        with torch.no_grad(), shared_weights_written_once():  # every rank learned the same
+            for module, where in learned.sites.items():
+                fuse_rotation(module, where)
 
     @property
     def learning_report(self) -> dict:
@@ -408,40 +257,6 @@ class LearnedSpinQuantModifier(ExactSpinQuantModifier):
         rotations moved from the Hadamard start, and its seconds, all and the steps' alone
         (empty before learning)."""
         return dict(self._report)
-
-
-def _moved(target, device):
-    """A teacher target (one tensor, or one per layer) on ``device``."""
-    if isinstance(target, list):
-        return [t.to(device) for t in target]
-    return target.to(device)
-
-
-def _training_forwards(quantized: dict, sites: dict) -> forwards_replaced:
-    """Every quantized linear's forward swapped for its rotated, fake-quantized training
-    forward (:func:`rotated_forward`)."""
-    return forwards_replaced(
-        {
-            module: rotated_forward(module, sites.get(module, RotationSites()), acts, weights)
-            for module, (acts, weights) in quantized.items()
-        }
-    )
-
-
-def _checkpointed(layers: list[nn.Module]) -> forwards_replaced:
-    """Gradient checkpointing of ``layers`` while learning: each layer's forward runs under
-    ``torch.utils.checkpoint`` (recomputed in the backward pass, activations not kept), so
-    the memory of the backward pass is one layer's instead of the whole model's."""
-
-    def checkpointed(forward):
-        def run(*args, **kwargs):
-            if not torch.is_grad_enabled():
-                return forward(*args, **kwargs)
-            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-        return run
-
-    return forwards_replaced({layer: checkpointed(layer.forward) for layer in layers})
 
 
 ModifierFactory.register("ExactSpinQuantModifier", ExactSpinQuantModifier)
