@@ -29,7 +29,7 @@ def _split_of(name: str) -> str:
 def stdlib_split(split: str, recursive: bool = False) -> list[str]:
     """Texts of the stdlib files assigned to ``split`` ('train', 'calibration', 'heldout').
 
-    ``recursive`` adds the packages below the top level (tests included: about 10x the text).
+    ``recursive`` adds the packages below the top level (tests included: many times the text).
     """
     if split not in _SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {_SPLITS}")

@@ -408,7 +408,7 @@ def progress(iterable=None, **kwargs) -> tqdm:
     command line hides library bars (``TQDM_DISABLE``).
 
     When stderr is not a terminal (``2> log``, CI) a bar cannot redraw in place: every
-    update of a nested bar becomes a new line (``diagnose`` wrote ~1,200). There only the
+    update of a nested bar becomes a new line (docs/evaluation.md says how many). There only the
     outermost bar is shown, updated every :data:`REDIRECTED_BAR_INTERVAL` seconds.
     """
     kwargs.setdefault("leave", False)

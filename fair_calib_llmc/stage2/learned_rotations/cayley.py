@@ -89,5 +89,5 @@ class CayleyAdam:
             m_hat = m / (1 - beta1**self.step_count)
             v_hat = v / (1 - beta2**self.step_count)
             update = (m_hat / (v_hat.sqrt() + self.eps)).double()
-            # in float64: float32 steps would drift off the group by ~1e-7 each
+            # in float64: float32 steps would drift off the group, a little more each step
             p.copy_(cayley(-lr * update) @ p.double())
