@@ -2,7 +2,8 @@
 asks for, the quantized layers to learn against (and their schemes' limits), and the two
 context managers of its training loop (swapped forwards, frozen model parameters).
 
-Shared by :class:`~fair_calib_llmc.stage2.learned_rotations.base.LearnedSpinQuantModifier` and
+Shared by :class:`~fair_calib_llmc.stage2.learned_rotations.base.LearnedSpinQuantModifier` (and
+its learner, :mod:`fair_calib_llmc.stage2.learned_rotations.learner`) and
 :class:`~fair_calib_llmc.stage2.flatquant.base.FlatQuantModifier`.
 """
 
