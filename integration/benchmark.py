@@ -58,7 +58,7 @@ def main(argv=None) -> None:
         "--method-group",
         metavar="K/N",
         help="run only the K-th of N interleaved groups of --methods (1-based): one benchmark "
-        "split over N processes on one GPU (integration/reference_benchmark.sh METHOD_GROUPS)",
+        "split over N processes on one GPU (integration/run_experiments.py --groups N)",
     )
     parser.add_argument("--reference-method", default=REFERENCE_METHOD)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

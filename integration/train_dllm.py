@@ -1,4 +1,4 @@
-"""Train the project's own LLaDA-architecture dLLMs (deterministic for a seed and device).
+"""Train the project's own LLaDA and Dream-architecture dLLMs (deterministic per seed and device).
 
 Corpus: the running interpreter's standard library, split by file into train / calibration /
 held-out (:mod:`fair_calib_llmc.io.corpus`); tokenizer: byte-level BPE trained offline on the
@@ -26,7 +26,11 @@ Presets:
       python integration/train_dllm.py --preset dream-reference --device cuda --out ref-dream
 
 Training runs a fixed number of steps (``--steps``), so a model is rebuilt bit for bit on the
-same device kind; ``--max-seconds`` only caps a run and makes it time-dependent.
+same device kind; ``--max-seconds`` only caps a run and makes it time-dependent. A preset names
+its family; the configuration and model classes come from
+:mod:`fair_calib_llmc.models.registry` (no branch on a family here), and
+:data:`REFERENCE_PRESETS` pairs each family with its reference preset for
+``integration/run_experiments.py``.
 """
 
 from __future__ import annotations
@@ -45,24 +49,39 @@ from fair_calib_llmc.evaluation.metrics import elbo_perplexity
 from fair_calib_llmc.io.corpus import ASSETS, chunk_text, stdlib_split
 from fair_calib_llmc.io.loading import default_device
 from fair_calib_llmc.io.tokenization import train_bpe_tokenizer
-from fair_calib_llmc.models import (
-    DreamConfig,
-    DreamModel,
-    LLaDAConfig,
-    LLaDAModelLM,
-    diffusion_spec,
-)
+from fair_calib_llmc.models import diffusion_spec
+from fair_calib_llmc.models.registry import family
 from fair_calib_llmc.models.training import train_masked_diffusion
 from fair_calib_llmc.sampling.samplers import default_sampler
 
+#: The config fields every preset takes from the tokenizer trained in the run (the keys of
+#: ``_tokenizer_values``); a preset's ``from_tokenizer`` adds its family's own.
+TOKENIZER_FIELDS = dict(
+    vocab_size="length",
+    mask_token_id="mask_token_id",
+    eos_token_id="eos_token_id",
+    pad_token_id="pad_token_id",
+)
+
+#: Each preset: its family (a :data:`fair_calib_llmc.models.registry.FAMILIES` name), its
+#: ``config`` in the family configuration's own field names, ``from_tokenizer`` (config field
+#: -> tokenizer value, beyond :data:`TOKENIZER_FIELDS`), the BPE size and the training settings.
+#: The configuration and model classes come from the registry, so a family is a preset's
+#: field, never a branch here.
 PRESETS = {
     "tiny": dict(
         family="llada",
+        config=dict(
+            d_model=128,
+            n_heads=4,
+            n_kv_heads=4,
+            n_layers=4,
+            mlp_hidden_size=384,
+            max_sequence_length=1024,
+            rope_theta=10000.0,
+        ),
+        from_tokenizer=dict(embedding_size="length"),
         vocab_size=512,
-        d_model=128,
-        n_heads=4,
-        n_layers=4,
-        mlp_hidden_size=384,
         steps=12000,
         batch_size=64,
         seq_len=128,
@@ -72,11 +91,17 @@ PRESETS = {
     ),
     "reference": dict(
         family="llada",
+        config=dict(
+            d_model=512,
+            n_heads=8,
+            n_kv_heads=8,
+            n_layers=6,
+            mlp_hidden_size=1024,
+            max_sequence_length=1024,
+            rope_theta=10000.0,
+        ),
+        from_tokenizer=dict(embedding_size="length"),
         vocab_size=8192,
-        d_model=512,
-        n_heads=8,
-        n_layers=6,
-        mlp_hidden_size=1024,
         steps=4000,
         batch_size=128,
         seq_len=256,
@@ -86,12 +111,18 @@ PRESETS = {
     ),
     "dream-reference": dict(
         family="dream",
+        config=dict(
+            hidden_size=512,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            num_hidden_layers=6,
+            intermediate_size=1536,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+            rope_theta=10000.0,
+        ),
+        from_tokenizer=dict(bos_token_id="eos_token_id"),
         vocab_size=8192,
-        d_model=512,
-        n_heads=8,
-        n_kv_heads=2,
-        n_layers=6,
-        mlp_hidden_size=1536,
         steps=4000,
         batch_size=128,
         seq_len=256,
@@ -101,40 +132,31 @@ PRESETS = {
     ),
 }
 
+#: family -> the preset of its benchmark reference model (what integration/run_experiments.py
+#: trains for a job on that family): the one place that pairs them
+REFERENCE_PRESETS = {"llada": "reference", "dream": "dream-reference"}
 
-def build_model(preset: dict, tokenizer) -> LLaDAModelLM | DreamModel:
-    """A randomly initialised model of the preset's family, sized by the preset."""
-    special = dict(
-        vocab_size=len(tokenizer),
+
+def _tokenizer_values(tokenizer) -> dict:
+    """What a configuration may take from the tokenizer trained in the run."""
+    return dict(
+        length=len(tokenizer),
         mask_token_id=tokenizer.mask_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        rope_theta=10000.0,
     )
-    if preset["family"] == "dream":
-        config = DreamConfig(
-            hidden_size=preset["d_model"],
-            num_attention_heads=preset["n_heads"],
-            num_key_value_heads=preset["n_kv_heads"],
-            num_hidden_layers=preset["n_layers"],
-            intermediate_size=preset["mlp_hidden_size"],
-            max_position_embeddings=1024,
-            bos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False,
-            **special,
-        )
-        return DreamModel(config)
-    config = LLaDAConfig(
-        d_model=preset["d_model"],
-        n_heads=preset["n_heads"],
-        n_kv_heads=preset.get("n_kv_heads", preset["n_heads"]),
-        n_layers=preset["n_layers"],
-        mlp_hidden_size=preset["mlp_hidden_size"],
-        embedding_size=len(tokenizer),
-        max_sequence_length=1024,
-        **special,
+
+
+def build_model(preset: dict, tokenizer):
+    """A randomly initialised model of the preset's family (its configuration and model
+    classes from the family registry), sized by the preset."""
+    spec = family(preset["family"])
+    values = _tokenizer_values(tokenizer)
+    fields = {**TOKENIZER_FIELDS, **preset["from_tokenizer"]}
+    config = spec.config_cls()(
+        **preset["config"], **{name: values[source] for name, source in fields.items()}
     )
-    return LLaDAModelLM(config)
+    return spec.model_cls()(config)
 
 
 def main(argv=None) -> None:

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from functools import partial
-from pathlib import Path
 
 import pytest
 
@@ -67,113 +63,104 @@ def test_unknown_method_and_used_output_fail_before_loading(tmp_path):
         run_benchmark(no_loading, [], [], tmp_path / "b")
 
 
-#: the GPU benchmark scripts and the environment that picks their table
-#: (each format branch of formats_benchmark.sh once: FP4 recipes, with MXFP4's extra rows,
-#: and re-schemed int recipes)
-GPU_SCRIPTS = [
-    ("learned_rotations_benchmark.sh", {}),
-    ("flatquant_benchmark.sh", {}),
-    ("formats_benchmark.sh", {"FORMAT": "nvfp4"}),
-    ("formats_benchmark.sh", {"FORMAT": "mxfp4"}),
-    ("formats_benchmark.sh", {"FORMAT": "ag32"}),
-]
+def _runner(tmp_path, *args):
+    """integration/run_experiments.py in check mode, in this process: no preflight, no
+    training, no model; its exit status."""
+    from integration.run_experiments import main
 
-
-@pytest.mark.parametrize(
-    "script, env", GPU_SCRIPTS, ids=[env.get("FORMAT", s) for s, env in GPU_SCRIPTS]
-)
-def test_every_gpu_benchmark_row_has_a_recipe_that_loads(script, env, tmp_path):
-    """The scripts a device call runs check every row's recipe before training (CHECK_ONLY
-    stops there): a typo in a variant must fail here, not after minutes of GPU time."""
-    root = Path(__file__).resolve().parents[1]
-    environment = {
-        **os.environ,
-        **env,
-        "CHECK_ONLY": "1",
-        "WORK_DIR": str(tmp_path / "work"),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    done = subprocess.run(
-        ["bash", str(root / "integration" / script), str(tmp_path / "out")],
-        env=environment,
-        capture_output=True,
-        text=True,
-        cwd=root,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "every recipe loads" in done.stdout
-
-
-def _side_by_side(tmp_path, *args, **env):
-    """integration/side_by_side.sh in check mode: no preflight, no training, no model."""
-    root = Path(__file__).resolve().parents[1]
-    environment = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("METHODS", "METHOD_GROUPS"))},
-        **env,
-        "CHECK_ONLY": "1",
-        "DEVICE": "cpu",
-        "SCRATCH": str(tmp_path / "scratch"),
-        "OUT": str(tmp_path / "out"),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    return subprocess.run(
-        ["bash", str(root / "integration" / "side_by_side.sh"), *args],
-        env=environment,
-        capture_output=True,
-        text=True,
-        cwd=root,
+    return main(
+        [
+            *args,
+            "--check-only",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "out"),
+            "--scratch",
+            str(tmp_path / "scratch"),
+        ]
     )
 
 
-def test_side_by_side_runs_each_job_on_its_family_with_its_own_rows(tmp_path):
-    """`side_by_side.sh FAMILY [FAMILY:]JOB...`: a plain JOB takes the first family, each job
-    checks the rows METHODS_<family>_<job> names (a learned job without one takes METHODS, as
-    before), and each job's output has its own folder."""
+def test_every_job_row_has_a_recipe_that_loads(tmp_path):
+    """A device call checks every row's recipe before training (--check-only stops there): a
+    typo in a row of integration/experiments.yaml must fail here, not after minutes of GPU
+    time. Every job, each format's rows included (FP4 recipes, MXFP4's extra rows, re-schemed
+    int recipes and the controls)."""
+    from integration.experiments import load_experiments
+
+    jobs = list(load_experiments().jobs)
+    assert {"flat", "learned", "nvfp4", "mxfp4", "ag128", "ag32", "token"} <= set(jobs)
+    assert _runner(tmp_path, *jobs) == 0
+    log = (tmp_path / "out" / "driver.log").read_text()
+    for job, rows in load_experiments().jobs.items():
+        assert f"llada-{job}: {len(rows.rows)} rows, every recipe loads" in log
+
+
+def test_the_runner_runs_each_job_on_its_family_with_its_own_rows(tmp_path):
+    """`run_experiments.py [FAMILY:]JOB...`: a plain JOB takes --family, each job checks the
+    rows --rows names for it (all its rows without one), its groups come from --groups, and
+    each job's output has its own folder, packed into one file."""
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "notes.txt").write_text("the user's")  # not the script's: stays
-    done = _side_by_side(
+    (tmp_path / "out" / "notes.txt").write_text("the user's")  # not the runner's: stays
+    status = _runner(
         tmp_path,
+        "--family",
         "dream",
         "learned",
         "llada:ag32",
         "llada:learned",
-        METHODS="quarot+gptq",
-        METHODS_dream_learned="quarot+gptq quarot+gptq-equivalent",
-        METHODS_llada_ag32="rtn-ag32 gptq-ag32 fair-calib-ag32",
-        METHOD_GROUPS_llada_ag32="2",
+        "--rows",
+        "learned=quarot+gptq,quarot+gptq-equivalent",
+        "--rows",
+        "llada:ag32=rtn-ag32,gptq-ag32,fair-calib-ag32",
+        "--groups",
+        "llada:ag32=2",
+        "--rows",
+        "llada:learned=quarot+gptq",
     )
     log = (tmp_path / "out" / "driver.log").read_text()
-    assert done.returncode == 0, log[-3000:]
-    # the driver's "== <family>-<job> (exit N)" sections hold each job's own log tail
-    tails = {part.split(" ", 1)[0]: part for part in log.split("\n== ")[1:] if "(exit 0)" in part}
-    assert set(tails) == {"dream-learned", "llada-ag32", "llada-learned"}
-    assert "2 methods, every recipe loads" in tails["dream-learned"]
-    assert "3 methods, every recipe loads" in tails["llada-ag32"]
-    assert "1 methods, every recipe loads" in tails["llada-learned"]
-    assert "llada-ag32: METHODS=rtn-ag32 gptq-ag32 fair-calib-ag32 METHOD_GROUPS=2" in log
-    assert "dream-learned: METHODS=quarot+gptq quarot+gptq-equivalent METHOD_GROUPS=1" in log
+    assert status == 0, log[-3000:]
+    assert "dream-learned: 2 rows, every recipe loads" in log
+    assert "llada-ag32: 3 rows, every recipe loads" in log
+    assert "llada-learned: 1 rows, every recipe loads" in log
+    assert "== llada-ag32: rows rtn-ag32 gptq-ag32 fair-calib-ag32; 2 group(s) a seed" in log
+    assert "== dream-learned: rows quarot+gptq quarot+gptq-equivalent; 1 group(s)" in log
     # the jobs' folders are packed into one file (a device call returns at most 8)
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"driver.log", "jobs.tgz", "notes.txt"}
     assert (tmp_path / "out" / "notes.txt").read_text() == "the user's"
     with tarfile.open(tmp_path / "out" / "jobs.tgz") as packed:
-        folders = {name.split("/")[0] for name in packed.getnames()}
-    assert folders == {"dream-learned", "llada-ag32", "llada-learned"}
+        names = packed.getnames()
+    assert {name.split("/")[0] for name in names} == {
+        "dream-learned",
+        "llada-ag32",
+        "llada-learned",
+    }
+    # each declared row's recipe, as it runs (built-in rows have none: benchmark.py knows them)
+    assert "dream-learned/recipes/quarot+gptq-equivalent.yaml" in names
+    assert "llada-ag32/recipes/fair-calib-ag32.yaml" in names
     assert not (tmp_path / "scratch" / "wd" / "preflight.ok").exists()  # no preflight ran
 
 
-def test_side_by_side_rejects_bad_jobs_and_rows_of_another_job(tmp_path):
+def test_the_runner_rejects_bad_jobs_and_rows_of_another_job(tmp_path, capsys):
+    """Bad input fails before any work, in one line naming the fix."""
     for args, message in [
-        (("dream", "llada:nope"), "unknown JOB llada:nope"),
-        (("dream", "tex:ag32"), "unknown FAMILY in tex:ag32"),
-        (("dream", "learned", "dream:learned"), "dream:learned given twice"),
+        (("--family", "dream", "llada:nope"), "unknown job llada:nope; use one of flat,"),
+        (("--family", "dream", "tex:ag32"), "unknown family in tex:ag32 (llada, dream)"),
+        (("--family", "dream", "learned", "dream:learned"), "dream:learned given twice"),
+        # a shipped name has a recipe, but it is not a row of the format's table
+        (("dream:nvfp4", "--rows", "dream:nvfp4=gptq"), "gptq is not a row of job nvfp4"),
+        (("flat", "--rows", "token=rtn-token"), "llada:token is not a job of this call"),
+        (("flat", "--rows", "flat=quarot+gptq", "--rows", "flat=flatquant"), "given twice"),
+        (("flat", "--groups", "flat=0"), "write --groups N or --groups [FAMILY:]JOB=N"),
     ]:
-        done = _side_by_side(tmp_path, *args)
-        assert done.returncode == 2 and message in done.stderr
-    # a shipped name has a recipe, but it is not a row of the format's table
-    done = _side_by_side(tmp_path, "dream", "nvfp4", METHODS_dream_nvfp4="gptq")
-    assert done.returncode == 1
-    log = (tmp_path / "out" / "driver.log").read_text()
-    assert "gptq is not a row of FORMAT=nvfp4" in log
+        assert _runner(tmp_path, *args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as exit_:  # argparse's own errors: one line as well
+        _runner(tmp_path, "flat", "--budget", "soon")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_a_benchmark_row_without_a_loadable_recipe_fails_before_any_work(tmp_path):
@@ -186,8 +173,8 @@ def test_a_benchmark_row_without_a_loadable_recipe_fails_before_any_work(tmp_pat
 
 
 def test_method_groups_split_the_methods_interleaved_and_reject_bad_groups(capsys):
-    """METHOD_GROUPS=N runs each seed's methods as N processes: together they run every
-    method once, each group from the front of the list (what a DEADLINE cut keeps)."""
+    """--groups N (run_experiments.py) runs each seed's methods as N processes: together they
+    run every method once, each group from the front of the list (what a deadline cut keeps)."""
     import argparse
 
     from integration.benchmark import _method_group, main

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,16 +18,17 @@ from fair_calib_llmc.pipeline import quantize
 from fair_calib_llmc.recipe import RecipeError, load_recipe, read_recipe
 from fair_calib_llmc.stage2.equivalent import channel_scales, reader_scales, rescale_pair
 from fair_calib_llmc.stage2.equivalent_modifier import EquivalentRescaleModifier, rescale_pairs
+from integration.experiments import load_experiments
 
 from .helpers import masked_states, saved
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
-#: the control recipes and the shipped recipe (with --scheme) each must equal after the rescale
+#: the control rows of integration/experiments.yaml and the shipped recipe (with --scheme)
+#: each must equal after the rescale
 CONTROLS = {
-    "gptq_nvfp4_equivalent": ("gptq_w4a4", "NVFP4"),
-    "hadamard32_gptq_mxfp4_equivalent": ("hadamard32_gptq_mxfp4", None),
+    "gptq-nvfp4-equivalent": ("gptq_w4a4", "NVFP4"),
+    "hadamard32_gptq_mxfp4-equivalent": ("hadamard32_gptq_mxfp4", None),
 }
 #: the fp32 logits of the rescaled model stay this close to the original's, relative to the
 #: largest logit (measured 1.3e-6 to 1.5e-6 on both families for eps 1e-3, 1e-2 and 0.1: float
@@ -156,7 +156,7 @@ def test_a_control_checkpoint_reloads_with_identical_logits(
     result = quantize(
         model,
         tokenizer,
-        ROOT / "integration" / "recipes" / f"{control}.yaml",
+        load_experiments().recipe(control),
         calibration_texts,
         max_prompts=2,
         output_dir=tmp_path / "q",
@@ -170,8 +170,7 @@ def test_a_control_checkpoint_reloads_with_identical_logits(
 @pytest.mark.parametrize("control", list(CONTROLS))
 def test_a_control_recipe_is_its_baseline_after_the_rescale(control):
     """What the benchmark compares the control row against is the baseline row's recipe."""
-    path = ROOT / "integration" / "recipes" / f"{control}.yaml"
-    data = yaml.safe_load(path.read_text())
+    data = load_experiments().recipe(control)
     first, *rest = data
     assert list(data[first]["equivalent_modifiers"]) == ["EquivalentRescaleModifier"]
     parent, scheme = CONTROLS[control]
@@ -179,7 +178,7 @@ def test_a_control_recipe_is_its_baseline_after_the_rescale(control):
     if scheme is not None:
         baseline["gptq_stage"]["gptq_modifiers"]["GPTQModifier"]["scheme"] = scheme
     assert {stage: data[stage] for stage in rest} == baseline
-    assert type(load_recipe(path).modifiers[0]).__name__ == "EquivalentRescaleModifier"
+    assert type(load_recipe(data).modifiers[0]).__name__ == "EquivalentRescaleModifier"
 
 
 @pytest.mark.unit
