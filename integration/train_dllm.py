@@ -63,6 +63,11 @@ TOKENIZER_FIELDS = dict(
     pad_token_id="pad_token_id",
 )
 
+#: the training both reference models share (so their rows compare across families)
+REFERENCE_TRAINING = dict(
+    vocab_size=8192, steps=4000, batch_size=128, seq_len=256, lr=1.5e-3, recursive=True, bf16=True
+)
+
 #: Each preset: its family (a :data:`fair_calib_llmc.models.registry.FAMILIES` name), its
 #: ``config`` in the family configuration's own field names, ``from_tokenizer`` (config field
 #: -> tokenizer value, beyond :data:`TOKENIZER_FIELDS`), the BPE size and the training settings.
@@ -101,13 +106,7 @@ PRESETS = {
             rope_theta=10000.0,
         ),
         from_tokenizer=dict(embedding_size="length"),
-        vocab_size=8192,
-        steps=4000,
-        batch_size=128,
-        seq_len=256,
-        lr=1.5e-3,
-        recursive=True,
-        bf16=True,
+        **REFERENCE_TRAINING,
     ),
     "dream-reference": dict(
         family="dream",
@@ -122,13 +121,7 @@ PRESETS = {
             rope_theta=10000.0,
         ),
         from_tokenizer=dict(bos_token_id="eos_token_id"),
-        vocab_size=8192,
-        steps=4000,
-        batch_size=128,
-        seq_len=256,
-        lr=1.5e-3,
-        recursive=True,
-        bf16=True,
+        **REFERENCE_TRAINING,
     ),
 }
 
