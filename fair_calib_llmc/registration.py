@@ -135,6 +135,17 @@ def _quiet_device_warning(_logger_module) -> None:
     logger.disable(_DEVICE_WARNING_MODULE)
 
 
+#: the modules that register themselves with llm-compressor when imported (the rotation and
+#: FlatQuant modifiers subclass one another: flatquant imports learned_rotations)
+_REGISTERING = (
+    "fair_calib_llmc.stage2.modifier",
+    "fair_calib_llmc.stage2.rotations",
+    "fair_calib_llmc.stage2.learned_rotations",
+    "fair_calib_llmc.stage2.flatquant",
+    "fair_calib_llmc.stage2.equivalent_modifier",
+)
+
+
 def _register_llmcompressor(_llmcompressor) -> None:
     """After llm-compressor imported: register ``FAIRCalibModifier``, the rotation modifiers,
     ``FlatQuantModifier``, ``EquivalentRescaleModifier`` and the SpinQuant mappings, then
@@ -142,11 +153,8 @@ def _register_llmcompressor(_llmcompressor) -> None:
     try:
         # by module, not by name: fair_calib_llmc.stage2.modifier may itself be importing
         # llmcompressor. These import SpinQuant, which asks for the device too: still muted.
-        importlib.import_module("fair_calib_llmc.stage2.modifier")
-        importlib.import_module("fair_calib_llmc.stage2.rotations")
-        importlib.import_module("fair_calib_llmc.stage2.learned_rotations")
-        importlib.import_module("fair_calib_llmc.stage2.flatquant")
-        importlib.import_module("fair_calib_llmc.stage2.equivalent_modifier")
+        for name in _REGISTERING:
+            importlib.import_module(name)
     finally:
         config = sys.modules["llmcompressor.logger"].LOGGER_CONFIG  # .logger: loguru's logger
         # what llmcompressor.logger.configure_logger set, which muting one module changed
@@ -227,3 +235,7 @@ def install() -> None:
     after_import("lm_eval.api.registry", _register_lm_eval_model)
     after_import("llmcompressor.logger", _quiet_device_warning, immediate=True)
     after_import("llmcompressor", _register_llmcompressor)
+    # each of them whole: one that imports llm-compressor itself (learned_rotations.base)
+    # must be complete before the hook above imports the others (flatquant subclasses it)
+    for name in _REGISTERING:
+        after_import(name, _whole_import)

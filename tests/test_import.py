@@ -154,3 +154,25 @@ def test_a_module_of_ours_imported_first_still_registers():
         """
     )
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(
+    "name",
+    # the subclassed module first (it failed before the fix), and the subclass first
+    ["LearnedSpinQuantModifier", "FlatQuantModifier"],
+)
+def test_each_public_modifier_imported_first_registers_them_all(name):
+    """A modifier module that imports llm-compressor itself (learned_rotations.base) must be
+    whole before the registration hook imports the ones that subclass it (flatquant)."""
+    out = _python(
+        f"""
+        from fair_calib_llmc import {name}
+        from llmcompressor.modifiers.factory import ModifierFactory
+        registered = ModifierFactory._registered_registry
+        assert registered["{name}"] is {name}
+        for other in ("FAIRCalibModifier", "LearnedSpinQuantModifier", "FlatQuantModifier",
+                      "EquivalentRescaleModifier"):
+            assert other in registered, other
+        """
+    )
+    assert out.returncode == 0, out.stderr

@@ -2,8 +2,8 @@
 
 :mod:`.modifier` (``FAIRCalibModifier``, GPTQ with weighted FP targets), :mod:`.reconstruction`
 (its maths), :mod:`.rotations` (SpinQuant mappings for LLaDA / Dream), :mod:`.learned_rotations`
-(learned R1 / R2 / R4), :mod:`.flatquant` (``FlatQuantModifier``, FlatQuant-class per-layer
+(learned R1 / R2), :mod:`.flatquant` (``FlatQuantModifier``, FlatQuant-class per-layer
 transforms), :mod:`.learning` (what both learners share), :mod:`.equivalent_modifier`
-(``EquivalentRescaleModifier``, the tie-noise control without rotation) and
+(``EquivalentRescaleModifier``, the tie-noise control) and
 :mod:`.equivalent` (its maths).
 """
