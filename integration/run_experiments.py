@@ -17,9 +17,11 @@ family takes ``--family`` (llada). What one call does, in order:
    must reload exactly on the device before any benchmark starts;
 4. each family's reference model (``train_dllm.REFERENCE_PRESETS``), one family at a time (two
    trainings side by side took as long as both in a row): reused where the machine still has
-   it, else restored from ``.models/model-<family>.tgz.part*``, else trained; training is not
-   bit for bit across calls (cuDNN attention's backward), so ``--export-models`` returns each
-   model trained here as ``$OUT/model-<family>.tgz.partNN`` for a later call to carry;
+   it, else restored from ``.models/model-<family>.tgz.part*``, else trained. Training takes
+   about half a call, so ``--export-models`` returns each model trained here as
+   ``$OUT/model-<family>.tgz.partNN`` for a later call to carry instead (its rows then pair
+   on the same files, whatever the training's determinism: retrained models have matched to
+   the last digit so far, though cuDNN attention's backward warns it is non-deterministic);
 5. one ``integration/benchmark.py`` process per job x seed x method group, all at once on the
    one device (small models leave it mostly idle), stopped ``--budget`` seconds after the call
    started, less 30 s for merging and packing; every row finished by then is kept;
