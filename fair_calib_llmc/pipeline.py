@@ -31,15 +31,15 @@ from loguru import logger
 
 from fair_calib_llmc.distributed import on_source_rank
 from fair_calib_llmc.fx_registry_leak import release_traced_model
-from fair_calib_llmc.io.checkpoint import (
+from fair_calib_llmc.io.checkpoint import save_atomically
+from fair_calib_llmc.io.data import load_texts
+from fair_calib_llmc.io.loading import load_model
+from fair_calib_llmc.io.output_dir import (
     check_output_dir,
     expected_checkpoint_bytes,
     model_directory,
-    output_lock,
-    save_atomically,
 )
-from fair_calib_llmc.io.data import load_texts
-from fair_calib_llmc.io.loading import load_model
+from fair_calib_llmc.io.output_lock import output_lock
 from fair_calib_llmc.io.reload import restore_decompressed
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.recipe import RecipeError, load_recipe_and_stage1

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fair_calib_llmc.io.checkpoint import check_results_dir
 from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR
+from fair_calib_llmc.io.output_dir import check_results_dir
 
 
 def add_seed_run_arguments(parser: argparse.ArgumentParser, calibration_prompts: int) -> None:

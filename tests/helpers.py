@@ -120,7 +120,7 @@ def tiny_causal_lm(tokenizer):
 
 _HOLD_LOCK = """
 import sys
-from fair_calib_llmc.io.checkpoint import output_lock
+from fair_calib_llmc.io.output_lock import output_lock
 
 with output_lock(sys.argv[1]):
     print("locked", flush=True)
@@ -130,7 +130,7 @@ with output_lock(sys.argv[1]):
 
 @contextlib.contextmanager
 def output_locked_by_another_process(target: Path):
-    """Another process holding :func:`fair_calib_llmc.io.checkpoint.output_lock` on ``target``;
+    """Another process holding :func:`fair_calib_llmc.io.output_lock.output_lock` on ``target``;
     yields its PID."""
     proc = subprocess.Popen(
         [sys.executable, "-c", _HOLD_LOCK, str(target)],

@@ -17,11 +17,12 @@ from pathlib import Path
 from loguru import logger
 
 from fair_calib_llmc.evaluation.demo import BenchmarkSettings, run_benchmark
-from fair_calib_llmc.io.checkpoint import check_output_dir, output_lock
 from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.data import load_texts
 from fair_calib_llmc.io.default_model import DEFAULT_MODEL_DIR
 from fair_calib_llmc.io.loading import load_model, resolve_device, resolve_dtype
+from fair_calib_llmc.io.output_dir import check_output_dir
+from fair_calib_llmc.io.output_lock import output_lock
 from fair_calib_llmc.pipeline import quantize, stage1_settings
 from fair_calib_llmc.recipe import load_recipe_and_stage1
 

@@ -8,7 +8,7 @@ perplexity on held-out texts. Written to ``STUDENT/evaluation/`` unless ``--out`
 ``results.json`` (every seed's row with per-step and per-position flip rates), ``results.md``
 (mean ± half-range over seeds) and ``flips_per_step.png`` / ``flips_per_position.png``
 (averaged over seeds). The output directory is checked before any work, with ``quantize``'s
-rules (:func:`~fair_calib_llmc.io.checkpoint.check_results_dir`): a non-empty one (a rerun's
+rules (:func:`~fair_calib_llmc.io.output_dir.check_results_dir`): a non-empty one (a rerun's
 ``STUDENT/evaluation/`` too) needs ``--overwrite``, and no other directory inside a model
 directory is accepted.
 
@@ -35,10 +35,11 @@ from fair_calib_llmc.evaluation.decisions import (
 )
 from fair_calib_llmc.evaluation.plots import flip_curves
 from fair_calib_llmc.evaluation.report import markdown_table, summarise, write_results
-from fair_calib_llmc.io.checkpoint import check_results_dir, output_lock
 from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.data import load_texts
 from fair_calib_llmc.io.loading import default_device, resolve_dtype
+from fair_calib_llmc.io.output_dir import check_results_dir
+from fair_calib_llmc.io.output_lock import output_lock
 
 __all__ = ["evaluate_checkpoints", "run"]
 

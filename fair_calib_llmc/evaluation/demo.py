@@ -25,8 +25,10 @@ from loguru import logger
 
 from fair_calib_llmc.evaluation.decisions import EvaluationContext
 from fair_calib_llmc.evaluation.report import REFERENCE_METHOD, benchmark_results, write_results
-from fair_calib_llmc.io.checkpoint import check_results_dir, output_lock, save_atomically
+from fair_calib_llmc.io.checkpoint import save_atomically
 from fair_calib_llmc.io.data import check_prompt_count, heldout_tokens, prompts_from_texts
+from fair_calib_llmc.io.output_dir import check_results_dir
+from fair_calib_llmc.io.output_lock import output_lock
 from fair_calib_llmc.io.reload import load_quantized, probe_logits
 from fair_calib_llmc.models.family import diffusion_spec
 from fair_calib_llmc.pipeline import quantize
@@ -108,7 +110,7 @@ def run_benchmark(
     ``recipes`` maps method names to recipes (a shipped name, a path or YAML text; default
     :data:`METHOD_RECIPES`). A method that fails is logged, recorded with its error and
     skipped, so one broken baseline does not lose a whole GPU run. ``out_dir`` follows
-    :func:`~fair_calib_llmc.io.checkpoint.check_results_dir`'s rules (checked before any
+    :func:`~fair_calib_llmc.io.output_dir.check_results_dir`'s rules (checked before any
     work): a non-empty directory needs ``overwrite`` (its results files are written over, its
     other files stay), and neither ``model_dir`` (the model the run loads) nor a directory in
     it is accepted. It is locked for the run, so a second run into it fails at once instead of

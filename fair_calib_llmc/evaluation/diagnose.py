@@ -51,10 +51,11 @@ from fair_calib_llmc.evaluation.decisions import (
 from fair_calib_llmc.evaluation.plots import flip_curves, plot_layer_sensitivity
 from fair_calib_llmc.evaluation.report import markdown_table, summarise, write_results
 from fair_calib_llmc.formats.schemes import check_scheme_name
-from fair_calib_llmc.io.checkpoint import check_results_dir, output_lock
 from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.data import load_texts
 from fair_calib_llmc.io.loading import default_device, resolve_dtype
+from fair_calib_llmc.io.output_dir import check_results_dir
+from fair_calib_llmc.io.output_lock import output_lock
 from fair_calib_llmc.models.configs import LM_HEADS
 from fair_calib_llmc.models.layers import named_decoder_layers
 from fair_calib_llmc.sampling.samplers import progress

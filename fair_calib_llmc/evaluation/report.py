@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fair_calib_llmc.evaluation.plots import SeedCurves
-from fair_calib_llmc.io.checkpoint import OutputDirError
+from fair_calib_llmc.io.output_dir import OutputDirError
 
 __all__ = [
     "COLUMNS",
@@ -110,7 +110,7 @@ def write_results(
     returns the paths written by file name.
 
     Without ``overwrite`` an existing ``results.*`` is never replaced, not even one that
-    appeared after the up-front :func:`~fair_calib_llmc.io.checkpoint.check_results_dir`
+    appeared after the up-front :func:`~fair_calib_llmc.io.output_dir.check_results_dir`
     (the benchmark, which rewrites its results after every row into a directory it checked
     itself, passes ``overwrite=True``).
     """
