@@ -157,11 +157,18 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 def pack_family(
-    job_runs: list[Run], family: str, work: Path, model: Path, dest: Path, recipes: Path
+    job_runs: list[Run],
+    family: str,
+    work: Path,
+    model: Path,
+    dest: Path,
+    recipes: Path,
+    env: dict,
 ) -> bool:
-    """Merge a family-job's runs (integration/merge_results.py) and write ``dest`` =
-    ``<family>.tgz`` of ``pack-<family>/``: the training log(s), every run's log and its own
-    ``results-<run>.json`` (a failed merge loses nothing), the merged ``results.*`` and
+    """Merge a family-job's runs (integration/merge_results.py, in the call's ``env``: on the
+    device the package and its wheels import only through its PYTHONPATH) and write ``dest``
+    = ``<family>.tgz`` of ``pack-<family>/``: the training log(s), every run's log and its
+    own ``results-<run>.json`` (a failed merge loses nothing), the merged ``results.*`` and
     ``flips.png``, and the rows' recipes. False where no run has results or the merge failed."""
     pack = work / f"pack-{family}"
     pack.mkdir(parents=True, exist_ok=True)
@@ -175,6 +182,7 @@ def pack_family(
                 + [str(r.out) for r in done],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                env=env,
             )
         ok = merge.returncode == 0
     copies = [work / f"train-{family}.log", work / f"merge-{family}.log"]

@@ -168,7 +168,7 @@ def run_call(args, plans, given, presets, env, out: Path, log, start: float, nam
         work, job_runs = runs[plan.name]
         recipes = out / plan.name / "recipes"
         dest = out / plan.name / f"{plan.family}.tgz"
-        if not pack_family(job_runs, plan.family, work, found[plan.family], dest, recipes):
+        if not pack_family(job_runs, plan.family, work, found[plan.family], dest, recipes, env):
             status = 1
             log(f"{plan.name}: no finished row, or the merge failed ({work}/merge-*.log)")
         log(f"{plan.name}: packed {dest.name}")

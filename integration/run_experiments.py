@@ -23,7 +23,8 @@ family takes ``--family`` (llada). What one call does, in order:
    on the same files, whatever the training's determinism: retrained models have matched to
    the last digit so far, though cuDNN attention's backward warns it is non-deterministic);
 5. one ``integration/benchmark.py`` process per job x seed x method group, all at once on the
-   one device (small models leave it mostly idle), stopped ``--budget`` seconds after the call
+   one device (small models leave it mostly idle; more than its memory holds are refused in
+   step 2, :func:`check_gpu_memory`), stopped ``--budget`` seconds after the call
    started, less 30 s for merging and packing; every row finished by then is kept;
 6. each job's runs merged (``integration/merge_results.py``) into ``<family>-<job>/<family>.tgz``
    (``pack-<family>/``: results.md/json, per-run results-*.json, logs, training_log.json,
@@ -51,6 +52,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = Path("/tmp/site")
+#: GPU memory one benchmark process holds at 256 evaluation prompts, at its peak (it decodes
+#: every prompt in one batch, so the part above a 1 GiB base scales with them); measured in
+#: docs/results.md (the runner's process count): 18 processes at 256 prompts ran out on one
+#: H100, 12 fit
+PROCESS_GIB_AT_256 = 6.5
 
 
 class UsageError(Exception):
@@ -173,6 +179,18 @@ def make_plans(args, experiments, families) -> list[Plan]:
     return plans
 
 
+def check_gpu_memory(processes: int, eval_prompts: int, total_gib: float) -> None:
+    """Refuse, before any work, more benchmark processes than the device's memory holds (a
+    process that runs out fails, and its rows are lost)."""
+    need = processes * (1.0 + (PROCESS_GIB_AT_256 - 1.0) * eval_prompts / 256)
+    if need > total_gib:
+        raise UsageError(
+            f"{processes} benchmark processes at {eval_prompts} evaluation prompts need about "
+            f"{need:.0f} GiB of GPU memory, the device has {total_gib:.0f}: use fewer --groups "
+            "or seeds, or split the jobs over calls"
+        )
+
+
 def model_dirs(args, families) -> dict[str, Path]:
     """``--model-dir FAMILY=PATH``: a model to use as it is (a smoke run on a small model)."""
     dirs = {}
@@ -222,6 +240,13 @@ def main(argv=None) -> int:
         experiments = load_experiments(args.experiments)
         plans = make_plans(args, experiments, list(REFERENCE_PRESETS))
         given = model_dirs(args, list(REFERENCE_PRESETS))
+        if args.device != "cpu":
+            import torch
+
+            if torch.cuda.is_available():  # not on the machine that only checks the rows
+                total = torch.cuda.get_device_properties(0).total_memory / 2**30
+                processes = sum(len(args.seeds) * plan.groups for plan in plans)
+                check_gpu_memory(processes, args.eval_prompts, total)
         for plan in plans:
             shutil.rmtree(out / plan.name, ignore_errors=True)
             plan.recipes = check_rows(experiments, plan.rows, out / plan.name / "recipes")

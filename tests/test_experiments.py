@@ -174,3 +174,43 @@ def test_a_model_is_given_restored_from_carried_parts_or_reused(tmp_path, monkey
     lines.clear()
     experiment_steps.models(args, ["dream"], {}, {}, wd, tmp_path, {}, lines.append)
     assert lines == ["model-dream: reused"]
+
+
+@pytest.mark.unit
+def test_the_merge_runs_in_the_calls_environment(tmp_path):
+    """On the device the package and its wheels import only through the call's PYTHONPATH
+    (a merge without it failed every job of three calls): the merge gets that environment."""
+    fake = tmp_path / "site" / "fair_calib_llmc" / "evaluation"
+    fake.mkdir(parents=True)
+    (fake.parent / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("")
+    (fake / "report.py").write_text(
+        "def merge_results(runs, out):\n"
+        "    out.mkdir(parents=True)\n"
+        "    (out / 'results.json').write_text('{\"merged by\": \"the call env\"}')\n"
+        "    (out / 'results.md').write_text('table')\n"
+        "    return 'table'\n"
+    )
+    work, recipes = tmp_path / "work", tmp_path / "recipes"
+    recipes.mkdir()
+    run = Run("llada-flat", "seed0", [], work / "bench-llada" / "seed0", work / "seed0.log")
+    run.out.mkdir(parents=True)
+    (run.out / "results.json").write_text('{"rows": []}')
+    (run.out / "results.md").write_text("Measured on cpu\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site")}
+    dest = tmp_path / "out" / "llada.tgz"
+    model = tmp_path / "model"
+    assert experiment_runs.pack_family([run], "llada", work, model, dest, recipes, env)
+    merged = json.loads((work / "pack-llada" / "results.json").read_text())
+    assert merged == {"merged by": "the call env"} and dest.is_file()
+
+
+@pytest.mark.unit
+def test_more_processes_than_the_gpu_holds_are_refused_before_any_work():
+    """18 processes at 256 prompts ran out of memory on one H100 (79 GiB); 12 fit."""
+    from integration.run_experiments import UsageError, check_gpu_memory
+
+    check_gpu_memory(12, 256, 79.2)
+    check_gpu_memory(18, 64, 79.2)  # fewer prompts, smaller batches
+    with pytest.raises(UsageError, match=r"^18 benchmark processes .* 117 GiB .*fewer --groups"):
+        check_gpu_memory(18, 256, 79.2)
