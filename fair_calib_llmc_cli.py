@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument(
         "--recipe",
         required=True,
-        help="a shipped recipe name (int W4A4: fair_calib_w4a4, fair_calib_uniform_w4a4, "
-        "fair_calib_learned_w4a4, fair_calib_flatquant_w4a4, flatquant_w4a4, quarot_gptq_w4a4, "
+        help="a shipped recipe name (int W4A4: fair_calib_w4a4 (learned rotations + FAIR-Calib "
+        "Stage II; fair_calib_learned_w4a4 is an alias of it), fair_calib_quarot_w4a4, "
+        "fair_calib_uniform_w4a4, fair_calib_flatquant_w4a4, flatquant_w4a4, quarot_gptq_w4a4, "
         "quarot_autoround_w4a4, "
         "spinquant_gptq_w4a4, spinquant_learned_gptq_w4a4, gptq_w4a4, rtn_w4a4; NVFP4: "
         "fair_calib_nvfp4, hadamard16_gptq_nvfp4; MXFP4: fair_calib_hadamard32_mxfp4, "

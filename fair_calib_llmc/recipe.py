@@ -3,7 +3,8 @@
 The shipped recipes live in the repository's top-level ``recipes/`` folder, which the wheel
 installs as the ``fair_calib_llmc.recipes`` package (``[tool.setuptools.package-dir]``), so
 ``fair_calib_w4a4`` resolves the same way from a source checkout, an editable install and a
-wheel.
+wheel. A recipe renamed keeps its old name as an alias (:data:`RECIPE_ALIASES`), so commands
+written for it keep working; an alias is not a file and not a separate recipe.
 
 :func:`load_recipe` tells the three forms apart without handing recipe text to the file
 system: text has a line break or a ``key: value`` colon, a path ends in ``.yaml`` / ``.yml``
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 from fair_calib_llmc.models.configs import LM_HEADS
 
 __all__ = [
+    "RECIPE_ALIASES",
     "RecipeError",
     "check_recipe_shape",
     "load_recipe",
@@ -51,6 +53,13 @@ __all__ = [
 ]
 
 _SHAPE = "<name>_stage: {<group>_modifiers: {<ModifierClass>: {fields}}}"
+
+#: Former shipped names -> the shipped recipe each now names: ``load_recipe(alias)`` reads
+#: exactly that recipe's text. The one place aliases live; :func:`shipped_recipes` lists
+#: recipes (files) only, and the CLI's help shows aliases as such.
+#: ``fair_calib_learned_w4a4`` became ``fair_calib_w4a4`` when the learned-rotation pipeline
+#: was shipped under the flagship name (the fixed-rotation one is ``fair_calib_quarot_w4a4``).
+RECIPE_ALIASES: dict[str, str] = {"fair_calib_learned_w4a4": "fair_calib_w4a4"}
 
 #: The recipe-level key of Stage I's settings (any recipe, baselines included); read by
 #: :func:`fair_calib_llmc.quantize`, not by llm-compressor.
@@ -78,7 +87,8 @@ def _recipe_folder():
 
 
 def shipped_recipes() -> dict[str, str]:
-    """Name -> YAML text of every recipe shipped with the package."""
+    """Name -> YAML text of every recipe shipped with the package (one entry per file; the
+    former names in :data:`RECIPE_ALIASES` are not listed)."""
     folder = _recipe_folder()
     return {
         entry.name.removesuffix(".yaml"): entry.read_text()
@@ -100,6 +110,9 @@ def read_recipe(recipe: str | os.PathLike) -> tuple[str, str]:
         return text, "<recipe text>"
     is_path = is_path or os.sep in text
     shipped = shipped_recipes()
+    if not is_path and text in RECIPE_ALIASES:
+        target = RECIPE_ALIASES[text]
+        return shipped[target], f"shipped recipe {text!r} (alias of {target!r})"
     if not is_path and text in shipped:
         return shipped[text], f"shipped recipe {text!r}"
     path = Path(text).expanduser()
@@ -112,9 +125,10 @@ def read_recipe(recipe: str | os.PathLike) -> tuple[str, str]:
             ) from None
     if is_path:
         raise RecipeError(f"no such recipe file: {text}")
+    aliases = "".join(f"; {old} is an alias of {new}" for old, new in RECIPE_ALIASES.items())
     raise RecipeError(
-        f"unknown recipe {text!r}: not a shipped recipe name ({', '.join(shipped)}) and not a "
-        "file; pass one of those names or a path to a .yaml recipe"
+        f"unknown recipe {text!r}: not a shipped recipe name ({', '.join(shipped)}{aliases}) "
+        "and not a file; pass one of those names or a path to a .yaml recipe"
     )
 
 

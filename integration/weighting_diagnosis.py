@@ -4,7 +4,7 @@
         [--seeds 0 1 2] [--frontier-weights 4 16 64]
 
 For each Stage I ``frontier_weight`` (the shipped recipes use 4) and seed, Stage I builds the
-weighted masked-stage states once, and the learned rotations of ``fair_calib_learned_w4a4``
+weighted masked-stage states once, and the learned rotations of ``fair_calib_w4a4``
 (R1 + R2, layer MSE, int4 activations in the loop) learn twice on them: with the frontier
 weights (F) and with uniform weights (U). Each learned model is scored under both weightings
 of the same states. Reported, mean and spread over seeds:
@@ -41,7 +41,7 @@ from fair_calib_llmc.stage1.states import Stage1Settings, build_calibration_data
 from fair_calib_llmc.stage2.learned_rotations import LearnedSpinQuantModifier
 from fair_calib_llmc.stage2.learned_rotations.cayley import distance_moved
 
-RECIPE = "fair_calib_learned_w4a4"
+RECIPE = "fair_calib_w4a4"
 SCHEME = "W4A4_G128_PACKED"  # the recipe's
 COLUMNS = {
     "frontier_mass_share": "frontier mass share",

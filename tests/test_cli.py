@@ -190,8 +190,8 @@ def test_quantize_by_recipe_name_from_another_directory(capsys, tmp_path, monkey
     data = tmp_path / "calib.jsonl"
     data.write_text("\n".join(json.dumps({"body": t}) for t in shipped_texts("calibration")[:4]))
     monkeypatch.chdir(tmp_path)
-    argv = ["quantize", "--recipe", "fair_calib_w4a4", "--output-dir", "q", "--max-prompts", "2"]
-    argv += ["--set", "FAIRCalibModifier.target_strength=0.5"]
+    argv = ["quantize", "--recipe", "fair_calib_quarot_w4a4", "--output-dir", "q"]
+    argv += ["--max-prompts", "2", "--set", "FAIRCalibModifier.target_strength=0.5"]
     assert cli.main([*argv, "--dataset", str(data), "--text-column", "body"]) == 0
     assert "saved compressed checkpoint to" in capsys.readouterr().out
     config = json.loads((tmp_path / "q" / "config.json").read_text())
@@ -202,14 +202,31 @@ def test_quantize_by_recipe_name_from_another_directory(capsys, tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == ["calib.jsonl", "q"]
 
 
+def test_quantize_accepts_the_former_name_of_the_flagship(capsys, tmp_path, monkeypatch):
+    """Published commands name fair_calib_learned_w4a4: it runs fair_calib_w4a4 (learned
+    rotations, then Stage II), overrides included (a few steps keep it fast)."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["quantize", "--recipe", "fair_calib_learned_w4a4", "--output-dir", "q"]
+    argv += ["--max-prompts", "2", "--set", "LearnedSpinQuantModifier.steps=2"]
+    assert cli.main(argv) == 0
+    assert "saved compressed checkpoint to" in capsys.readouterr().out
+    recipe = (tmp_path / "q" / "recipe.yaml").read_text()
+    assert "LearnedSpinQuantModifier" in recipe and "FAIRCalibModifier" in recipe
+    assert "steps: 2" in recipe
+
+
 def test_parser_lists_what_the_package_offers():
     """The light parser repeats a few names it cannot import; keep them in step."""
     from fair_calib_llmc.evaluation.demo import METHOD_RECIPES
     from fair_calib_llmc.io.loading import DTYPES
-    from fair_calib_llmc.recipe import shipped_recipes
+    from fair_calib_llmc.recipe import RECIPE_ALIASES, shipped_recipes
 
     assert cli.DTYPES == tuple(DTYPES)
     assert set(cli.METHODS.split(", ")) == set(METHOD_RECIPES)
     quantize_help = cli.build_parser()._subparsers._group_actions[0].choices["quantize"]
     recipe_help = next(a.help for a in quantize_help._actions if a.dest == "recipe")
     assert all(name in recipe_help for name in shipped_recipes())
+    # an alias is shown as one, not as a recipe of its own
+    for alias, target in RECIPE_ALIASES.items():
+        assert f"{alias} is an alias of it" in recipe_help
+        assert recipe_help.index(target) < recipe_help.index(alias)

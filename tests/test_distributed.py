@@ -26,7 +26,7 @@ fair_stage:
       scheme: W4A4_G128_PACKED
       targets: [Linear]
 """
-# the rotations of fair_calib_w4a4 / fair_calib_learned_w4a4 (a few learning steps): fused
+# the rotations of fair_calib_quarot_w4a4 / fair_calib_w4a4 (a few learning steps): fused
 # into weights all ranks share, once (they were fused once per rank: E R1 R1 with two)
 ROTATIONS = {
     "fixed": """

@@ -20,11 +20,11 @@ FORMAT_RUNS = [
     ("fair_calib_mxfp4", None),
     ("fair_calib_hadamard32_mxfp4", None),
     ("hadamard32_gptq_mxfp4", None),
-    ("fair_calib_w4a4", "W4A4_G128_AG128_PACKED"),
+    ("fair_calib_quarot_w4a4", "W4A4_G128_AG128_PACKED"),
     ("quarot_gptq_w4a4", "W4A4_G128_AG32_PACKED"),
     # learned rotations against FP4 (NVFP4's global scale in the loop, MXFP4's E8M0 blocks)
-    ("fair_calib_learned_w4a4", "NVFP4"),
-    ("fair_calib_learned_w4a4", "MXFP4"),
+    ("fair_calib_w4a4", "NVFP4"),
+    ("fair_calib_w4a4", "MXFP4"),
     # FlatQuant-class transforms against FP4 (the published FAIR-Calib recipe)
     ("fair_calib_flatquant_w4a4", "NVFP4"),
     ("flatquant_w4a4", "MXFP4"),
@@ -33,7 +33,7 @@ FORMAT_RUNS = [
 #: fields a row runs with instead of the shipped ones: what is tested is the format's round
 #: trip, which a few learning steps exercise as well as the shipped hundred
 CHEAPER = {
-    "fair_calib_learned_w4a4": {"LearnedSpinQuantModifier.steps": 3},
+    "fair_calib_w4a4": {"LearnedSpinQuantModifier.steps": 3},
     "fair_calib_flatquant_w4a4": {"FlatQuantModifier.epochs": 1},
     "flatquant_w4a4": {"FlatQuantModifier.epochs": 1},
 }

@@ -66,7 +66,7 @@ def _text_dataset(texts):
     return Dataset.from_dict({"text": texts})
 
 
-@pytest.mark.parametrize("recipe", ["fair_calib_w4a4", "fair_calib_uniform_w4a4"])
+@pytest.mark.parametrize("recipe", ["fair_calib_quarot_w4a4", "fair_calib_uniform_w4a4"])
 def test_fair_calib_recipe_through_oneshot(dllm, tokenizer, calibration_texts, tmp_path, recipe):
     model = saved(dllm, tokenizer, tmp_path / "fp")
     embedding = model.get_input_embeddings().weight.clone()

@@ -237,7 +237,7 @@ def test_batched_calibration_gives_the_same_statistics(
         quantize(
             model,
             tokenizer,
-            "fair_calib_w4a4",
+            "fair_calib_quarot_w4a4",
             calibration_texts,
             max_prompts=4,
             batch_size=batch_size,

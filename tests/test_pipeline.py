@@ -22,7 +22,7 @@ def test_quantize_a_model_built_in_memory(llada, tokenizer, calibration_texts, t
     result = quantize(
         llada,
         tokenizer,
-        "fair_calib_w4a4",
+        "fair_calib_quarot_w4a4",
         calibration_texts,
         output_dir=tmp_path / "q",
         max_prompts=2,
@@ -46,7 +46,7 @@ def test_quantized_models_are_freed_when_dropped(family, tokenizer, calibration_
     runs = [
         ("rtn_w4a4", None),
         ("quarot_gptq_w4a4", tmp_path / "q"),  # rotated, and the compressed save
-        ("fair_calib_w4a4", None),
+        ("fair_calib_quarot_w4a4", None),
     ]
     for recipe, output_dir in runs:
         model = (
@@ -80,7 +80,7 @@ def test_quantize_from_a_jsonl_file(dream, tokenizer, calibration_texts, tmp_pat
     data = tmp_path / "c.jsonl"
     data.write_text("\n".join(json.dumps({"text": t}) for t in texts))
     model = saved(dream, tokenizer, tmp_path / "fp")
-    result = quantize(model, tokenizer, "fair_calib_w4a4", data, output_dir=tmp_path / "q")
+    result = quantize(model, tokenizer, "fair_calib_quarot_w4a4", data, output_dir=tmp_path / "q")
     assert len(result.calibration) == 3 * 4  # prompts x states_per_prompt
     weights = torch.tensor([w for row in result.calibration["loss_mask"] for w in row])
     assert abs(weights.mean().item() - 1) < 1e-5 and weights.min() >= 0.1
@@ -156,7 +156,7 @@ def test_failed_save_leaves_no_checkpoint(
         quantize(
             model,
             tokenizer,
-            "fair_calib_w4a4",
+            "fair_calib_quarot_w4a4",
             calibration_texts,
             output_dir=tmp_path / "out",
             max_prompts=2,
@@ -257,7 +257,7 @@ def test_a_mask_token_from_the_tokenizer_is_saved_not_written_into_the_config(
     quantize(
         model,
         tokenizer,
-        "fair_calib_w4a4",
+        "fair_calib_quarot_w4a4",
         calibration_texts,
         output_dir=tmp_path / "q",
         max_prompts=2,
@@ -285,7 +285,7 @@ def test_quantize_the_built_in_model_on_clean_text_with_the_position_prior(tmp_p
     result = quantize(
         model,
         tokenizer,
-        "fair_calib_w4a4",
+        "fair_calib_quarot_w4a4",
         shipped_texts("calibration"),
         output_dir=tmp_path / "q",
         max_prompts=2,

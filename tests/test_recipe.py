@@ -10,6 +10,7 @@ from llmcompressor.recipe import Recipe
 
 from fair_calib_llmc.models.configs import LM_HEAD, LM_HEADS
 from fair_calib_llmc.recipe import (
+    RECIPE_ALIASES,
     RecipeError,
     check_recipe_shape,
     load_recipe,
@@ -31,6 +32,58 @@ def test_shipped_names_are_the_repository_recipes():
     for name, text in shipped.items():
         assert text == (REPO_RECIPES / f"{name}.yaml").read_text()
         assert isinstance(load_recipe(name), Recipe)
+    # an alias is a name, not a recipe: no file of its own, listed once under its target
+    assert not set(RECIPE_ALIASES) & set(shipped)
+    assert set(RECIPE_ALIASES.values()) <= set(shipped)
+
+
+def test_the_former_learned_name_is_an_alias_of_the_flagship():
+    """``fair_calib_learned_w4a4`` (published commands use it) reads ``fair_calib_w4a4``'s
+    text, and loads and overrides as it does; errors name the alias the user typed."""
+    assert RECIPE_ALIASES == {"fair_calib_learned_w4a4": "fair_calib_w4a4"}
+    text, source = read_recipe("fair_calib_learned_w4a4")
+    assert text == shipped_recipes()["fair_calib_w4a4"] == read_recipe("fair_calib_w4a4")[0]
+    assert source == "shipped recipe 'fair_calib_learned_w4a4' (alias of 'fair_calib_w4a4')"
+    assert load_recipe("fair_calib_learned_w4a4") == load_recipe("fair_calib_w4a4")
+    assert load_recipe_and_stage1("fair_calib_learned_w4a4", scheme="nvfp4") == (
+        load_recipe_and_stage1("fair_calib_w4a4", scheme="nvfp4")
+    )
+    steps = {"LearnedSpinQuantModifier.steps": 3}
+    assert with_overrides("fair_calib_learned_w4a4", steps) == with_overrides(
+        "fair_calib_w4a4", steps
+    )
+    with pytest.raises(RecipeError) as err:
+        with_overrides("fair_calib_learned_w4a4", {"GPTQModifier.block_size": 64})
+    assert str(err.value).startswith(
+        "shipped recipe 'fair_calib_learned_w4a4' (alias of 'fair_calib_w4a4'): "
+    )
+
+
+def _modifier_classes(name: str) -> list[str]:
+    return [type(m).__name__ for m in load_recipe(name).modifiers]
+
+
+def test_the_flagship_learns_its_rotations_and_the_quarot_recipe_fixes_them():
+    """fair_calib_w4a4 is the learned-rotation pipeline; fair_calib_quarot_w4a4 the same
+    Stage II on fixed rotations, and fair_calib_uniform_w4a4 that one's uniform ablation."""
+    assert _modifier_classes("fair_calib_w4a4") == [
+        "LearnedSpinQuantModifier",
+        "FAIRCalibModifier",
+    ]
+    assert _modifier_classes("fair_calib_quarot_w4a4") == [
+        "ExactSpinQuantModifier",
+        "FAIRCalibModifier",
+    ]
+    shipped = {name: yaml.safe_load(shipped_recipes()[name]) for name in shipped_recipes()}
+    flagship, quarot = shipped["fair_calib_w4a4"], shipped["fair_calib_quarot_w4a4"]
+    assert flagship["fair_stage"] == quarot["fair_stage"]  # one Stage II
+    rotate = quarot["rotate_stage"]["rotate_modifiers"]["ExactSpinQuantModifier"]
+    learned = flagship["rotate_stage"]["rotate_modifiers"]["LearnedSpinQuantModifier"]
+    assert learned["learn"] == ["R1", "R2"] and learned["token_weights"] == "frontier"
+    assert {k: learned[k] for k in rotate} == rotate  # starts where the fixed rotations are
+    uniform = with_overrides(quarot, {"FAIRCalibModifier.use_token_weights": False})
+    assert load_recipe("fair_calib_uniform_w4a4") == load_recipe(uniform)
+    assert load_recipe("fair_calib_uniform_w4a4") != load_recipe(quarot)
 
 
 def test_long_yaml_text_is_not_taken_for_a_path():
@@ -38,7 +91,7 @@ def test_long_yaml_text_is_not_taken_for_a_path():
     assert len(text) > 255  # longer than a file name may be
     assert read_recipe(text) == (text, "<recipe text>")
     modifiers = [type(m).__name__ for m in load_recipe(text).modifiers]
-    assert modifiers == ["ExactSpinQuantModifier", "FAIRCalibModifier"]
+    assert modifiers == ["LearnedSpinQuantModifier", "FAIRCalibModifier"]
 
 
 def test_path_and_path_object(tmp_path):
@@ -57,8 +110,10 @@ def test_missing_file_says_so(missing):
 
 
 def test_unknown_name_lists_the_shipped_ones():
-    with pytest.raises(RecipeError, match="unknown recipe 'fair_calib'.*fair_calib_w4a4"):
+    with pytest.raises(RecipeError, match="unknown recipe 'fair_calib'.*fair_calib_w4a4") as err:
         load_recipe("fair_calib")
+    assert all(name in str(err.value) for name in shipped_recipes())
+    assert "fair_calib_learned_w4a4 is an alias of fair_calib_w4a4" in str(err.value)
 
 
 def test_yaml_error_names_file_and_line(tmp_path):
@@ -121,7 +176,9 @@ def test_shipped_names_work_from_a_source_checkout_on_pythonpath(tmp_path):
     paths = [str(checkout), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
     code = (
         f"import fair_calib_llmc.recipe as r; assert r.__file__.startswith({str(checkout)!r}); "
-        "print(sorted(r.shipped_recipes())); r.load_recipe('rtn_w4a4')"
+        "print(sorted(r.shipped_recipes())); r.load_recipe('rtn_w4a4'); "
+        "alias = r.read_recipe('fair_calib_learned_w4a4')[0]; "
+        "assert alias == r.shipped_recipes()['fair_calib_w4a4']"
     )
     out = subprocess.run(
         [sys.executable, "-S", "-c", code],
@@ -159,7 +216,7 @@ def test_the_loader_leaves_every_family_head_unquantized():
 
 def test_overrides_set_fields_the_recipe_leaves_at_their_default():
     data = with_overrides(
-        "fair_calib_learned_w4a4",
+        "fair_calib_w4a4",
         {
             "LearnedSpinQuantModifier.steps": 3,
             "LearnedSpinQuantModifier.r4_block_size": 32,
@@ -173,7 +230,7 @@ def test_overrides_set_fields_the_recipe_leaves_at_their_default():
     recipe = load_recipe(data)
     assert recipe.modifiers[0].steps == 3 and recipe.modifiers[0].r4_block_size == 32
     # the shipped recipe itself is untouched
-    assert load_recipe("fair_calib_learned_w4a4").modifiers[0].steps == 100
+    assert load_recipe("fair_calib_w4a4").modifiers[0].steps == 100
 
 
 def test_load_recipe_takes_overrides_and_keeps_the_top_level_stage1():

@@ -51,11 +51,16 @@ ds, prior, weight_stats = fair_calib_llmc.build_calibration_dataset(
 )
 print(f"frontier tokens carry {weight_stats.frontier_mass_share:.1%} of the loss weight")
 
-# Configure the quantization algorithm: the shipped FAIR-Calib W4A4 recipe (its ignore list
+# Configure the quantization algorithm: the shipped FAIR-Calib W4A4 recipe (rotations R1 + R2
+# learned on the frontier-weighted states and fused, R4 online, then Stage II; the loader
 # keeps Dream's lm_head in full precision).
-recipe = fair_calib_llmc.load_recipe("fair_calib_w4a4")
+# LEARNING_STEPS sets the rotation learner's steps (the recipe's own: 100); fewer run faster.
+LEARNING_STEPS = 100
+recipe = fair_calib_llmc.load_recipe(
+    "fair_calib_w4a4", overrides={"LearnedSpinQuantModifier.steps": LEARNING_STEPS}
+)
 
-# Apply algorithms (Stage II).
+# Apply algorithms (the rotations, then Stage II).
 oneshot(
     model=model,
     dataset=ds,

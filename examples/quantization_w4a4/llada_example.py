@@ -1,7 +1,7 @@
 """FAIR-Calib W4A4 for LLaDA, in llm-compressor's example style.
 
-Runs as is on the built-in default model (a small LLaDA trained on Python sources; about a
-minute on a laptop CPU). For LLaDA-8B-Instruct set MODEL_ID to its directory or hub id.
+Runs as is on the built-in default model (a small LLaDA trained on Python sources; a minute
+or two on a laptop CPU). For LLaDA-8B-Instruct set MODEL_ID to its directory or hub id.
 """
 
 import torch
@@ -30,12 +30,17 @@ ds, prior, weight_stats = fair_calib_llmc.build_calibration_dataset(
 )
 print(f"frontier tokens carry {weight_stats.frontier_mass_share:.1%} of the loss weight")
 
-# Configure the quantization algorithm: the shipped FAIR-Calib W4A4 recipe (QuaRot-style
-# rotations R1+R2 fused, R4 online, then Stage II)
+# Configure the quantization algorithm: the shipped FAIR-Calib W4A4 recipe (rotations R1 + R2
+# learned on the frontier-weighted states and fused, R4 online, then Stage II)
 # (int4 weights in groups of 128, int4 dynamic per-token activations, packed on save).
-recipe = fair_calib_llmc.load_recipe("fair_calib_w4a4")
+# LEARNING_STEPS sets the rotation learner's steps (the recipe's own: 100); fewer run faster.
+LEARNING_STEPS = 100
+recipe = fair_calib_llmc.load_recipe(
+    "fair_calib_w4a4", overrides={"LearnedSpinQuantModifier.steps": LEARNING_STEPS}
+)
 
-# Apply algorithms (Stage II). use_loss_mask hands the frontier weights to FAIR-Calib.
+# Apply algorithms (the rotations, then Stage II). The rotation learner reads the frontier
+# weights from the dataset's loss_mask column; use_loss_mask hands them to FAIR-Calib.
 oneshot(
     model=model,
     dataset=ds,

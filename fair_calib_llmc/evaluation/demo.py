@@ -37,7 +37,10 @@ from fair_calib_llmc.sampling.samplers import default_sampler
 
 __all__ = ["METHOD_RECIPES", "BenchmarkSettings", "check_methods", "run_benchmark"]
 
-#: method -> shipped recipe name (:func:`fair_calib_llmc.recipe.shipped_recipes`)
+#: method -> shipped recipe name (:func:`fair_calib_llmc.recipe.shipped_recipes`). A method
+#: name keeps its meaning across recipe renames (stored result tables use it): ``fair-calib``
+#: is FAIR-Calib on fixed QuaRot-style rotations, ``fair-calib-learned`` the learned-rotation
+#: pipeline shipped as ``fair_calib_w4a4``.
 METHOD_RECIPES = {
     "rtn": "rtn_w4a4",
     "gptq": "gptq_w4a4",
@@ -45,9 +48,9 @@ METHOD_RECIPES = {
     "quarot+gptq": "quarot_gptq_w4a4",
     "quarot+autoround": "quarot_autoround_w4a4",
     "fair-calib-uniform": "fair_calib_uniform_w4a4",
-    "fair-calib": "fair_calib_w4a4",
+    "fair-calib": "fair_calib_quarot_w4a4",
     "spinquant-learned+gptq": "spinquant_learned_gptq_w4a4",
-    "fair-calib-learned": "fair_calib_learned_w4a4",
+    "fair-calib-learned": "fair_calib_w4a4",
     "flatquant": "flatquant_w4a4",
     "fair-calib-flat": "fair_calib_flatquant_w4a4",
 }
