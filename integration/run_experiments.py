@@ -53,9 +53,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SITE = Path("/tmp/site")
 #: GPU memory one benchmark process holds at 256 evaluation prompts, at its peak (it decodes
-#: every prompt in one batch, so the part above a 1 GiB base scales with them); measured in
-#: docs/results.md (the runner's process count): 18 processes at 256 prompts ran out on one
-#: H100, 12 fit
+#: every prompt in one batch, so the part above a 1 GiB base scales with them); the
+#: measurement is in docs/results.md ("The runner's process count")
 PROCESS_GIB_AT_256 = 6.5
 
 
