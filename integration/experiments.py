@@ -167,13 +167,16 @@ def _job(name: str, spec, known: set[str], source: str) -> Job:
     return Job(name, rows, args)
 
 
-def check_rows(experiments: Experiments, rows, folder: Path) -> dict[str, str]:
+def check_rows(
+    experiments: Experiments, rows, folder: Path, family: str | None = None
+) -> dict[str, str]:
     """Write the recipes of ``rows`` into ``folder`` and load every one of them as the
-    benchmark will (:func:`fair_calib_llmc.evaluation.demo.check_methods`); return the
-    ``{name: path}`` of the written ones. A recipe that does not load raises
+    benchmark will (:func:`fair_calib_llmc.evaluation.demo.check_methods`, against the job's
+    model ``family``); return the ``{name: path}`` of the written ones. A recipe that does not
+    load, or whose Stage I sampler is another family's, raises
     :class:`~fair_calib_llmc.recipe.RecipeError` naming its row."""
     from fair_calib_llmc.evaluation.demo import METHOD_RECIPES, check_methods
 
     paths = experiments.write_recipes(rows, folder)
-    check_methods(tuple(rows), {**METHOD_RECIPES, **paths})
+    check_methods(tuple(rows), {**METHOD_RECIPES, **paths}, family)
     return paths

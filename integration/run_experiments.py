@@ -248,7 +248,9 @@ def main(argv=None) -> int:
                 check_gpu_memory(processes, args.eval_prompts, total)
         for plan in plans:
             shutil.rmtree(out / plan.name, ignore_errors=True)
-            plan.recipes = check_rows(experiments, plan.rows, out / plan.name / "recipes")
+            plan.recipes = check_rows(
+                experiments, plan.rows, out / plan.name / "recipes", plan.family
+            )
             log(f"== {plan.name}: rows {' '.join(plan.rows)}; {plan.groups} group(s) a seed")
             log(f"{plan.name}: {len(plan.rows)} rows, every recipe loads")
     except (UsageError, ExperimentsError, ValueError) as err:  # RecipeError is a ValueError

@@ -11,7 +11,7 @@ import pytest
 from fair_calib_llmc.evaluation.demo import BenchmarkSettings, check_methods, run_benchmark
 from fair_calib_llmc.io.corpus import shipped_texts
 from fair_calib_llmc.io.default_model import load_default_model
-from fair_calib_llmc.recipe import RecipeError
+from fair_calib_llmc.recipe import RecipeError, read_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -170,6 +170,26 @@ def test_a_benchmark_row_without_a_loadable_recipe_fails_before_any_work(tmp_pat
         check_methods(("rtn", "broken"), {"rtn": "rtn_w4a4", "broken": str(bad)})
     with pytest.raises(ValueError, match="unknown method"):
         check_methods(("nope",), {"rtn": "rtn_w4a4"})
+    stage1 = tmp_path / "stage1.yaml"  # Stage I settings are a recipe's too: checked here
+    stage1.write_text("stage1:\n  prior: {source: nowhere}\n" + read_recipe("rtn_w4a4")[0])
+    with pytest.raises(RecipeError, match="stage1.prior.source: .*nowhere"):
+        check_methods(("stage1",), {"stage1": str(stage1)})
+
+
+def test_a_row_whose_stage1_sampler_is_another_familys_fails_before_any_work(tmp_path, capsys):
+    """The LLaDA-only rows (semi-autoregressive probes) on a Dream job: refused at the check,
+    in one line naming the row and the fix, not after the job's other rows ran."""
+    from integration.experiments import ROOT
+
+    blocks = str(ROOT / "integration" / "recipes" / "fair_calib_flatquant_blocks.yaml")
+    check_methods(("blocks",), {"blocks": blocks}, "llada")
+    with pytest.raises(RecipeError, match="leave the method out for dream") as err:
+        check_methods(("rtn", "blocks"), {"rtn": "rtn_w4a4", "blocks": blocks}, "dream")
+    assert "\n" not in str(err.value) and str(err.value).startswith("method blocks:")
+    assert _runner(tmp_path, "dream:flat-blocks") == 2
+    assert (
+        "fair-calib-flat-blocks: its recipe's stage1.sampler is a llada" in capsys.readouterr().err
+    )
 
 
 def test_method_groups_split_the_methods_interleaved_and_reject_bad_groups(capsys):

@@ -31,8 +31,8 @@ from fair_calib_llmc.io.output_dir import check_results_dir
 from fair_calib_llmc.io.output_lock import output_lock
 from fair_calib_llmc.io.reload import load_quantized, probe_logits
 from fair_calib_llmc.models.family import diffusion_spec
-from fair_calib_llmc.pipeline import quantize
-from fair_calib_llmc.recipe import load_recipe
+from fair_calib_llmc.pipeline import quantize, stage1_settings
+from fair_calib_llmc.recipe import RecipeError, load_recipe_and_stage1
 from fair_calib_llmc.sampling.samplers import default_sampler
 
 __all__ = ["METHOD_RECIPES", "BenchmarkSettings", "check_methods", "run_benchmark"]
@@ -87,14 +87,25 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def check_methods(methods: tuple[str, ...], recipes: dict[str, str]) -> None:
-    """Every method has a recipe and every recipe loads (names, paths, fields): checked before
-    any model is loaded, so a typo costs seconds, not a GPU run."""
+def check_methods(
+    methods: tuple[str, ...], recipes: dict[str, str], family: str | None = None
+) -> None:
+    """Every method has a recipe and every recipe loads (names, paths, fields, Stage I
+    settings): checked before any model is loaded, so a typo costs seconds, not a GPU run.
+    With ``family`` (the model's, where the caller knows it before loading), a recipe whose
+    Stage I sampler is another family's is refused too."""
     unknown = set(methods) - set(recipes)
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {list(recipes)}")
     for method in methods:
-        load_recipe(recipes[method])  # RecipeError names the recipe and the problem
+        recipe, recipe_level = load_recipe_and_stage1(recipes[method])  # RecipeError: one line
+        sampler = stage1_settings(recipe, recipe_level=recipe_level).sampler
+        if family is not None and sampler is not None and sampler.family != family:
+            raise RecipeError(
+                f"method {method}: its recipe's stage1.sampler is a {sampler.family} sampler "
+                f"but the model is a {family} dLLM; leave the method out for {family} or set "
+                f"stage1.sampler.family: {family}"
+            )
 
 
 def run_benchmark(
