@@ -39,9 +39,10 @@ gen_length``: a later block commits later). The masked-stage term carries the te
 profile (how confident it is at each position while it is still masked).
 
 The paper gives neither ``lambda0``'s formula, ``lambda1`` nor the floor: the defaults below
-are a starting point, to be chosen on the development seed only (never on the benchmark's
-seeds). Ablations: ``masked_weight: 0`` (the frontier-hit term only), ``commit_weight: 0`` (the
-masked-stage term only), ``commit_schedule: late`` against ``early``.
+were swept on the development seed only, never on the benchmark's seeds, and kept
+(``docs/results.md``, "The position prior's constants"). Ablations: ``masked_weight: 0``
+(the frontier-hit term only), ``commit_weight: 0`` (the masked-stage term only),
+``commit_schedule: late`` against ``early``.
 
 The maths is :func:`probe_position_weights` (plain tensors, one probe batch);
 :func:`estimate_position_prior` runs the probes.
