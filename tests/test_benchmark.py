@@ -188,7 +188,9 @@ def test_a_row_whose_stage1_sampler_is_another_familys_fails_before_any_work(tmp
     assert "\n" not in str(err.value) and str(err.value).startswith("method blocks:")
     assert _runner(tmp_path, "dream:flat-blocks") == 2
     assert (
-        "fair-calib-flat-blocks: its recipe's stage1.sampler is a llada" in capsys.readouterr().err
+        "method fair-calib-flat-blocks: stage1.sampler is a llada sampler but the model is a "
+        "dream dLLM; set stage1.sampler.family: dream, or leave the method out for dream"
+        in capsys.readouterr().err
     )
 
 

@@ -99,13 +99,14 @@ def check_methods(
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {list(recipes)}")
     for method in methods:
         recipe, recipe_level = load_recipe_and_stage1(recipes[method])  # RecipeError: one line
-        sampler = stage1_settings(recipe, recipe_level=recipe_level).sampler
-        if family is not None and sampler is not None and sampler.family != family:
-            raise RecipeError(
-                f"method {method}: its recipe's stage1.sampler is a {sampler.family} sampler "
-                f"but the model is a {family} dLLM; leave the method out for {family} or set "
-                f"stage1.sampler.family: {family}"
-            )
+        stage1 = stage1_settings(recipe, recipe_level=recipe_level)
+        if family is not None:
+            try:
+                stage1.check_family(family)
+            except ValueError as err:
+                raise RecipeError(
+                    f"method {method}: {err}, or leave the method out for {family}"
+                ) from None
 
 
 def run_benchmark(

@@ -131,15 +131,20 @@ class Stage1Settings(BaseModel):
             )
             raise ValueError(f"bad Stage I settings: {problems}") from None
 
+    def check_family(self, family: str) -> None:
+        """Refuse a configured sampler of another model family than ``family``, naming the
+        fix (callers that know the family before loading the model check it early)."""
+        if self.sampler is not None and self.sampler.family != family:
+            raise ValueError(
+                f"stage1.sampler is a {self.sampler.family} sampler but the model is a "
+                f"{family} dLLM; set stage1.sampler.family: {family}"
+            )
+
     def sampler_for(self, spec: DiffusionLMSpec) -> SamplerBase:
         """The configured sampler, checked against the model family and the position prior's
         window, or the default one."""
+        self.check_family(spec.family)
         sampler = self.sampler if self.sampler is not None else default_sampler(spec)
-        if sampler.family != spec.family:
-            raise ValueError(
-                f"stage1.sampler is a {sampler.family} sampler but the model is a "
-                f"{spec.family} dLLM; set stage1.sampler.family: {spec.family}"
-            )
         self.prior.position.check_window(sampler.gen_length)
         if self.inputs == "states" and self.states_per_prompt > sampler.steps:
             raise ValueError(
