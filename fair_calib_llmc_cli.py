@@ -38,8 +38,9 @@ def positive_int(text: str) -> int:
 
 
 def recipe_override(text: str) -> tuple[str, object]:
-    """An argparse type for ``--set Modifier.field=value``: the value is read as YAML (``3``,
-    ``true``, ``[R1, R2]``, ``table``), as a recipe file would hold it."""
+    """An argparse type for ``--set Modifier.field=value`` (or ``stage1.field=value``): the
+    value is read as YAML (``3``, ``true``, ``[R1, R2]``, ``table``), as a recipe file would
+    hold it."""
     import yaml
 
     path, sep, raw = text.partition("=")
@@ -146,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=recipe_override,
         action="append",
         default=[],
-        help="set one field of the recipe's modifiers (repeatable), e.g. "
-        "LearnedSpinQuantModifier.steps=50; an unknown modifier or field fails at once",
+        help="set one field of the recipe's modifiers or of its Stage I settings (repeatable), "
+        "e.g. LearnedSpinQuantModifier.steps=50 or stage1.prior.position.commit_boost=4; an "
+        "unknown modifier or field fails at once",
     )
     quant.add_argument(
         "--dataset",

@@ -299,7 +299,8 @@ def quantize(
     :param scheme: replace the quantization scheme of the recipe's quantizing modifiers (a
         compressed-tensors preset name such as ``NVFP4``, ``MXFP4`` or
         ``W4A4_G128_AG128_PACKED``; see :func:`fair_calib_llmc.recipe.with_scheme`)
-    :param overrides: recipe fields to set, ``{"Modifier.field": value}``
+    :param overrides: recipe fields to set, ``{"Modifier.field": value}`` or
+        ``{"stage1.field": value}``
         (:func:`fair_calib_llmc.recipe.with_overrides`; ``--set`` on the command line)
     """
     check_prompt_count(max_prompts)

@@ -14,7 +14,8 @@ they come from, on one line.
 Two rewrites run on every recipe this module loads, so recipes and callers need not spell
 them: :func:`with_lm_heads` leaves the LM heads of every model family unquantized (recipes do
 not name a family's head), and :func:`with_overrides` sets any modifier field by
-``"Modifier.field"`` (``--set`` on the command line, ``--scheme`` through :func:`with_scheme`).
+``"Modifier.field"`` and any Stage I setting by ``"stage1.field"`` (``--set`` on the command
+line, ``--scheme`` through :func:`with_scheme`).
 """
 
 from __future__ import annotations
@@ -204,26 +205,35 @@ def with_overrides(
     rows, tests and ``--set``. ``Modifier`` is a modifier class in the recipe (every modifier
     of that class is changed); ``field`` is one of that class's fields, set even where the
     recipe leaves it at its default; a dotted tail (``FAIRCalibModifier.stage1.prior.source``)
-    reaches into a mapping field. An unknown modifier or field fails here, listing the valid
-    names, so a typo cannot silently leave the recipe unchanged."""
+    reaches into a mapping field. ``stage1.<field>`` (``stage1.prior.position.commit_boost``)
+    sets the recipe's top-level Stage I settings the same way, and the result must then parse
+    as :class:`~fair_calib_llmc.stage1.states.Stage1Settings`, so an ablation of the prior is
+    an override of the shipped recipe rather than a copy of it. An unknown modifier or field
+    fails here, listing the valid names, so a typo cannot silently leave the recipe
+    unchanged."""
     if isinstance(recipe, dict):
         data, source = copy.deepcopy(recipe), source or "the recipe"
     else:
         data, source = _parse(recipe)
     check_recipe_shape(data, source)
+    stage1_changed = False
     for path, value in overrides.items():
         name, _, field_path = str(path).partition(".")
-        targets = [fields for modifier, fields in _modifiers(data) if modifier == name]
+        if name == STAGE1_KEY:
+            targets, valid = [data.setdefault(STAGE1_KEY, {})], _stage1_fields()
+            stage1_changed = True
+        else:
+            targets = [fields for modifier, fields in _modifiers(data) if modifier == name]
+            valid = _modifier_fields(name)
         if not targets:
             present = sorted({modifier for modifier, _ in _modifiers(data)})
             raise RecipeError(
                 f"{source}: override {path!r}: no modifier {name!r} in the recipe; "
-                f"use one of {', '.join(present)}"
+                f"use one of {', '.join(present)} or {STAGE1_KEY}"
             )
         if not field_path:
             raise RecipeError(f"{source}: override {path!r} names no field; write {name}.FIELD")
         keys = field_path.split(".")
-        valid = _modifier_fields(name)
         if valid is not None and keys[0] not in valid:
             raise RecipeError(
                 f"{source}: override {path!r}: {name} has no field {keys[0]!r}; "
@@ -238,7 +248,21 @@ def with_overrides(
                         f"{source}: override {path!r}: {key!r} is not a mapping in the recipe"
                     )
             node[keys[-1]] = copy.deepcopy(value)
+    if stage1_changed:
+        from fair_calib_llmc.stage1.states import Stage1Settings
+
+        try:
+            Stage1Settings.parse(data[STAGE1_KEY])
+        except ValueError as err:
+            raise RecipeError(f"{source}: after the overrides, {err}") from None
     return data
+
+
+def _stage1_fields() -> set[str]:
+    """The fields of a recipe's top-level ``stage1:`` (Stage I's settings)."""
+    from fair_calib_llmc.stage1.states import Stage1Settings
+
+    return set(Stage1Settings.model_fields)
 
 
 def with_scheme(data: dict, scheme: str, source: str = "the recipe") -> dict:
@@ -334,10 +358,10 @@ def load_recipe_and_stage1(
         check_recipe_shape(data, source)
     else:
         data, source = _parse(recipe)
+    if overrides:  # before stage1 is split off: an override may set it
+        data = with_overrides(data, overrides, source)
     stage1 = data.get(STAGE1_KEY)
     data = {k: v for k, v in data.items() if k != STAGE1_KEY}  # not llm-compressor's
-    if overrides:
-        data = with_overrides(data, overrides, source)
     if scheme is not None:
         data = with_scheme(data, scheme, source)
     text = yaml.safe_dump(with_lm_heads(data), sort_keys=False)

@@ -179,9 +179,10 @@ def test_a_benchmark_row_without_a_loadable_recipe_fails_before_any_work(tmp_pat
 def test_a_row_whose_stage1_sampler_is_another_familys_fails_before_any_work(tmp_path, capsys):
     """The LLaDA-only rows (semi-autoregressive probes) on a Dream job: refused at the check,
     in one line naming the row and the fix, not after the job's other rows ran."""
-    from integration.experiments import ROOT
+    from integration.experiments import load_experiments
 
-    blocks = str(ROOT / "integration" / "recipes" / "fair_calib_flatquant_blocks.yaml")
+    blocks = load_experiments().write_recipes(["fair-calib-flat-blocks"], tmp_path)
+    blocks = blocks["fair-calib-flat-blocks"]
     check_methods(("blocks",), {"blocks": blocks}, "llada")
     with pytest.raises(RecipeError, match="leave the method out for dream") as err:
         check_methods(("rtn", "blocks"), {"rtn": "rtn_w4a4", "blocks": blocks}, "dream")

@@ -45,6 +45,33 @@ def test_a_control_row_is_its_parent_after_the_rescale():
 
 
 @pytest.mark.unit
+def test_the_prior_ablation_rows_are_the_recipes_they_were_measured_with():
+    """The ablation rows are overrides of the shipped recipe (stage1.<field>), not copies of
+    it: each must still be, as a mapping, the recipe stored beside its data, or the rows
+    would no longer reproduce the stored results they pair with."""
+    experiments = load_experiments()
+    stored = ROOT / "integration" / "results"
+    for row, path in {
+        "fair-calib-flat-hits": "flatquant-rows-cpu-default/fair-calib-flat-hits.yaml",
+        "fair-calib-flat-late": "flatquant-rows-cpu-default/fair-calib-flat-late.yaml",
+        "fair-calib-flat-blocks": "flatquant-blocks-cpu-default/fair_calib_flatquant_blocks.yaml",
+        "fair-calib-flat-blocks-late": (
+            "flatquant-blocks-cpu-default/fair_calib_flatquant_blocks_late.yaml"
+        ),
+    }.items():
+        assert experiments.recipe(row) == yaml.safe_load((stored / path).read_text()), row
+    masked = experiments.recipe("fair-calib-flat-masked")["stage1"]["prior"]["position"]
+    assert (masked["commit_weight"], masked["masked_weight"]) == (0.0, 1.0)
+    states = experiments.recipe("fair-calib-flat-states")["stage1"]
+    assert states == {
+        "inputs": "states",
+        "prompt_length": 32,
+        "prior": {"source": "state"},
+        "states_per_prompt": 4,
+    }
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "text, message",
     [

@@ -243,6 +243,36 @@ def test_load_recipe_takes_overrides_and_keeps_the_top_level_stage1():
     assert recipe.modifiers[0].block_size == 64
 
 
+def test_stage1_overrides_set_the_recipes_stage1_and_are_checked_as_stage1_settings():
+    """stage1.<field> reaches the recipe's top-level Stage I settings (an ablation of the
+    prior is an override, not a copy of the recipe); the result must parse as Stage1Settings,
+    and a bad field or value fails in one line naming it."""
+    boost = {"stage1.prior.position.commit_boost": 4.0, "stage1.prompt_length": 16}
+    data = with_overrides("fair_calib_flatquant_w4a4", boost)
+    assert data["stage1"]["prior"]["position"]["commit_boost"] == 4.0
+    assert data["stage1"]["prior"]["position"]["commit_schedule"] == "early"  # kept
+    _, stage1 = load_recipe_and_stage1("fair_calib_flatquant_w4a4", overrides=boost)
+    assert stage1 == data["stage1"] and stage1["prompt_length"] == 16
+    shipped = yaml.safe_load(shipped_recipes()["fair_calib_flatquant_w4a4"])
+    assert shipped["stage1"]["prior"]["position"]["commit_boost"] == 1.0  # file untouched
+    # a recipe without stage1: gets one
+    assert with_overrides("rtn_w4a4", {"stage1.prompt_length": 8})["stage1"] == {"prompt_length": 8}
+    for override, value, message in [
+        ("stage1.inptus", "text", "stage1 has no field 'inptus'; valid fields: .*inputs"),
+        (
+            "stage1.prior.position.comit_boost",
+            2,
+            "stage1.prior.position.comit_boost: Extra inputs.*valid: .*commit_boost",
+        ),
+        ("stage1.prior.position.commit_schedule", "sideways", "commit_schedule: .*'early'"),
+        ("stage1", 1, "names no field"),
+    ]:
+        with pytest.raises(RecipeError, match=message) as err:
+            with_overrides("fair_calib_flatquant_w4a4", {override: value})
+        assert str(err.value).startswith("shipped recipe 'fair_calib_flatquant_w4a4': ")
+        assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
