@@ -14,14 +14,14 @@ masked-stage states the model sees while decoding):
   (compressed-tensors' fake quantization of its ``input_activations``), for the input as it is,
   after a full-width random Hadamard rotation (the recipes' R1 on the residual-stream inputs;
   the o input's R2 is per head, so there it is the widest rotation's effect), and for iid
-  Gaussian vectors of the same shape: a linear map of
-  Gaussian data is Gaussian, so where the rotated inputs are no heavier-tailed than that, no
-  further linear transform can lower the activation error much by reshaping them;
+  Gaussian vectors of the same shape: where the rotated inputs are no heavier-tailed than
+  that, no outliers are left to remove (a linear map of Gaussian data stays Gaussian; what a
+  learned transform can still do is trade activation error against weight error);
 * the per-token kurtosis (3 for a Gaussian) as it is and after the rotation, and the largest
   channel's peak over the median channel's.
 
-Mean and half-range over seeds (the masked-stage rollouts and the Gaussian draws vary with
-the seed). Nothing is learned or tuned here.
+Mean and half-range over seeds; with the same texts and the default greedy sampler only the
+Gaussian draws vary with the seed. Nothing is learned or tuned here.
 """
 
 from __future__ import annotations
