@@ -42,9 +42,8 @@ from fair_calib_llmc.models.registry import FAMILIES
 from fair_calib_llmc.stage1.states import Stage1Settings, build_calibration_dataset
 from fair_calib_llmc.stage2.flatquant.online import hadamard_start
 from fair_calib_llmc.stage2.learned_rotations.ste import ste_quantize
+from fair_calib_llmc.stage2.rotations import spinquant_mapping
 
-#: the rotation registry's input groups: linears in one group read the same input
-GROUPS = {"q/k/v": ("attn_q",), "o": ("attn_o",), "gate/up": ("mlp_in",), "down": ("mlp_out",)}
 INPUTS = {"text": "text", "masked states": "states"}
 COLUMNS = {
     "error": "int4 error as is",
@@ -87,6 +86,18 @@ def flatness(x: torch.Tensor, args, generator: torch.Generator) -> dict:
     }
 
 
+def input_groups(model, tokenizer) -> dict[str, list[str]]:
+    """The linears of ``model`` by the input they read, from its family's rotation mapping
+    (q/k/v share one input: q_proj's stands for the three)."""
+    mapping = spinquant_mapping(FAMILIES[diffusion_spec(model, tokenizer).family])
+    return {
+        "q/k/v": [mapping.attn_q],
+        "o": [mapping.attn_o],
+        "gate/up": list(mapping.mlp_in),
+        "down": list(mapping.mlp_out),
+    }
+
+
 def linear_inputs(model, input_ids: torch.Tensor, groups: dict) -> dict[str, list[torch.Tensor]]:
     """Each group's linear inputs (one tensor of rows per linear) over one forward pass;
     linears of a group that read the same tensor are counted once."""
@@ -112,17 +123,15 @@ def linear_inputs(model, input_ids: torch.Tensor, groups: dict) -> dict[str, lis
     return captured
 
 
-def measure(model, tokenizer, texts, inputs: str, seed: int, prompts: int, args) -> dict:
-    """Per group, the statistics averaged over the group's layers, for one seed."""
+def measure(
+    model, tokenizer, texts, inputs: str, seed: int, prompts: int, args, groups: dict
+) -> dict:
+    """Per group of :func:`input_groups`, the statistics averaged over the group's layers,
+    for one seed."""
     settings = Stage1Settings(inputs=inputs, prior={"source": "uniform"})
     rows, _, _ = build_calibration_dataset(
         model, tokenizer, texts, settings, max_prompts=prompts, seed=seed
     )
-    family = FAMILIES[diffusion_spec(model, tokenizer).family]
-    groups = {
-        group: [p for key in keys for p in _patterns(family.rotation[key])]
-        for group, keys in GROUPS.items()
-    }
     captured = linear_inputs(model, torch.tensor(rows["input_ids"]), groups)
     generator = torch.Generator().manual_seed(seed)
     out = {}
@@ -130,10 +139,6 @@ def measure(model, tokenizer, texts, inputs: str, seed: int, prompts: int, args)
         per_layer = [flatness(x, args, generator) for x in tensors]
         out[group] = {key: sum(s[key] for s in per_layer) / len(per_layer) for key in COLUMNS}
     return out
-
-
-def _patterns(value) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def main(argv=None) -> None:
@@ -152,6 +157,7 @@ def main(argv=None) -> None:
         texts = chunk_text(stdlib_split("calibration", recursive=True), 1200)
     else:
         texts = shipped_texts("calibration")
+    groups = input_groups(model, tokenizer)
     results: dict[str, list[dict]] = {}
     for label, inputs in INPUTS.items():
         for seed in args.seeds:
@@ -163,6 +169,7 @@ def main(argv=None) -> None:
                 seed,
                 args.calibration_prompts,
                 scheme.input_activations,
+                groups,
             )
             for group, stats in by_group.items():
                 results.setdefault(f"{label}: {group}", []).append(stats)
